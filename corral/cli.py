@@ -1,0 +1,175 @@
+"""`corral up|gateway|worker|status|bench`.
+
+Every flag also reads `CORRAL_<FLAG>` from the environment (flags win). Heavy modules
+(llama_cpp, openvino) are imported only by the command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `123`, `512M`, `2G`, `1.5GiB`."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if t and t[-1] in mult:
+        return int(float(t[:-1]) * mult[t[-1]])
+    return int(float(t))
+
+
+class _EnvDefaults(argparse.ArgumentParser):
+    """An ArgumentParser whose defaults come from CORRAL_<FLAG> environment variables."""
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        action = super().add_argument(*args, **kwargs)
+        long = next((a for a in args if a.startswith("--")), None)
+        if long and action.dest != "help":
+            env = "CORRAL_" + long[2:].upper().replace("-", "_")
+            raw = os.environ.get(env)
+            if raw is not None:
+                if isinstance(action, argparse._AppendAction):
+                    action.default = [v for v in raw.split(",") if v]
+                elif isinstance(action, argparse._StoreTrueAction):
+                    action.default = raw.lower() in ("1", "true", "yes", "on")
+                else:
+                    action.default = action.type(raw) if action.type else raw
+            if action.help and action.help is not argparse.SUPPRESS:
+                action.help += f" [env {env}]"
+        return action
+
+
+def _worker_flags(p: argparse.ArgumentParser, with_endpoint: bool = True) -> None:
+    if with_endpoint:
+        p.add_argument("--host", default="127.0.0.1", help="address to bind")
+        p.add_argument("--port", type=int, default=8100, help="port to bind")
+        p.add_argument("--model", default=None, help="model name or .gguf path")
+    p.add_argument("--backend", default="llama", choices=["llama", "openvino", "sim"],
+                   help="inference backend")
+    p.add_argument("--parallel", type=int, default=None, help="slots decoded at once")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for decoding")
+    p.add_argument("--ctx-size", type=int, default=2048, help="context tokens per slot")
+    p.add_argument("--memory-limit", type=parse_size, default=None,
+                   help="memory offered to placement, e.g. 2G")
+    p.add_argument("--device", default="CPU", help="openvino device: CPU, GPU, NPU, AUTO")
+    p.add_argument("--sim-tokens-per-second", type=float, default=50.0,
+                   help="sim backend: decode rate per slot")
+    p.add_argument("--sim-ttft", type=float, default=0.05,
+                   help="sim backend: seconds to first token")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _EnvDefaults(prog="corral", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_EnvDefaults)
+
+    w = sub.add_parser("worker", help="one worker holding one model replica")
+    _worker_flags(w)
+    w.add_argument("--id", default=None, help="worker id (default host:port)")
+    w.add_argument("--join", default=None, help="gateway URL to join")
+    w.add_argument("--advertise-url", default=None, help="URL the gateway reaches us at")
+    w.add_argument("--cluster-token", default=None, help="token for joining a gateway")
+    w.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot")
+    w.add_argument("--log-level", default="warning")
+    w.set_defaults(func=_cmd_worker)
+
+    g = sub.add_parser("gateway", help="the OpenAI endpoint in front of the workers")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--worker", action="append", default=[], help="worker URL (repeatable)")
+    g.add_argument("--model", action="append", default=[], help="model to place (repeatable)")
+    g.add_argument("--redis-url", "--redis", dest="redis_url", default=None,
+                   help="Redis URL for state shared by gateway replicas")
+    g.add_argument("--config", default=None, help="corral.toml")
+    g.add_argument("--cluster-token", default=None, help="token workers join with")
+    g.add_argument("--log-level", default="warning")
+    g.set_defaults(func=_cmd_gateway)
+
+    u = sub.add_parser("up", help="a gateway and N local workers on this box")
+    u.add_argument("--workers", type=int, default=2, help="local workers")
+    u.add_argument("--model", default=None, help="model name or .gguf path")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=8000)
+    u.add_argument("--config", default=None)
+    u.add_argument("--redis-url", "--redis", dest="redis_url", default=None)
+    _worker_flags(u, with_endpoint=False)
+    u.set_defaults(func=_cmd_up)
+
+    s = sub.add_parser("status", help="the cluster as a table")
+    s.add_argument("--gateway", default="http://127.0.0.1:8000")
+    s.add_argument("--json", action="store_true", help="print /cluster as JSON")
+    s.set_defaults(func=_cmd_status)
+
+    b = sub.add_parser("bench", help="load generator for any OpenAI-compatible endpoint")
+    b.add_argument("--base-url", required=True)
+    b.add_argument("--model", default="smollm2-135m")
+    b.add_argument("--requests", type=int, default=50)
+    mode = b.add_mutually_exclusive_group()
+    mode.add_argument("--concurrency", type=int, default=None)
+    mode.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second")
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--prompt", default="Tell me a short story about a horse.")
+    b.add_argument("--stream", action="store_true")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--plot", default=None, help="write a PNG plot here")
+    b.add_argument("--api-key", default="none")
+    b.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def _cmd_worker(a: argparse.Namespace) -> int:
+    from worker.config import WorkerConfig
+    from worker.models import DEFAULT_MODEL
+    from worker.serve import run
+
+    cfg = WorkerConfig(
+        host=a.host, port=a.port, backend=a.backend,
+        model=a.model or DEFAULT_MODEL,
+        id=a.id, join=a.join, advertise_url=a.advertise_url, cluster_token=a.cluster_token,
+        parallel=a.parallel or (4 if a.backend == "sim" else 1), threads=a.threads,
+        ctx_size=a.ctx_size, max_queue=a.max_queue, memory_limit=a.memory_limit,
+        device=a.device, sim_tokens_per_second=a.sim_tokens_per_second,
+        sim_ttft=a.sim_ttft, log_level=a.log_level,
+    )
+    return run(cfg)
+
+
+def _cmd_gateway(a: argparse.Namespace) -> int:
+    from gateway.config import load_config
+    from gateway.serve import run
+
+    return run(load_config(a))
+
+
+def _cmd_up(a: argparse.Namespace) -> int:
+    from corral.up import run
+
+    return run(a)
+
+
+def _cmd_status(a: argparse.Namespace) -> int:
+    from corral.status import run
+
+    return run(a)
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from corral.bench import run
+
+    return run(a)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

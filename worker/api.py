@@ -1,0 +1,201 @@
+"""The worker's OpenAI API: validate, render the prompt, hand it to the engine, relay.
+
+Path of a request: `api` (here) → `engine` (queue, slots, stop strings) → `backend`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from worker import protocol as p
+from worker.backends.base import SamplingParams
+from worker.engine import Delta, Engine
+from worker.errors import error_response, json_response, read_json
+
+router = APIRouter()
+
+
+@dataclass
+class Job:
+    """A validated request, ready for the engine."""
+
+    kind: str  # "chat" | "text"
+    req: p.SamplingFields
+    prompt: list[int]
+    max_tokens: int
+    prefix: str = ""  # echoed prompt for legacy completions with echo=true
+
+
+def _engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def _check_model(request: Request, model: str) -> None:
+    state = request.app.state
+    if not state.engine.ready:
+        raise p.unavailable("The model is still loading.", retry_after=2)
+    if model not in state.model_names:
+        raise p.not_found(f"The model {model!r} does not exist on this worker.")
+
+
+def _params(req: p.SamplingFields) -> SamplingParams:
+    return SamplingParams(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repeat_penalty=req.repeat_penalty,
+    )
+
+
+async def _prepare_chat(request: Request) -> Job:
+    req = p.ChatCompletionRequest.model_validate(await read_json(request))
+    _check_model(request, req.model)
+    engine = _engine(request)
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    text = engine.backend.render_chat(messages, continue_final=req.continue_final_message)
+    tokens = engine.backend.tokenize(text)
+    return Job("chat", req, tokens, engine.check_context(len(tokens), req.limit))
+
+
+async def _prepare_text(request: Request) -> Job:
+    req = p.CompletionRequest.model_validate(await read_json(request))
+    _check_model(request, req.model)
+    engine = _engine(request)
+    tokens = engine.backend.tokenize(req.prompt_text)
+    budget = engine.check_context(len(tokens), req.limit)
+    return Job("text", req, tokens, budget, req.prompt_text if req.echo else "")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _serve(request, await _prepare_chat(request))
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _serve(request, await _prepare_text(request))
+
+
+async def _serve(request: Request, job: Job) -> Response:
+    engine = _engine(request)
+    if engine.queue_depth >= engine.max_queue:
+        raise p.overloaded("The worker's queue is full; retry shortly.", retry_after=1)
+    headers = {p.WORKER_HEADER: request.app.state.worker_id}
+    gen = engine.generate(job.prompt, job.max_tokens, _params(job.req), job.req.stop)
+    if job.req.stream:
+        return StreamingResponse(
+            _stream(job, gen), media_type="text/event-stream",
+            headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    collect = asyncio.ensure_future(_collect(gen))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not collect.done():
+            collect.cancel()  # the client left: stop generating for nobody
+    if not collect.done() or collect.cancelled():
+        return Response(status_code=499)
+    try:
+        text, last = collect.result()
+    except p.APIError as err:
+        return error_response(err)
+    use = p.usage(len(job.prompt), last.completion_tokens, last.cached_tokens)
+    rid = p.new_id("chatcmpl" if job.kind == "chat" else "cmpl")
+    model = job.req.model
+    body = (
+        p.chat_completion(rid, model, text, last.finish or "stop", use)
+        if job.kind == "chat"
+        else p.text_completion(rid, model, job.prefix + text, last.finish or "stop", use)
+    )
+    return json_response(body, headers=headers)
+
+
+async def _collect(gen: AsyncIterator[Delta]) -> tuple[str, Delta]:
+    parts: list[str] = []
+    last = Delta("", "stop")
+    async for d in gen:
+        parts.append(d.text)
+        last = d
+    return "".join(parts), last
+
+
+async def _disconnected(request: Request) -> None:
+    # The body is read already, so the next message is the client hanging up.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _stream(job: Job, gen: AsyncIterator[Delta]) -> AsyncIterator[bytes]:
+    chat = job.kind == "chat"
+    rid = p.new_id("chatcmpl" if chat else "cmpl")
+    model, created = job.req.model, int(time.time())
+    last: Delta | None = None
+    try:
+        if chat:
+            yield p.sse(p.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+        elif job.prefix:
+            yield p.sse(p.text_chunk(rid, model, created, job.prefix))
+        async for d in gen:
+            last = d
+            if d.text:
+                yield p.sse(
+                    p.chat_chunk(rid, model, created, {"content": d.text})
+                    if chat
+                    else p.text_chunk(rid, model, created, d.text)
+                )
+    except p.APIError as err:
+        # Headers are gone already: the error travels as a final event, never a silent cut.
+        yield p.sse(err.body())
+        return
+    finally:
+        await gen.aclose()
+    assert last is not None and last.finish is not None
+    finish = last.finish
+    yield p.sse(
+        p.chat_chunk(rid, model, created, {}, finish)
+        if chat
+        else p.text_chunk(rid, model, created, "", finish)
+    )
+    if job.req.include_usage:
+        use = p.usage(len(job.prompt), last.completion_tokens, last.cached_tokens)
+        yield p.sse(
+            p.chat_chunk(rid, model, created, None, use=use)
+            if chat
+            else p.text_chunk(rid, model, created, None, use=use)
+        )
+    yield p.SSE_DONE
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> Response:
+    state = request.app.state
+    cards = [p.ModelCard(id=m, created=state.started) for m in state.served_models()]
+    return json_response(p.ModelList(data=cards).model_dump())
+
+
+@router.get("/healthz")
+async def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+@router.get("/status")
+async def status(request: Request) -> Response:
+    return json_response(request.app.state.status().model_dump())
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

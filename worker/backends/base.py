@@ -1,0 +1,95 @@
+"""The small interface every backend implements.
+
+A backend owns the model and its decode loop (usually a thread of its own). The engine
+hands it `Sequence`s up to `slots` at a time; the backend feeds each one through the
+sequence's thread-safe `emit`/`finish` and stops work on it when `cancelled` is set.
+Stop strings, queueing and accounting live in the engine, once for every backend.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Sequence:
+    """One generation in flight, shared by the engine (reader) and the backend (writer)."""
+
+    id: str
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams
+    # Called from the backend's thread: a text delta and how many tokens it covers.
+    on_tokens: Callable[[str, int], None]
+    # Called once from the backend's thread: "stop", "length", or "error".
+    on_finish: Callable[[str, str | None], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # Filled by the backend: how many prompt tokens came from its prompt cache.
+    cached_tokens: int = 0
+
+
+class BackendError(Exception):
+    """The backend cannot serve a request (bad input it detected, or a broken model)."""
+
+
+class Backend(ABC):
+    name: str = "base"
+    #: Tokens one sequence may hold (prompt + completion).
+    n_ctx: int = 2048
+    #: Sequences decoded at once.
+    slots: int = 1
+    #: Where the loaded model came from (a path), for placement and status.
+    model_path: str | None = None
+    #: Completion budget when a request names none (None: the rest of the context).
+    default_max_tokens: int | None = None
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load the model and start the decode loop. Blocking; call off the event loop."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of a fully rendered prompt (special tokens parsed, BOS as the model wants)."""
+
+    @abstractmethod
+    def render_chat(self, messages: list[dict[str, str]], continue_final: bool = False) -> str:
+        """The prompt text for a conversation, from the model's own chat template."""
+
+    @abstractmethod
+    def submit(self, seq: Sequence) -> None:
+        """Start generating `seq`. Must not block; the engine never exceeds `slots`."""
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop work on `seq` soon; it still gets its `on_finish`."""
+        seq.cancelled.set()
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Stop the decode loop and free the model."""
+
+    def stats(self) -> dict[str, int]:
+        """Backend counters for `/status` (prompt cache hits, reused tokens, …)."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """Backend-specific hardware facts (device, devices present)."""
+        return {"device": "CPU", "devices": ["CPU"]}

@@ -1,0 +1,36 @@
+"""The worker's configuration: one typed object, built once by the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker.models import DEFAULT_MODEL
+
+
+@dataclass
+class WorkerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8100
+    backend: str = "llama"  # llama | openvino | sim
+    model: str | None = DEFAULT_MODEL
+    id: str | None = None
+    join: str | None = None  # gateway URL to join
+    advertise_url: str | None = None  # how the gateway reaches us (default http://host:port)
+    cluster_token: str | None = None
+    parallel: int = 1
+    threads: int | None = None
+    ctx_size: int = 2048  # tokens per slot
+    max_queue: int = 64
+    memory_limit: int | None = None
+    device: str = "CPU"  # openvino: CPU | GPU | NPU | AUTO
+    sim_tokens_per_second: float = 50.0
+    sim_ttft: float = 0.05
+    log_level: str = "warning"
+
+    @property
+    def url(self) -> str:
+        return self.advertise_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def worker_id(self) -> str:
+        return self.id or f"{self.host}:{self.port}"

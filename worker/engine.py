@@ -1,0 +1,219 @@
+"""The engine: admission into a bounded queue, slots, stop strings and accounting.
+
+It sits between the HTTP API and a backend. A request waits for a free slot in a bounded
+queue (its depth is what the gateway routes by), is handed to the backend, and its tokens
+come back through an asyncio queue. Stop strings are matched here, with a hold-back
+buffer so that a stop sequence split over tokens never leaks to the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from worker.backends.base import Backend, SamplingParams, Sequence
+from worker.protocol import APIError, bad_request, new_id, overloaded
+
+
+@dataclass
+class Delta:
+    """A piece of output text; the last one carries `finish` and final counts."""
+
+    text: str
+    finish: str | None = None
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    # Exponentially weighted single-sequence decode speed, tokens/s.
+    tokens_per_second: float = 0.0
+    recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
+
+    def observe_decode(self, tokens: int, seconds: float) -> None:
+        if tokens < 4 or seconds <= 0:
+            return
+        rate = tokens / seconds
+        a = 0.2
+        self.tokens_per_second = (
+            rate if not self.tokens_per_second else (1 - a) * self.tokens_per_second + a * rate
+        )
+
+
+class _StopMatcher:
+    """Finds the earliest stop string in a growing text, holding back possible prefixes."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.buf = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        if not self.stops:
+            return text, False
+        self.buf += text
+        cut = min((i for s in self.stops if (i := self.buf.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            out, self.buf = self.buf[:cut], ""
+            return out, True
+        # Keep the longest tail that is a prefix of some stop string.
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.buf)), keep, -1):
+                if s.startswith(self.buf[-k:]):
+                    keep = k
+                    break
+        out = self.buf[: len(self.buf) - keep]
+        self.buf = self.buf[len(self.buf) - keep :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+class Engine:
+    """Admits requests into `backend.slots` slots, queueing at most `max_queue` more."""
+
+    def __init__(self, backend: Backend, max_queue: int = 64) -> None:
+        self.backend = backend
+        self.max_queue = max_queue
+        self.slots_busy = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self.stats = EngineStats()
+        self.ready = False
+
+    # ------------------------------------------------------------------ load
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiters)
+
+    def check_context(self, prompt_len: int, max_tokens: int | None) -> int:
+        """Validates the prompt against the context window; returns the token budget."""
+        n_ctx = self.backend.n_ctx
+        if prompt_len >= n_ctx:
+            raise bad_request(
+                f"This model's maximum context length is {n_ctx} tokens. However, your "
+                f"prompt is {prompt_len} tokens.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        room = n_ctx - prompt_len
+        if max_tokens is None:
+            return min(room, self.backend.default_max_tokens or room)
+        if max_tokens > room:
+            raise bad_request(
+                f"This model's maximum context length is {n_ctx} tokens. However, you "
+                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the prompt, "
+                f"{max_tokens} for the completion). Reduce the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    async def _acquire(self) -> None:
+        """Takes one slot; waits in the bounded queue when all are busy."""
+        if self.slots_busy < self.backend.slots and not self._waiters:
+            self.slots_busy += 1
+            return
+        if len(self._waiters) >= self.max_queue:
+            raise overloaded("The worker's queue is full; retry shortly.", retry_after=1)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+            elif fut.done() and not fut.cancelled():
+                self._release()  # we were handed a slot but are leaving: pass it on
+            raise
+
+    def _release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot moves to the waiter, busy count unchanged
+                return
+        self.slots_busy -= 1
+
+    # ------------------------------------------------------------------ generate
+    async def generate(
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        params: SamplingParams,
+        stop: list[str] | None = None,
+    ) -> AsyncIterator[Delta]:
+        """Yields text deltas; the final one has `finish` set. Cancels the backend on exit."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[tuple[str, int] | tuple[None, str, str | None]] = asyncio.Queue()
+
+        def on_tokens(text: str, n: int) -> None:
+            loop.call_soon_threadsafe(out.put_nowait, (text, n))
+
+        # The slot is given back when the backend reports the sequence finished, not when
+        # this generator exits: a cancelled sequence may still occupy the backend for a step.
+        await self._acquire()
+        released = False
+        finished = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._release()
+
+        def finished_in_loop(reason: str, error: str | None) -> None:
+            release()
+            out.put_nowait((None, reason, error))
+
+        def on_finish(reason: str, error: str | None) -> None:
+            loop.call_soon_threadsafe(finished_in_loop, reason, error)
+
+        seq = Sequence(new_id("seq"), prompt, max_tokens, params, on_tokens, on_finish)
+        matcher = _StopMatcher(stop or [])
+        produced = 0
+        first_at: float | None = None
+        submitted = False
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(prompt)
+        try:
+            self.backend.submit(seq)
+            submitted = True
+            while True:
+                item = await out.get()
+                if item[0] is None:
+                    _, reason, error = item
+                    finished = True
+                    if reason == "error":
+                        raise APIError(500, error or "generation failed", "server_error")
+                    yield Delta(matcher.flush(), reason, produced, seq.cached_tokens)
+                    break
+                text, n = item
+                produced += n
+                self.stats.generated_tokens += n
+                if first_at is None:
+                    first_at = time.perf_counter()
+                safe, hit = matcher.feed(text)
+                if hit:
+                    self.backend.cancel(seq)
+                    yield Delta(safe, "stop", produced, seq.cached_tokens)
+                    break
+                if safe:
+                    yield Delta(safe)
+        finally:
+            if first_at is not None and produced > 1:
+                self.stats.observe_decode(produced - 1, time.perf_counter() - first_at)
+            if not submitted:
+                release()
+            elif not finished:
+                self.backend.cancel(seq)

@@ -1,0 +1,50 @@
+"""What this box is: CPU, cores, memory. Reported in `/status` for routing and placement."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import socket
+
+import psutil
+
+from worker.protocol import Hardware, Memory
+
+
+@functools.cache
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(extra: dict | None = None, threads: int | None = None) -> Hardware:
+    h = Hardware(
+        cpu=cpu_model(),
+        cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+        threads=threads or os.cpu_count() or 1,
+        hostname=socket.gethostname(),
+    )
+    for k, v in (extra or {}).items():
+        setattr(h, k, v)
+    return h
+
+
+def memory(limit: int | None = None, model_bytes: int = 0) -> Memory:
+    """Memory this worker offers. With a limit the box acts as if it were that small."""
+    vm = psutil.virtual_memory()
+    if limit:
+        return Memory(
+            total=limit,
+            available=max(0, min(limit - model_bytes, vm.available)),
+            physical_total=vm.total,
+            model_bytes=model_bytes,
+        )
+    return Memory(total=vm.total, available=vm.available, physical_total=vm.total,
+                  model_bytes=model_bytes)

@@ -1,0 +1,388 @@
+"""The wire protocol: one definition shared by the worker and the gateway.
+
+Requests are validated with pydantic once, at the edge. Responses and stream chunks are
+built as plain dicts by the hot paths (see `chunk_*` helpers) so that no per-token
+validation happens. This module must stay import-light: no llama_cpp, no openvino.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# --------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error that reaches the client OpenAI-shaped, with the status OpenAI uses."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param, code)
+
+
+def not_found(message: str, param: str | None = "model") -> APIError:
+    return APIError(404, message, "invalid_request_error", param, "model_not_found")
+
+
+def unavailable(message: str, retry_after: float | None = None) -> APIError:
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else {}
+    return APIError(503, message, "service_unavailable", None, "no_healthy_worker", headers)
+
+
+def overloaded(message: str, retry_after: float = 1.0, code: str = "queue_full") -> APIError:
+    headers = {"Retry-After": str(max(1, round(retry_after)))}
+    return APIError(429, message, "rate_limit_error", None, code, headers)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class _Lenient(BaseModel):
+    # Clients (the OpenAI SDK, chat front ends) send fields we do not know yet; ignore them
+    # rather than reject the request, as the OpenAI API does for forward compatibility.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ContentPart(_Lenient):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text; image or audio parts are rejected earlier."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text or "" for p in self.content)
+
+
+class SamplingFields(_Lenient):
+    """Sampling settings common to chat and legacy completions."""
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, description="Extension: 0 disables top-k.")
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, description="Extension.")
+    repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0, description="Extension.")
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logprobs: bool | int | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else list(v)
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    @field_validator("n")
+    @classmethod
+    def _only_one(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | int | None) -> bool | int | None:
+        if v:
+            raise ValueError("logprobs are not supported")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v:
+            raise ValueError("logit_bias is not supported")
+        return v
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    # Extension (vLLM's name): render the template up to the final assistant message and
+    # leave it open, so generation continues it. The gateway uses this for failover.
+    continue_final_message: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        if self.tools:
+            raise ValueError("tools are not supported by this model server")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise ValueError("only response_format type 'text' is supported")
+        for m in self.messages:
+            if isinstance(m.content, list):
+                for p in m.content:
+                    if p.type != "text":
+                        raise ValueError(f"content part type {p.type!r} is not supported")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs a final assistant message")
+        return self
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] = Field(...)
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("exactly one prompt is supported per request")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> CompletionRequest:
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        if self.best_of not in (None, 1):
+            raise ValueError("best_of is not supported")
+        return self
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_tokens
+
+
+# --------------------------------------------------------------------------- responses
+
+
+FinishReason = Literal["stop", "length"]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def chat_completion(
+    id: str, model: str, text: str, finish: str, use: dict[str, Any], created: int | None = None
+) -> dict[str, Any]:
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": use,
+    }
+
+
+def chat_chunk(
+    id: str,
+    model: str,
+    created: int,
+    delta: dict[str, Any] | None,
+    finish: str | None = None,
+    use: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    choices = [] if delta is None else [
+        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    ]
+    out: dict[str, Any] = {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if use is not None:
+        out["usage"] = use
+    return out
+
+
+def text_completion(
+    id: str, model: str, text: str, finish: str, use: dict[str, Any], created: int | None = None
+) -> dict[str, Any]:
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "usage": use,
+    }
+
+
+def text_chunk(
+    id: str,
+    model: str,
+    created: int,
+    text: str | None,
+    finish: str | None = None,
+    use: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    choices = [] if text is None else [
+        {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    ]
+    out: dict[str, Any] = {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if use is not None:
+        out["usage"] = use
+    return out
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "corral"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --------------------------------------------------------------------------- worker status
+
+
+WorkerState = Literal["ready", "busy", "loading", "down"]
+
+
+class Memory(BaseModel):
+    total: int = Field(description="Bytes this worker offers (the box, or --memory-limit).")
+    available: int = Field(description="Bytes still free for placement.")
+    physical_total: int | None = None
+    model_bytes: int | None = None
+
+
+class Hardware(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    cpu: str = ""
+    cores: int = 0
+    threads: int = 0
+    device: str = "CPU"
+    devices: list[str] = Field(default_factory=list)
+    hostname: str = ""
+
+
+class WorkerStatus(BaseModel):
+    """What a worker reports at `GET /status`; the gateway routes on it."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    backend: str
+    models: list[str]
+    state: WorkerState = "ready"
+    queue_depth: int = 0
+    slots_total: int = 1
+    slots_busy: int = 0
+    hardware: Hardware = Field(default_factory=Hardware)
+    memory: Memory
+    tokens_per_second: float = 0.0
+    n_ctx: int = 0
+    prompt_cache: dict[str, int] = Field(default_factory=dict)
+
+
+class JoinRequest(BaseModel):
+    """A worker announcing itself to a gateway (`POST /cluster/workers`)."""
+
+    url: str
+    id: str | None = None
+
+
+# --------------------------------------------------------------------------- headers
+
+WORKER_HEADER = "x-corral-worker"
+
+# --------------------------------------------------------------------------- server-sent events
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
