@@ -1,0 +1,160 @@
+"""Admission: who may wait for a worker, and for how long.
+
+When every eligible worker is full, a request waits in a bounded gateway queue with a
+deadline. The queue's order is its own class (`FifoQueue` today; a fair-share queue across
+users replaces it later behind the same `put`/`remove`/`in_order` interface). Hand-off is
+atomic: when capacity frees, `dispatch` reserves a worker *for* the first waiter that can
+use it and resolves that waiter's future with it, so nobody overtakes the queue.
+
+Outcomes: a reserved worker; 429 `queue_full` when the queue is at its bound; 429
+`queue_timeout` past the deadline; 503 when no healthy worker serves the model; 404 when no
+worker has ever served it. Nothing waits without a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Collection, Iterator
+
+from gateway.config import GatewayConfig
+from gateway.metrics import Metrics
+from gateway.registry import Registry, Worker
+from gateway.routing import Router
+from worker.protocol import APIError, not_found, overloaded, unavailable
+
+
+class Exhausted(Exception):
+    """Every healthy worker for the model was tried already (by this request's retries)."""
+
+
+class Waiter:
+    __slots__ = ("model", "exclude", "future", "user", "since")
+
+    def __init__(self, model: str, exclude: Collection[str], future: asyncio.Future[Worker],
+                 user: str | None) -> None:
+        self.model = model
+        self.exclude = exclude
+        self.future = future
+        self.user = user
+        self.since = time.monotonic()
+
+
+class FifoQueue:
+    """First come, first served."""
+
+    def __init__(self) -> None:
+        self._q: deque[Waiter] = deque()
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def put(self, w: Waiter) -> None:
+        self._q.append(w)
+
+    def remove(self, w: Waiter) -> None:
+        with contextlib.suppress(ValueError):
+            self._q.remove(w)
+
+    def in_order(self) -> Iterator[Waiter]:
+        """Waiters in the order they should be served (a snapshot; removal is safe)."""
+        return iter(list(self._q))
+
+
+class Admission:
+    def __init__(self, cfg: GatewayConfig, registry: Registry, router: Router,
+                 metrics: Metrics, queue: FifoQueue | None = None) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.router = router
+        self.metrics = metrics
+        self.queue = queue or FifoQueue()
+        registry.listeners.append(self.dispatch)
+
+    def check_model(self, model: str) -> None:
+        if self.registry.by_model.get(model):
+            return
+        if model in self.registry.known_models:
+            self.metrics.rejected.labels("no_healthy_worker").inc()
+            raise unavailable(f"No healthy worker serves the model {model!r} right now.",
+                              retry_after=2)
+        self.metrics.rejected.labels("unknown_model").inc()
+        raise not_found(f"The model {model!r} does not exist.")
+
+    async def acquire(self, model: str, exclude: Collection[str] = (),
+                      user: str | None = None) -> Worker:
+        """A worker reserved for this request (release it with `release`)."""
+        self.check_model(model)
+        if exclude and not self.router.any_unexcluded(model, exclude):
+            raise Exhausted
+        if not self.queue:
+            w = self.router.pick(model, exclude)
+            if w is not None:
+                return w
+        if len(self.queue) >= self.cfg.queue_size:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise overloaded("Every worker is busy and the gateway queue is full; retry "
+                             "shortly.", retry_after=self._retry_after())
+        loop = asyncio.get_running_loop()
+        waiter = Waiter(model, exclude, loop.create_future(), user)
+        self.queue.put(waiter)
+        timer = loop.call_later(self.cfg.queue_timeout, self._expire, waiter)
+        self.dispatch()
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            # The client left. If a worker was handed to us meanwhile, pass it on.
+            self.queue.remove(waiter)
+            f = waiter.future
+            if f.done() and not f.cancelled() and f.exception() is None:
+                self.release(f.result())
+            raise
+        finally:
+            timer.cancel()
+            self.metrics.queue_wait.observe(time.monotonic() - waiter.since)
+
+    def release(self, w: Worker) -> None:
+        w.inflight -= 1
+        if self.queue:
+            self.dispatch()
+
+    def dispatch(self) -> None:
+        """Hands freed capacity to waiters, in the queue's order."""
+        if not self.queue:
+            return
+        blocked: set[str] = set()  # models with no room left in this pass
+        pick = self.router.pick
+        for waiter in self.queue.in_order():
+            if waiter.future.done():
+                self.queue.remove(waiter)
+                continue
+            if waiter.model in blocked:
+                continue
+            w = pick(waiter.model, waiter.exclude)
+            if w is None:
+                if not waiter.exclude:
+                    blocked.add(waiter.model)
+                continue
+            self.queue.remove(waiter)
+            waiter.future.set_result(w)
+
+    def _expire(self, waiter: Waiter) -> None:
+        self.queue.remove(waiter)
+        if waiter.future.done():
+            return
+        err: APIError
+        if not self.registry.by_model.get(waiter.model):
+            self.metrics.rejected.labels("no_healthy_worker").inc()
+            err = unavailable(f"No healthy worker serves the model {waiter.model!r} right now.",
+                              retry_after=2)
+        else:
+            self.metrics.rejected.labels("queue_timeout").inc()
+            err = overloaded(f"Waited {self.cfg.queue_timeout:g}s for a free worker; retry "
+                             "shortly.", retry_after=self._retry_after(), code="queue_timeout")
+        waiter.future.set_exception(err)
+
+    def _retry_after(self) -> float:
+        return 1.0 + len(self.queue) / max(1, sum(
+            w.slots_total for w in self.registry.workers.values() if w.healthy))

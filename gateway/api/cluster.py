@@ -1,0 +1,72 @@
+"""The cluster's own routes: its state, joining and leaving, health and readiness."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from worker.errors import json_response, read_json, validation_error
+from worker.protocol import JoinRequest, bad_request, not_found
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+router = APIRouter()
+
+
+def _gw(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+@router.get("/cluster")
+async def cluster(request: Request) -> Response:
+    reg = _gw(request).registry
+    return json_response({
+        "workers": [w.to_json() for w in list(reg.workers.values())],
+        "placements": reg.placements(),
+    })
+
+
+@router.post("/cluster/workers")
+async def join(request: Request) -> Response:
+    gw = _gw(request)
+    gw.auth.cluster(request)
+    try:
+        body = JoinRequest.model_validate(await read_json(request))
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    if not body.url.startswith(("http://", "https://")):
+        raise bad_request("url must be an http:// or https:// URL", param="url")
+    w, new = gw.registry.join(body.id, body.url)
+    return json_response({"id": w.id, "url": w.url, "state": w.state}, 201 if new else 200)
+
+
+@router.delete("/cluster/workers/{worker_id:path}")
+async def leave(request: Request, worker_id: str) -> Response:
+    gw = _gw(request)
+    gw.auth.cluster(request)
+    if not gw.registry.leave(worker_id):
+        raise not_found(f"No worker {worker_id!r} in this cluster.", param="id")
+    return json_response({"id": worker_id, "deleted": True})
+
+
+@router.get("/healthz")
+async def healthz() -> Response:
+    return json_response({"status": "ok"})
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    reg = _gw(request).registry
+    healthy = sum(1 for w in reg.workers.values() if w.healthy)
+    return json_response({"status": "ready" if healthy else "unavailable",
+                          "healthy_workers": healthy}, 200 if healthy else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_gw(request).metrics.prom), media_type=CONTENT_TYPE_LATEST)

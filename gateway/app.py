@@ -1,0 +1,74 @@
+"""The gateway's app factory: wires shared state, registry, routing, admission and upstream."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from gateway.admission import Admission
+from gateway.api import cluster, openai
+from gateway.auth import Auth
+from gateway.config import GatewayConfig
+from gateway.metrics import Metrics
+from gateway.registry import Registry
+from gateway.routing import Router
+from gateway.state import SharedState, make_state
+from gateway.upstream import Upstream
+from worker import errors
+
+log = logging.getLogger("corral.gateway")
+
+
+class Gateway:
+    """Everything the routes need, on `app.state.gateway`."""
+
+    def __init__(self, cfg: GatewayConfig, state: SharedState | None = None) -> None:
+        self.cfg = cfg
+        self.started = int(time.time())
+        self.state = state or make_state(cfg.redis_url)
+        self.auth = Auth(cfg)
+        self.registry = Registry(cfg, self.state)
+        self.metrics = Metrics(self.registry)
+        self.router = Router(self.registry, cfg.worker_queue_allowance)
+        self.admission = Admission(cfg, self.registry, self.router, self.metrics)
+        self.upstream = Upstream(cfg, self.registry, self.admission, self.metrics)
+
+    async def start(self) -> None:
+        await self.registry.start()
+
+    async def stop(self) -> None:
+        await self.registry.stop()
+        await self.upstream.close()
+        await self.state.close()
+
+
+def create_app(cfg: GatewayConfig) -> FastAPI:
+    gw = Gateway(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="Corral gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.gateway = gw
+    errors.install(app)
+    app.include_router(openai.router)
+    app.include_router(cluster.router)
+    try:  # the dashboard (`GET /`) is its own module, built separately
+        dashboard = importlib.import_module("gateway.api.dashboard")
+    except ModuleNotFoundError as exc:
+        if exc.name != "gateway.api.dashboard":
+            raise
+    else:
+        app.include_router(dashboard.router)
+    return app

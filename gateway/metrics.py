@@ -1,0 +1,84 @@
+"""Gateway metrics, with the contract's names (../shared/CONTRACT.md → docs).
+
+Per-worker gauges are read from the registry at scrape time by a collector, so the hot path
+does no per-worker bookkeeping and departed workers vanish from the output by themselves.
+The `model` label takes only models some worker has served or the config names; anything
+else is counted as `other`, so clients cannot blow up the label cardinality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from gateway.registry import Registry
+
+disable_created_metrics()  # no `_created` series: half the scrape size, no loss
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TTFT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_WAIT = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _WorkerCollector:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("corral_worker_up", "1 when the worker is healthy.",
+                               labels=["worker"])
+        qd = GaugeMetricFamily("corral_worker_queue_depth", "Requests queued at the worker "
+                               "(as last probed).", labels=["worker"])
+        inf = GaugeMetricFamily("corral_inflight", "Requests this gateway has in flight on the "
+                                "worker.", labels=["worker"])
+        for w in list(self.registry.workers.values()):
+            up.add_metric([w.id], 1.0 if w.healthy else 0.0)
+            qd.add_metric([w.id], w.queue_depth)
+            inf.add_metric([w.id], w.inflight)
+        yield up
+        yield qd
+        yield inf
+
+
+class Metrics:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.prom = CollectorRegistry(auto_describe=True)
+        r = self.prom
+        self.requests = Counter("corral_requests", "Requests answered, by HTTP status.",
+                                ["model", "status"], registry=r)
+        self.duration = Histogram("corral_request_duration_seconds",
+                                  "Seconds from request to the last byte.", ["model"],
+                                  buckets=_LATENCY, registry=r)
+        self.ttft = Histogram("corral_time_to_first_token_seconds",
+                              "Seconds from request to the first generated token.", ["model"],
+                              buckets=_TTFT, registry=r)
+        self.tokens = Counter("corral_tokens", "Tokens processed.", ["model", "kind"],
+                              registry=r)
+        self.retries = Counter("corral_retries", "Requests retried on another worker.",
+                               ["reason"], registry=r)
+        self.rejected = Counter("corral_rejected", "Requests refused by the gateway.",
+                                ["reason"], registry=r)
+        self.queue_wait = Histogram("corral_queue_wait_seconds",
+                                    "Seconds a request waited in the gateway queue.",
+                                    buckets=_WAIT, registry=r)
+        self.upstream_errors = Counter("corral_upstream_errors",
+                                       "Failures talking to workers.", ["kind"], registry=r)
+        r.register(_WorkerCollector(registry))
+
+    def model_label(self, model: str) -> str:
+        return model if model in self.registry.known_models else "other"
+
+    def finished(self, model: str, status: int, seconds: float, ttft: float | None = None,
+                 prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        m = self.model_label(model)
+        self.requests.labels(m, str(status)).inc()
+        self.duration.labels(m).observe(seconds)
+        if ttft is not None:
+            self.ttft.labels(m).observe(ttft)
+        if prompt_tokens:
+            self.tokens.labels(m, "prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.tokens.labels(m, "completion").inc(completion_tokens)

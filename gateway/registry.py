@@ -1,0 +1,311 @@
+"""The workers the gateway knows, their health and their load.
+
+Workers come from `--worker`, the config file, or join by themselves. Each is probed with
+`GET /status` every `probe_interval` seconds, so its load view is never much older than
+that. States: `loading` (known, not serving yet), `ready`, `busy` (every slot taken),
+`down` (unreachable or failing). A worker is ejected at once on a connect error, a 5xx or a
+timeout seen by a real request (passive), and re-admitted by the next probe that succeeds
+after the ejection. A joined worker that stops heartbeating for `join_ttl` is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+
+from gateway.config import GatewayConfig
+from gateway.state import SharedState
+
+log = logging.getLogger("corral.gateway")
+
+HEALTHY = ("ready", "busy")
+
+
+def id_from_url(url: str) -> str:
+    u = urllib.parse.urlsplit(url)
+    return u.netloc or url
+
+
+class Worker:
+    """One worker as the gateway sees it. Routing reads these attributes directly."""
+
+    __slots__ = ("id", "url", "source", "state", "models", "slots_total", "slots_busy",
+                 "queue_depth", "tokens_per_second", "status", "inflight", "others",
+                 "external", "capacity", "last_seen", "ejected_at", "fails", "last_error",
+                 "task", "base")
+
+    def __init__(self, id: str, url: str, source: str) -> None:
+        self.id = id
+        self.url = url.rstrip("/")
+        self.base = self.url  # requests go to base + path
+        self.source = source  # "static" (flag/config) or "joined"
+        self.state = "loading"
+        self.models: frozenset[str] = frozenset()
+        self.slots_total = 1
+        self.slots_busy = 0
+        self.queue_depth = 0
+        self.tokens_per_second = 0.0
+        self.status: dict[str, Any] = {}
+        self.inflight = 0  # this gateway's requests on the worker (reserved at pick time)
+        self.others = 0  # other gateway replicas' requests (from shared state)
+        self.external = 0  # reported load not explained by any gateway's in-flight count
+        self.capacity = 1.0  # slots_total weighted by decode speed
+        self.last_seen = time.monotonic()
+        self.ejected_at = 0.0
+        self.fails = 0
+        self.last_error = ""
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.state in HEALTHY
+
+    @property
+    def load(self) -> int:
+        return self.inflight + self.others + self.external
+
+    def to_json(self) -> dict[str, Any]:
+        st = self.status
+        state = self.state
+        if state in HEALTHY:  # live, from what we know now rather than at the last probe
+            state = "busy" if self.load >= self.slots_total else "ready"
+        return {
+            "id": self.id,
+            "url": self.url,
+            "backend": st.get("backend", ""),
+            "models": sorted(self.models),
+            "state": state,
+            "queue_depth": self.queue_depth,
+            "slots_total": self.slots_total,
+            "slots_busy": self.slots_busy,
+            "hardware": st.get("hardware", {}),
+            "memory": st.get("memory", {}),
+            "tokens_per_second": self.tokens_per_second,
+            "inflight": self.inflight + self.others,
+            "source": self.source,
+            "last_error": self.last_error or None,
+        }
+
+
+class Registry:
+    def __init__(self, cfg: GatewayConfig, state: SharedState) -> None:
+        self.cfg = cfg
+        self.shared = state
+        self.workers: dict[str, Worker] = {}
+        # Healthy workers per model, rebuilt on every health or model change: routing reads it.
+        self.by_model: dict[str, list[Worker]] = {}
+        self.known_models: set[str] = set(cfg.models)
+        self.listeners: list[Callable[[], None]] = []  # called when capacity may have freed
+        self._client: httpx.AsyncClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.cfg.probe_timeout, connect=min(1.0, self.cfg.probe_timeout)),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
+        )
+        for url in self.cfg.workers:
+            self.add(id_from_url(url), url, "static")
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+
+    async def stop(self) -> None:
+        for w in self.workers.values():
+            if w.task:
+                w.task.cancel()
+        for t in self._tasks:
+            t.cancel()
+        for t in [*self._tasks, *(w.task for w in self.workers.values() if w.task)]:
+            with contextlib.suppress(BaseException):
+                await t
+        if self._client:
+            await self._client.aclose()
+
+    # ------------------------------------------------------------------ membership
+    def add(self, worker_id: str, url: str, source: str) -> Worker:
+        w = Worker(worker_id, url, source)
+        self.workers[worker_id] = w
+        w.task = asyncio.create_task(self._probe_loop(w))
+        log.warning("worker %s added at %s (%s)", worker_id, w.url, source)
+        return w
+
+    def join(self, worker_id: str | None, url: str) -> tuple[Worker, bool]:
+        """A heartbeat from a worker; returns (worker, whether it is new)."""
+        url = url.rstrip("/")
+        wid = worker_id or id_from_url(url)
+        w = self.workers.get(wid)
+        if w is None:  # maybe configured statically under its URL's id
+            w = next((x for x in self.workers.values() if x.url == url), None)
+            if w is not None:
+                self._rekey(w, wid)
+        if w is None:
+            return self.add(wid, url, "joined"), True
+        w.last_seen = time.monotonic()
+        if w.url != url:
+            w.url = w.base = url
+            self._set_state(w, "loading", "re-joined at a new URL")
+        return w, False
+
+    def leave(self, worker_id: str) -> bool:
+        w = self.workers.pop(worker_id, None)
+        if w is None:
+            return False
+        if w.task:
+            w.task.cancel()
+        w.state = "down"
+        self._rebuild()
+        asyncio.create_task(self.shared.forget_worker(worker_id))
+        log.warning("worker %s left", worker_id)
+        return True
+
+    def _rekey(self, w: Worker, new_id: str) -> None:
+        if new_id == w.id or new_id in self.workers:
+            return
+        self.workers.pop(w.id, None)
+        w.id = new_id
+        self.workers[new_id] = w
+
+    # ------------------------------------------------------------------ health
+    def eject(self, w: Worker, reason: str) -> None:
+        """Passive ejection: a real request saw this worker fail."""
+        w.ejected_at = time.monotonic()
+        if w.state != "down":
+            self._set_state(w, "down", reason)
+
+    def saturated(self, w: Worker) -> None:
+        """The worker said 429: treat it as full until its next probe says otherwise."""
+        w.external = max(w.external, w.slots_total + self.cfg.worker_queue_allowance)
+
+    def _set_state(self, w: Worker, state: str, why: str = "") -> None:
+        old = w.state
+        w.state = state
+        if why:
+            w.last_error = why
+        if (old in HEALTHY) != (state in HEALTHY):
+            log.warning("worker %s: %s -> %s %s", w.id, old, state, f"({why})" if why else "")
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        by_model: dict[str, list[Worker]] = {}
+        for w in self.workers.values():
+            self.known_models.update(w.models)
+            if w.healthy:
+                for m in w.models:
+                    by_model.setdefault(m, []).append(w)
+        self.by_model = by_model
+        self._weigh()
+
+    def _weigh(self) -> None:
+        """Capacity = slots x measured decode speed, so a 4x faster box takes ~4x the work."""
+        speeds = [w.tokens_per_second for w in self.workers.values() if w.tokens_per_second > 0]
+        default = sum(speeds) / len(speeds) if speeds else 1.0
+        for w in self.workers.values():
+            w.capacity = max(1, w.slots_total) * (w.tokens_per_second or default)
+
+    def _notify(self) -> None:
+        for fn in self.listeners:
+            fn()
+
+    def healthy_for(self, model: str) -> list[Worker]:
+        return self.by_model.get(model, [])
+
+    def models(self) -> list[str]:
+        return sorted(self.by_model)
+
+    # ------------------------------------------------------------------ probes
+    async def _probe_loop(self, w: Worker) -> None:
+        while True:
+            await self.probe(w)
+            await asyncio.sleep(self.cfg.probe_interval)
+
+    async def probe(self, w: Worker) -> None:
+        assert self._client is not None
+        sent = time.monotonic()
+        inflight_sent = w.inflight
+        try:
+            r = await self._client.get(w.base + "/status")
+            if r.status_code != 200:
+                raise ValueError(f"/status answered {r.status_code}")
+            st = orjson.loads(r.content)
+            if not isinstance(st, dict):
+                raise ValueError("/status is not a JSON object")
+        except asyncio.CancelledError:
+            raise
+        except httpx.ConnectError as exc:
+            self._probe_failed(w, f"unreachable: {exc!s:.200}", hard=True)
+        except (httpx.HTTPError, ValueError, OSError) as exc:
+            self._probe_failed(w, f"{type(exc).__name__}: {exc!s:.200}", hard=False)
+        else:
+            self._probe_ok(w, st, sent, inflight_sent)
+
+    def _probe_failed(self, w: Worker, why: str, hard: bool) -> None:
+        w.fails += 1
+        if hard or w.fails >= 2:
+            self._set_state(w, "down", why)
+
+    def _probe_ok(self, w: Worker, st: dict[str, Any], sent: float, inflight_sent: int) -> None:
+        if sent < w.ejected_at:
+            return  # this probe left before the ejection: it proves nothing
+        w.fails = 0
+        if w.source == "static" and isinstance(st.get("id"), str):
+            self._rekey(w, st["id"])
+        w.status = st
+        models = frozenset(st.get("models") or ())
+        slots = int(st.get("slots_total") or 1)
+        busy = int(st.get("slots_busy") or 0)
+        queued = int(st.get("queue_depth") or 0)
+        tps = float(st.get("tokens_per_second") or 0.0)
+        # Requests the worker holds that no gateway counted (clients hitting it directly).
+        # Requests of ours that finished during the probe make this an underestimate, the
+        # safe side.
+        ours = max(inflight_sent, w.inflight) + w.others
+        w.external = max(0, busy + queued - ours)
+        w.slots_busy, w.queue_depth = busy, queued
+        reported = st.get("state", "ready")
+        new_state = reported if reported in ("ready", "busy", "loading", "down") else "ready"
+        if new_state in HEALTHY and not models:
+            new_state = "loading"
+        changed = (models != w.models or slots != w.slots_total
+                   or tps != w.tokens_per_second)
+        w.models, w.slots_total, w.tokens_per_second = models, slots, tps
+        if w.state != new_state:
+            self._set_state(w, new_state, "" if new_state in HEALTHY else w.last_error)
+            if new_state in HEALTHY:
+                w.last_error = ""
+        if changed:
+            self._rebuild()
+        self._notify()
+
+    async def _housekeeping(self) -> None:
+        """Drops joined workers that stopped heartbeating; reads other replicas' load."""
+        while True:
+            await asyncio.sleep(self.cfg.probe_interval)
+            now = time.monotonic()
+            for w in list(self.workers.values()):
+                if w.source == "joined" and now - w.last_seen > self.cfg.join_ttl:
+                    log.warning("worker %s stopped heartbeating; dropping it", w.id)
+                    self.leave(w.id)
+            try:
+                mine = {w.id: w.inflight for w in self.workers.values() if w.inflight}
+                others = await self.shared.others_inflight(mine)
+            except Exception:  # shared state unreachable: route on local knowledge
+                log.exception("reading shared in-flight counts failed")
+                continue
+            for w in self.workers.values():
+                w.others = others.get(w.id, 0)
+
+    def placements(self) -> list[dict[str, Any]]:
+        """Every model served today is a full replica on each worker that has it."""
+        out = []
+        for m in sorted(self.known_models):
+            ids = sorted(w.id for w in self.workers.values() if m in w.models)
+            out.append({"model": m, "mode": "replica", "workers": ids, "head": None})
+        return out

@@ -1,0 +1,70 @@
+"""Picking a worker: least load relative to capacity, reserved at pick time.
+
+score = (this gateway's in-flight on the worker + other replicas' + load the worker reports
+that no gateway counted) / capacity, where capacity is slots x measured tokens/s. A worker
+is *full* at slots + `allowance` requests; a full worker is not picked (the request waits
+in admission instead). Ties break at random. With more than `P2C_ABOVE` candidates, two
+are sampled and the lighter one wins (power of two choices), which stays O(1) and avoids
+herding when load views are stale.
+
+This is the hot path: attribute reads and arithmetic only — no JSON, no pydantic, no logs.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection
+
+from gateway.registry import Registry, Worker
+
+P2C_ABOVE = 4
+
+
+class Router:
+    def __init__(self, registry: Registry, allowance: int) -> None:
+        self.registry = registry
+        self.allowance = allowance
+        self._rand = random.random
+        self._sample = random.sample
+
+    def pick(self, model: str, exclude: Collection[str] = ()) -> Worker | None:
+        """The best worker with room for `model`, already reserved; None if all are full."""
+        ws = self.registry.by_model.get(model)
+        if not ws:
+            return None
+        allowance = self.allowance
+        if len(ws) > P2C_ABOVE:
+            a, b = self._sample(ws, 2)
+            la, lb = a.load, b.load
+            ok_a = la < a.slots_total + allowance and a.id not in exclude
+            ok_b = lb < b.slots_total + allowance and b.id not in exclude
+            if ok_a and ok_b:
+                w = a if la * b.capacity <= lb * a.capacity else b
+                w.inflight += 1
+                return w
+            # One or both of the sample are full: fall back to the full scan below.
+        best: Worker | None = None
+        best_score = 0.0
+        ties = 0
+        rand = self._rand
+        for w in ws:
+            load = w.load
+            if load >= w.slots_total + allowance or (exclude and w.id in exclude):
+                continue
+            score = load / w.capacity
+            if best is None or score < best_score:
+                best, best_score, ties = w, score, 1
+            elif score == best_score:
+                ties += 1
+                if rand() * ties < 1.0:  # reservoir sampling: uniform among equals
+                    best = w
+        if best is not None:
+            best.inflight += 1
+        return best
+
+    @staticmethod
+    def release(w: Worker) -> None:
+        w.inflight -= 1
+
+    def any_unexcluded(self, model: str, exclude: Collection[str]) -> bool:
+        return any(w.id not in exclude for w in self.registry.by_model.get(model, ()))
