@@ -1,0 +1,223 @@
+"""The llama.cpp backend (llama-cpp-python's low-level API).
+
+One model, one llama.cpp context shared by `parallel` slots, decoded by a continuous
+batching loop on its own thread (`llama_batch.BatchLoop`). The context holds
+`ctx_size * parallel` KV cells, split so that each sequence gets `ctx_size` of them.
+Chat prompts come from the GGUF's own template (`llama_chat.ChatTemplate`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from typing import Any
+
+import llama_cpp
+
+from worker.backends.base import Backend, BackendError, SamplingParams, Sequence
+from worker.backends.llama_batch import BatchLoop, token_bytes
+from worker.backends.llama_chat import ChatTemplate
+
+log = logging.getLogger("corral.llama")
+
+_GGML_LOG_LEVEL_ERROR = 3
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, _user: Any) -> None:
+    # llama.cpp is chatty at info level; only its errors reach our log.
+    if level == _GGML_LOG_LEVEL_ERROR and text and text.strip():
+        log.error("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+
+def _quiet() -> None:
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+
+_quiet()  # as early as possible: importing may already have set a noisy callback
+
+_CALIBRATION_PROMPT = "Count from one to forty, in words, separated by commas."
+_CALIBRATION_TOKENS = 32
+
+
+class LlamaBackend(Backend):
+    name = "llama"
+
+    def __init__(
+        self,
+        model_path: str,
+        parallel: int = 1,
+        ctx_size: int = 2048,
+        threads: int | None = None,
+        n_batch: int = 512,
+    ) -> None:
+        self.model_path = model_path
+        self.slots = max(1, int(parallel))
+        self.ctx_size = max(16, int(ctx_size))
+        self.n_ctx = self.ctx_size
+        self.threads = threads or os.cpu_count() or 1
+        self.n_batch = n_batch
+        self.calibrated_tokens_per_second = 0.0
+        self._model: Any = None
+        self._ctx: Any = None
+        self._vocab: Any = None
+        self._loop: BatchLoop | None = None
+        self._template = ChatTemplate(None)
+        self._add_bos = False
+        self._bos = llama_cpp.LLAMA_TOKEN_NULL
+        self._eos = llama_cpp.LLAMA_TOKEN_NULL
+        self._describe: dict[str, Any] = {"device": "CPU", "devices": ["CPU"]}
+
+    # ------------------------------------------------------------------ lifecycle
+    def load(self) -> None:
+        _quiet()
+        llama_cpp.llama_backend_init()
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        model = llama_cpp.llama_model_load_from_file(self.model_path.encode(), mp)
+        if not model:
+            raise BackendError(f"llama.cpp could not load {self.model_path}")
+        self._model = model
+        self._vocab = vocab = llama_cpp.llama_model_get_vocab(model)
+        n_train = llama_cpp.llama_model_n_ctx_train(model)
+        per_seq = min(self.ctx_size, n_train) if n_train > 0 else self.ctx_size
+
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = per_seq * self.slots
+        cp.n_batch = cp.n_ubatch = self.n_batch
+        cp.n_seq_max = self.slots
+        cp.n_threads = cp.n_threads_batch = self.threads
+        cp.kv_unified = False  # each sequence its own ctx_size cells: no starving neighbours
+        cp.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cp)
+        if not ctx:
+            raise BackendError("llama.cpp could not create a context")
+        self._ctx = ctx
+        self.n_ctx = min(per_seq, llama_cpp.llama_n_ctx_seq(ctx))
+
+        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self._bos = llama_cpp.llama_vocab_bos(vocab)
+        self._eos = llama_cpp.llama_vocab_eos(vocab)
+        source = llama_cpp.llama_model_chat_template(model, None)
+        self._template = ChatTemplate(
+            source.decode("utf-8", "replace") if source else None,
+            bos_token=self._special_text(self._bos),
+            eos_token=self._special_text(self._eos),
+        )
+        self._describe = self._facts()
+
+        n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        loop = BatchLoop(ctx, vocab, n_vocab, self.slots, self.n_batch, self.n_ctx)
+        self.calibrated_tokens_per_second = self._calibrate(loop)
+        self._loop = loop
+        loop.start()
+
+    def close(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        loop.stop()
+        if loop._thread is not None and loop._thread.is_alive():
+            log.error("the decode loop did not stop; leaving the model in memory")
+            return
+        loop.free()
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def _calibrate(self, loop: BatchLoop) -> float:
+        """Greedy-decodes a few tokens alone: the single-sequence speed of this box."""
+        marks: list[tuple[float, int]] = []
+        done: list[str] = []
+        prompt = self.tokenize(self.render_chat([{"role": "user", "content": _CALIBRATION_PROMPT}]))
+        seq = Sequence(
+            "calibration", prompt, _CALIBRATION_TOKENS, SamplingParams(temperature=0.0),
+            on_tokens=lambda _t, n: marks.append((time.perf_counter(), n)),
+            on_finish=lambda reason, _e: done.append(reason),
+        )
+        loop.submit(seq)
+        for _ in range(_CALIBRATION_TOKENS + len(prompt) + 8):
+            if done:
+                break
+            loop.step()
+        llama_cpp.llama_memory_clear(loop.mem, True)
+        for s in loop.slots:
+            s.tokens.clear()
+        for k in loop.stats:
+            loop.stats[k] = 0
+        if len(marks) < 2 or marks[-1][0] <= marks[0][0]:
+            return 0.0
+        tokens = sum(n for _, n in marks[1:])
+        return round(tokens / (marks[-1][0] - marks[0][0]), 2)
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, text: str) -> list[int]:
+        if self._vocab is None:
+            raise BackendError("the model is not loaded")
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        while True:
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, cap, True, True)
+            if n >= 0:
+                break
+            cap = -n
+        tokens = buf[:n]
+        # The template may already start with BOS, and the vocab adds one: keep one.
+        if self._add_bos and len(tokens) >= 2 and tokens[0] == tokens[1] == self._bos:
+            tokens = tokens[1:]
+        if not tokens:  # an empty prompt still needs one token to start from
+            start = self._bos if self._bos != llama_cpp.LLAMA_TOKEN_NULL else self._eos
+            tokens = [start]
+        return tokens
+
+    def render_chat(self, messages: list[dict[str, str]], continue_final: bool = False) -> str:
+        return self._template.render(messages, continue_final)
+
+    def _special_text(self, token: int) -> str:
+        if token == llama_cpp.LLAMA_TOKEN_NULL:
+            return ""
+        return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace")
+
+    # ------------------------------------------------------------------ sequences
+    def submit(self, seq: Sequence) -> None:
+        loop = self._loop
+        if loop is None:
+            seq.on_finish("error", "the model is not loaded")
+            return
+        loop.submit(seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled.set()
+        if self._loop is not None:
+            self._loop.wake()
+
+    def stats(self) -> dict[str, int]:
+        return dict(self._loop.stats) if self._loop is not None else {}
+
+    def describe(self) -> dict[str, Any]:
+        return self._describe
+
+    def _facts(self) -> dict[str, Any]:
+        info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+        features = sorted(
+            {part.split("=")[0].strip() for part in info.split("|") if part.strip().endswith("= 1")}
+        )
+        desc = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self._model, desc, len(desc))
+        return {
+            "device": "CPU",
+            "devices": ["CPU"],
+            "engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
+            "cpu_features": [f for f in features if " " not in f and ":" not in f],
+            "model_desc": desc.value.decode("utf-8", "replace"),
+            "rpc": bool(llama_cpp.llama_supports_rpc()),
+        }
+
+
+__all__ = ["LlamaBackend", "token_bytes"]

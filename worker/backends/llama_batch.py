@@ -1,0 +1,345 @@
+"""The continuous-batching decode loop of the llama.cpp backend.
+
+`parallel` slots share one llama.cpp context; slot i owns KV sequence id i. Every step
+builds one `llama_batch`: one token for each sequence that is generating, then chunks of
+the prompts still being prefilled (a fair share each of what is left of the step's token
+budget), and runs one `llama_decode`. Each sequence samples from its own logits with its
+own sampler chain. Sequences join and leave between steps.
+
+Each slot remembers which tokens its KV sequence holds. A new request takes the free slot
+whose tokens share the longest prefix with its prompt, drops the rest of that KV, and
+prefills only the remainder (at least the last prompt token, to get logits).
+
+Everything here runs on the loop's own thread, except `submit`/`cancel`/`close`, which
+only touch the condition-protected hand-over queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+
+from worker.backends.base import Sequence
+from worker.backends.llama_sampling import Detokenizer, sampler_chain
+
+log = logging.getLogger("corral.llama")
+
+#: Token budget of a step while some sequence is generating: bounds how long a long
+#: prompt's prefill chunk can delay everyone else's next token.
+SHARED_BUDGET = 256
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)  # what this KV sequence holds
+    run: Run | None = None
+    last_used: float = 0.0
+
+
+@dataclass
+class Run:
+    """A sequence occupying a slot."""
+
+    seq: Sequence
+    slot: Slot
+    sampler: Any
+    detok: Detokenizer = field(default_factory=Detokenizer)
+    generated: int = 0
+    next_token: int | None = None  # sampled, to be decoded in the next step
+    out: int = -1  # index of this run's logits in the current batch, -1 if none
+    chunk: int = 0  # prompt tokens this run adds in the current batch
+
+    @property
+    def prefilling(self) -> bool:
+        return self.next_token is None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    # Compare in strides first: cheap on long shared histories.
+    step = 64
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class BatchLoop:
+    def __init__(self, ctx: Any, vocab: Any, n_vocab: int, slots: int, n_batch: int,
+                 n_ctx_seq: int) -> None:
+        self.ctx = ctx
+        self.mem = llama_cpp.llama_get_memory(ctx)
+        self.vocab = vocab
+        self.n_vocab = n_vocab
+        self.n_batch = n_batch
+        self.n_ctx_seq = n_ctx_seq
+        self.slots = [Slot(i) for i in range(slots)]
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._cv = threading.Condition()
+        self._incoming: deque[Sequence] = deque()
+        self._waiting: deque[Sequence] = deque()  # handed over, no free slot yet
+        self._stop = False
+        self._dead: str | None = None  # why the loop is gone; later submits fail at once
+        self._thread: threading.Thread | None = None
+        self._pieces: dict[int, bytes] = {}
+        self.stats = {"prompt_cache_hits": 0, "prompt_cache_reused_tokens": 0,
+                      "prompt_tokens_evaluated": 0, "decode_steps": 0}
+
+    # ------------------------------------------------------------------ other threads
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="llama-decode", daemon=True)
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cv:
+            if self._dead is None:
+                self._incoming.append(seq)
+                self._cv.notify()
+                return
+            dead = self._dead
+        _finish_once(seq, "error", dead)
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(30)
+
+    def free(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+
+    # ------------------------------------------------------------------ the loop
+    def _busy(self) -> bool:
+        return bool(self._incoming or self._waiting or any(s.run for s in self.slots))
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and not self._busy():
+                        self._cv.wait()
+                    if self._stop:
+                        break
+                self.step()
+        except BaseException:
+            log.exception("the llama.cpp decode loop failed")
+            self._fail_all("the model's decode loop failed")
+            raise
+        self._fail_all("the worker is shutting down")
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            self._dead = message
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
+        while self._waiting:
+            _finish_once(self._waiting.popleft(), "error", message)
+        for s in self.slots:
+            if s.run is not None:
+                self._leave(s.run, "error", message)
+
+    def step(self) -> bool:
+        """Admits, reaps and decodes once. Returns whether there was work."""
+        with self._cv:
+            self._waiting.extend(self._incoming)
+            self._incoming.clear()
+        self._reap_cancelled()
+        self._admit()
+        runs = [s.run for s in self.slots if s.run is not None]
+        if not runs:
+            return False
+        n = self._fill(runs)
+        if n == 0:
+            return True
+        self.batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self.ctx, self.batch)
+        self.stats["decode_steps"] += 1
+        if rc != 0:
+            self._decode_failed(runs, rc)
+            return True
+        for r in runs:
+            self._after_decode(r)
+        return True
+
+    # ------------------------------------------------------------------ admission
+    def _reap_cancelled(self) -> None:
+        if self._waiting:
+            keep = deque(s for s in self._waiting if not s.cancelled.is_set())
+            for s in self._waiting:
+                if s.cancelled.is_set():
+                    _finish_once(s, "stop", None)
+            self._waiting = keep
+        for slot in self.slots:
+            if slot.run is not None and slot.run.seq.cancelled.is_set():
+                self._leave(slot.run, "stop", None)
+
+    def _admit(self) -> None:
+        while self._waiting:
+            free = [s for s in self.slots if s.run is None]
+            if not free:
+                return
+            seq = self._waiting.popleft()
+            prompt = seq.prompt
+            best, best_len = None, 0
+            for s in free:
+                k = common_prefix(s.tokens, prompt)
+                if k > best_len:
+                    best, best_len = s, k
+            if best is None:  # no reuse: take an empty slot, else the least recently used
+                best = min(free, key=lambda s: (bool(s.tokens), s.last_used))
+            keep = min(best_len, len(prompt) - 1)
+            self._start(seq, best, keep)
+
+    def _start(self, seq: Sequence, slot: Slot, keep: int) -> None:
+        if not seq.prompt or len(seq.prompt) > self.n_ctx_seq:
+            _finish_once(seq, "error", "the prompt does not fit this model's context")
+            return
+        if keep < len(slot.tokens) and not llama_cpp.llama_memory_seq_rm(
+            self.mem, slot.seq_id, keep, -1
+        ):
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+            keep = 0
+        del slot.tokens[keep:]
+        seq.cached_tokens = keep
+        if keep:
+            self.stats["prompt_cache_hits"] += 1
+            self.stats["prompt_cache_reused_tokens"] += keep
+        try:
+            sampler = sampler_chain(seq.params, self.n_vocab, self.n_ctx_seq)
+        except Exception as exc:  # a broken sampler must not take the loop down
+            _finish_once(seq, "error", f"sampler setup failed: {exc}")
+            return
+        slot.run = Run(seq, slot, sampler)
+
+    def _leave(self, run: Run, reason: str, error: str | None) -> None:
+        slot = run.slot
+        slot.run = None
+        slot.last_used = time.monotonic()
+        with contextlib.suppress(Exception):
+            llama_cpp.llama_sampler_free(run.sampler)
+        if reason != "error":
+            # The tokens decoded so far stay in the KV for the next request to reuse;
+            # still uncounted tokens (an incomplete character) are reported now.
+            n = run.detok.take()
+            if n:
+                _emit(run.seq, run.detok.flush(), n)
+        _finish_once(run.seq, reason, error)
+
+    # ------------------------------------------------------------------ one step
+    def _fill(self, runs: list[Run]) -> int:
+        b = self.batch
+        n = 0
+
+        def add(token: int, pos: int, seq_id: int, logits: bool) -> None:
+            nonlocal n
+            b.token[n] = token
+            b.pos[n] = pos
+            b.n_seq_id[n] = 1
+            b.seq_id[n][0] = seq_id
+            b.logits[n] = logits
+            n += 1
+
+        prefill: list[Run] = []
+        for r in runs:
+            r.out, r.chunk = -1, 0
+            if r.prefilling:
+                prefill.append(r)
+            else:
+                r.out = n
+                add(r.next_token, len(r.slot.tokens), r.slot.seq_id, True)
+        budget = (SHARED_BUDGET if n else self.n_batch) - n
+        budget = max(budget, min(len(prefill), self.n_batch - n))
+        # A fair share each; what one needs less of goes to the ones after it.
+        for i, r in enumerate(prefill):
+            share = -(-budget // (len(prefill) - i)) if budget > 0 else 0
+            tokens, start = r.seq.prompt, len(r.slot.tokens)
+            take = min(share, len(tokens) - start)
+            for j in range(start, start + take):
+                last = j == len(tokens) - 1
+                if last:
+                    r.out = n
+                add(tokens[j], j, r.slot.seq_id, last)
+            r.chunk = take
+            budget -= take
+        return n
+
+    def _after_decode(self, r: Run) -> None:
+        if r.chunk:
+            start = len(r.slot.tokens)
+            r.slot.tokens.extend(r.seq.prompt[start : start + r.chunk])
+            self.stats["prompt_tokens_evaluated"] += r.chunk
+        elif r.next_token is not None and r.out >= 0:
+            r.slot.tokens.append(r.next_token)
+        if r.out < 0:
+            return
+        token = llama_cpp.llama_sampler_sample(r.sampler, self.ctx, r.out)
+        r.generated += 1
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            r.detok.pending_tokens += 1
+            self._leave(r, "stop", None)
+            return
+        text = r.detok.push(self._piece(token))
+        if text:
+            _emit(r.seq, text, r.detok.take())
+        if r.generated >= r.seq.max_tokens or len(r.slot.tokens) >= self.n_ctx_seq:
+            self._leave(r, "length", None)
+            return
+        r.next_token = token
+
+    def _decode_failed(self, runs: list[Run], rc: int) -> None:
+        # Keep the loop alive: the sequences of this batch fail, their KV is dropped.
+        log.error("llama_decode returned %d for a batch of %d sequences", rc, len(runs))
+        for r in runs:
+            llama_cpp.llama_memory_seq_rm(self.mem, r.slot.seq_id, -1, -1)
+            r.slot.tokens.clear()
+            self._leave(r, "error", f"llama_decode failed ({rc})")
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = token_bytes(self.vocab, token)
+            self._pieces[token] = piece
+        return piece
+
+
+def token_bytes(vocab: Any, token: int) -> bytes:
+    """The bytes of one token as text (special/control tokens render as nothing)."""
+    size = 64
+    while True:
+        buf = (ctypes.c_char * size)()
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, False)
+        if n >= 0:
+            return bytes(buf[:n])
+        size = -n
+
+
+def _emit(seq: Sequence, text: str, n: int) -> None:
+    seq.on_tokens(text, n)
+
+
+def _finish_once(seq: Sequence, reason: str, error: str | None) -> None:
+    # on_finish releases the engine's slot: it must run exactly once, and a failing
+    # callback must not stop the loop from serving the others.
+    if getattr(seq, "_llama_finished", False):
+        return
+    seq._llama_finished = True  # type: ignore[attr-defined]
+    try:
+        seq.on_finish(reason, error)
+    except Exception:
+        log.exception("on_finish callback failed")
