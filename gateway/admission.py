@@ -72,6 +72,7 @@ class Admission:
         self.metrics = metrics
         self.queue = queue or FifoQueue()
         registry.listeners.append(self.dispatch)
+        metrics.collector.queue_length = self.queue.__len__
 
     def check_model(self, model: str) -> None:
         if self.registry.by_model.get(model):

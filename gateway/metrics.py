@@ -8,7 +8,7 @@ else is counted as `other`, so clients cannot blow up the label cardinality.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -25,6 +25,7 @@ _WAIT = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 class _WorkerCollector:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        self.queue_length: Callable[[], int] | None = None
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("corral_worker_up", "1 when the worker is healthy.",
@@ -40,6 +41,9 @@ class _WorkerCollector:
         yield up
         yield qd
         yield inf
+        if self.queue_length is not None:
+            yield GaugeMetricFamily("corral_queue_length", "Requests waiting in the gateway "
+                                    "queue for a worker.", self.queue_length())
 
 
 class Metrics:
@@ -66,7 +70,8 @@ class Metrics:
                                     buckets=_WAIT, registry=r)
         self.upstream_errors = Counter("corral_upstream_errors",
                                        "Failures talking to workers.", ["kind"], registry=r)
-        r.register(_WorkerCollector(registry))
+        self.collector = _WorkerCollector(registry)
+        r.register(self.collector)
 
     def model_label(self, model: str) -> str:
         return model if model in self.registry.known_models else "other"

@@ -6,6 +6,7 @@ the test fails). Readiness is a poll with a deadline, never a fixed sleep.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -93,10 +94,8 @@ class Proc:
             except ProcessLookupError:
                 pass
         # Children the process left behind in its group.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         if self.log_path and self.log_path.exists():
             self.log_path.unlink()
 
@@ -135,6 +134,28 @@ def start_worker(*extra: str, port: int | None = None, backend: str = "llama",
     if wait:
         proc.wait_http(f"{w.url}/status", ok=lambda r: r.json().get("state") in ("ready", "busy"))
     return w
+
+
+@dataclass
+class Gateway:
+    proc: Proc
+    port: int
+    token: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+def start_gateway(*extra: str, port: int | None = None, token: str = "test-cluster-token",
+                  env: dict[str, str] | None = None, wait: bool = True) -> Gateway:
+    port = port or free_port()
+    proc = corral("gateway", "--host", HOST, "--port", str(port), *extra,
+                  env={"CORRAL_CLUSTER_TOKEN": token, **(env or {})}, name=f"gateway-{port}")
+    g = Gateway(proc, port, token)
+    if wait:
+        proc.wait_http(f"{g.url}/healthz", timeout=30)
+    return g
 
 
 def start_redis() -> tuple[Proc, str]:

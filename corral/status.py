@@ -1,0 +1,65 @@
+"""`corral status`: the cluster as a table in the terminal, from the gateway's /cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+_STATE_STYLE = {"ready": "green", "busy": "yellow", "loading": "cyan", "down": "red"}
+
+
+def _gib(n: object) -> str:
+    return f"{n / (1 << 30):.1f}G" if isinstance(n, int | float) and n else "-"
+
+
+def run(a: argparse.Namespace) -> int:
+    base = a.gateway.rstrip("/")
+    try:
+        r = httpx.get(f"{base}/cluster", timeout=5.0)
+        r.raise_for_status()
+        data = r.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        print(f"corral status: cannot read {base}/cluster: {exc}", file=sys.stderr)
+        return 1
+    if a.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    render(data, Console() if sys.stdout.isatty() else Console(width=200))
+    return 0
+
+
+def render(data: dict, console: Console) -> None:
+    workers = data.get("workers", [])
+    table = Table(title=f"Corral cluster: {len(workers)} worker(s)", title_justify="left")
+    for col in ("id", "state", "backend", "models", "queue", "slots", "tok/s", "memory",
+                "cpu"):
+        table.add_column(col, justify="right" if col in ("queue", "slots", "tok/s") else "left")
+    for w in workers:
+        state = w.get("state", "?")
+        hw = w.get("hardware") or {}
+        mem = w.get("memory") or {}
+        cpu = hw.get("cpu") or "-"
+        if hw.get("cores"):
+            cpu = f"{cpu} ({hw.get('cores')}c/{hw.get('threads')}t)"
+        table.add_row(
+            str(w.get("id", "?")),
+            f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
+            w.get("backend") or "-",
+            ", ".join(w.get("models") or []) or "-",
+            str(w.get("queue_depth", 0)),
+            f"{w.get('slots_busy', 0)}/{w.get('slots_total', 0)}",
+            f"{w.get('tokens_per_second', 0):.1f}",
+            f"{_gib(mem.get('available'))} free / {_gib(mem.get('total'))}",
+            cpu,
+        )
+    console.print(table)
+    placements = data.get("placements") or []
+    if placements:
+        console.print("placements: " + "; ".join(
+            f"{p['model']} ({p['mode']}) on {', '.join(p['workers']) or 'none'}"
+            for p in placements))
