@@ -1,0 +1,204 @@
+"""Where each model runs: replicated where it fits, split with llama.cpp RPC where it fits nowhere.
+
+A pure planner (no I/O besides reading GGUF headers in `estimate`), so it is tested alone.
+
+Memory a model needs on one box (`estimate`), from the GGUF's metadata and tensor table:
+  weights  = the bytes of its tensors;
+  kv_cache = n_layer x n_ctx x n_head_kv x (key_length + value_length) x 2 bytes (f16) x slots;
+  compute  = llama.cpp's compute buffer: 4 bytes x n_ubatch x (n_vocab + n_embd + n_ff) (the
+             logits of one micro-batch dominate; measured 99.4 MiB for SmolLM2-135M at
+             n_ubatch 512, this gives 99.9 MiB);
+  runtime  = one worker process (Python, llama.cpp, the HTTP stack), measured: 80 MiB RSS.
+
+Plan (`plan`): every worker holds at most one role. First every model gets a home, biggest
+model first: the smallest free worker that holds it (best fit), or, if none can, the FEWEST
+free workers whose memory adds up (largest first) as one split, the largest of them the
+head, `tensor_split` proportional to their memory. Then each remaining worker takes a
+replica of a model it holds, the model with the fewest replicas first. Current members are
+preferred on ties, so a re-plan on the same inventory changes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+RUNTIME_BYTES = 80 << 20
+KV_BYTES_PER_ELEMENT = 2  # f16 K and V, llama.cpp's default cache type
+N_UBATCH = 512
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    weights: int
+    kv_cache: int
+    compute: int
+    runtime: int = RUNTIME_BYTES
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.compute + self.runtime
+
+    def to_json(self) -> dict[str, int]:
+        return {"weights": self.weights, "kv_cache": self.kv_cache, "compute": self.compute,
+                "runtime": self.runtime, "total": self.total}
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+def _per_layer_max(v: Any, default: int) -> int:
+    if v is None:
+        return default
+    if isinstance(v, list):
+        return max((int(x) for x in v), default=default)
+    return int(v)
+
+
+def estimate(path: str | os.PathLike[str], n_ctx: int = 2048, slots: int = 1,
+             n_ubatch: int = N_UBATCH) -> MemoryNeed:
+    st = os.stat(path)
+    return _estimate(os.fspath(path), st.st_size, st.st_mtime_ns, n_ctx, slots, n_ubatch)
+
+
+@functools.lru_cache(maxsize=64)
+def _estimate(path: str, _size: int, _mtime: int, n_ctx: int, slots: int,
+              n_ubatch: int) -> MemoryNeed:
+    from gguf import GGUFReader  # the gateway reads headers only; imported when needed
+
+    r = GGUFReader(path, "r")
+    arch = _field(r, "general.architecture", "llama")
+    n_layer = int(_field(r, f"{arch}.block_count", 0))
+    n_embd = int(_field(r, f"{arch}.embedding_length", 0))
+    n_head = _per_layer_max(_field(r, f"{arch}.attention.head_count"), 1) or 1
+    n_head_kv = _per_layer_max(_field(r, f"{arch}.attention.head_count_kv"), n_head)
+    head_dim = n_embd // n_head if n_head else 0
+    k_len = int(_field(r, f"{arch}.attention.key_length", head_dim))
+    v_len = int(_field(r, f"{arch}.attention.value_length", head_dim))
+    n_ff = _per_layer_max(_field(r, f"{arch}.feed_forward_length"), 4 * n_embd)
+    n_vocab = _field(r, f"{arch}.vocab_size")
+    if n_vocab is None:
+        tokens = r.fields.get("tokenizer.ggml.tokens")
+        n_vocab = len(tokens.data) if tokens is not None else 0
+    n_train = int(_field(r, f"{arch}.context_length", 0) or 0)
+    per_seq = min(n_ctx, n_train) if n_train > 0 else n_ctx
+    weights = sum(int(t.n_bytes) for t in r.tensors)
+    kv = n_layer * per_seq * n_head_kv * (k_len + v_len) * KV_BYTES_PER_ELEMENT * slots
+    compute = 4 * n_ubatch * (int(n_vocab) + n_embd + n_ff)
+    return MemoryNeed(weights, kv, compute)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    need: int  # bytes on one box (MemoryNeed.total)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    id: str
+    memory: int  # bytes this worker offers a model
+
+
+@dataclass(frozen=True)
+class Placement:
+    model: str
+    mode: str  # "replica" | "split"
+    workers: tuple[str, ...]
+    head: str | None = None
+    tensor_split: tuple[float, ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "mode": self.mode, "workers": list(self.workers),
+                "head": self.head, "tensor_split": list(self.tensor_split)}
+
+
+def _proportional(memories: Sequence[int]) -> tuple[float, ...]:
+    total = sum(memories)
+    return tuple(round(m / total, 6) for m in memories)
+
+
+def plan(models: Sequence[ModelSpec], workers: Iterable[WorkerSpec],
+         current: Iterable[Placement] = ()) -> list[Placement]:
+    """Placements for `models` on `workers`. A model that fits nowhere, even split, is left out.
+
+    Replicas come one placement per worker (mode "replica", one id in `workers`), so a
+    worker's role is always read from exactly one placement.
+    """
+    pool = {w.id: w for w in workers}
+    was = {(wid, p.model, p.mode) for p in current for wid in p.workers}
+    free = set(pool)
+    out: list[Placement] = []
+    replicas: dict[str, int] = {m.name: 0 for m in models}
+
+    def kept(wid: str, model: str, mode: str) -> int:
+        return 0 if (wid, model, mode) in was else 1
+
+    # 1. A home for every model, the biggest first.
+    for m in sorted(models, key=lambda m: -m.need):
+        fits = [pool[w] for w in free if pool[w].memory >= m.need]
+        if fits:
+            best = min(fits, key=lambda w: (kept(w.id, m.name, "replica"), w.memory, w.id))
+            free.discard(best.id)
+            out.append(Placement(m.name, "replica", (best.id,), best.id, (1.0,)))
+            replicas[m.name] += 1
+            continue
+        by_size = sorted((pool[w] for w in free),
+                         key=lambda w: (-w.memory, kept(w.id, m.name, "split"), w.id))
+        chosen: list[WorkerSpec] = []
+        for w in by_size:
+            chosen.append(w)
+            if sum(c.memory for c in chosen) >= m.need:
+                break
+        else:
+            continue  # not even all free workers together hold it
+        for c in chosen:
+            free.discard(c.id)
+        out.append(Placement(m.name, "split", tuple(c.id for c in chosen), chosen[0].id,
+                             _proportional([c.memory for c in chosen])))
+
+    # 2. Every other worker replicates a model it holds, the least replicated first.
+    order = {m.name: i for i, m in enumerate(models)}
+    for wid in sorted(free, key=lambda w: (-pool[w].memory, w)):
+        w = pool[wid]
+        fits = [m for m in models if m.need <= w.memory and replicas[m.name] > 0]
+        if not fits:
+            continue
+        m = min(fits, key=lambda m: (kept(wid, m.name, "replica"), replicas[m.name],
+                                     order[m.name]))
+        replicas[m.name] += 1
+        out.append(Placement(m.name, "replica", (wid,), wid, (1.0,)))
+    return out
+
+
+def roles(placements: Iterable[Placement]) -> dict[str, tuple[str, Placement]]:
+    """worker id -> (role, placement): "replica", "head" or "shard"."""
+    out: dict[str, tuple[str, Placement]] = {}
+    for p in placements:
+        for wid in p.workers:
+            if p.mode == "replica":
+                out[wid] = ("replica", p)
+            else:
+                out[wid] = ("head" if wid == p.head else "shard", p)
+    return out
+
+
+def summary(placements: Iterable[Placement]) -> list[dict[str, Any]]:
+    """The contract's `/cluster` view: one entry per model and mode, replicas merged."""
+    merged: dict[tuple[str, str, str | None], dict[str, Any]] = {}
+    for p in placements:
+        key = (p.model, p.mode, None if p.mode == "replica" else p.head)
+        e = merged.setdefault(key, {"model": p.model, "mode": p.mode, "workers": [],
+                                    "head": None if p.mode == "replica" else p.head,
+                                    "tensor_split": [] if p.mode == "replica"
+                                    else list(p.tensor_split)})
+        e["workers"].extend(p.workers)
+    return list(merged.values())

@@ -1,0 +1,134 @@
+"""The placement planner, on made-up worker inventories (a pure function: no processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.placement import (
+    RUNTIME_BYTES,
+    ModelSpec,
+    Placement,
+    WorkerSpec,
+    estimate,
+    plan,
+    roles,
+    summary,
+)
+from worker.models import resolve
+
+MB = 1 << 20
+
+
+def W(id: str, mb: int) -> WorkerSpec:  # noqa: N802 - reads like a table
+    return WorkerSpec(id, mb * MB)
+
+
+def test_estimate_reads_the_gguf_metadata() -> None:
+    _, path = resolve("smollm2-135m")
+    need = estimate(path, n_ctx=2048, slots=1)
+    # The tensor bytes are the file minus its header and vocabulary.
+    assert 90 * MB < need.weights < path.stat().st_size
+    # 30 layers x 2048 cells x 3 KV heads x (64 + 64) x 2 bytes: llama.cpp reports 45.00 MiB.
+    assert need.kv_cache == 45 * MB
+    # llama.cpp reports a 99.38 MiB compute buffer for n_ubatch 512.
+    assert 98 * MB < need.compute < 102 * MB
+    assert need.runtime == RUNTIME_BYTES
+    assert need.total == need.weights + need.kv_cache + need.compute + need.runtime
+    two = estimate(path, n_ctx=2048, slots=2)
+    assert two.kv_cache == 2 * need.kv_cache
+
+
+def test_replicates_on_every_worker_that_holds_it() -> None:
+    ps = plan([ModelSpec("m", 300 * MB)], [W("a", 1000), W("b", 400), W("c", 2000)])
+    assert {p.mode for p in ps} == {"replica"}
+    assert sorted(w for p in ps for w in p.workers) == ["a", "b", "c"]
+    (view,) = summary(ps)
+    assert view["mode"] == "replica" and view["head"] is None
+    assert sorted(view["workers"]) == ["a", "b", "c"]
+
+
+def test_skips_workers_too_small_when_others_hold_it() -> None:
+    ps = plan([ModelSpec("m", 300 * MB)], [W("a", 1000), W("small", 100), W("b", 300)])
+    assert sorted(w for p in ps for w in p.workers) == ["a", "b"]
+    assert all(p.mode == "replica" for p in ps)
+
+
+def test_splits_over_the_fewest_workers_when_none_holds_it() -> None:
+    ws = [W("a", 200), W("b", 200), W("c", 200)]
+    ps = plan([ModelSpec("m", 350 * MB)], ws)
+    assert len(ps) == 1
+    p = ps[0]
+    assert p.mode == "split" and len(p.workers) == 2
+    assert p.head == p.workers[0]
+    assert p.tensor_split == (0.5, 0.5)
+    r = roles(ps)
+    assert sorted(role for role, _ in r.values()) == ["head", "shard"]
+
+
+def test_split_takes_the_largest_and_splits_by_memory() -> None:
+    ws = [W("s1", 100), W("big", 600), W("mid", 300), W("s2", 100)]
+    (p,) = plan([ModelSpec("m", 800 * MB)], ws)
+    assert p.workers == ("big", "mid")  # two largest suffice: fewest workers
+    assert p.head == "big"
+    assert p.tensor_split == pytest.approx((2 / 3, 1 / 3), abs=1e-5)
+
+
+def test_split_needs_three_when_two_are_not_enough() -> None:
+    ws = [W("a", 300), W("b", 300), W("c", 300), W("d", 300)]
+    (p,) = plan([ModelSpec("m", 700 * MB)], ws)
+    assert p.mode == "split" and len(p.workers) == 3
+    assert sum(p.tensor_split) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_unplaceable_model_is_left_out() -> None:
+    assert plan([ModelSpec("m", 10_000 * MB)], [W("a", 100), W("b", 100)]) == []
+
+
+def test_no_workers_no_placements() -> None:
+    assert plan([ModelSpec("m", 1)], []) == []
+
+
+def test_the_same_inventory_gives_the_same_plan_and_current_members_stay() -> None:
+    ws = [W("a", 200), W("b", 200), W("c", 200)]
+    first = plan([ModelSpec("m", 350 * MB)], ws)
+    assert plan([ModelSpec("m", 350 * MB)], ws, first) == first
+    # Current members win ties, whatever their ids.
+    cur = [Placement("m", "split", ("c", "b"), "c", (0.5, 0.5))]
+    (p,) = plan([ModelSpec("m", 350 * MB)], ws, cur)
+    assert set(p.workers) == {"b", "c"}
+
+
+def test_a_dead_member_is_replaced() -> None:
+    ws = [W("a", 200), W("b", 200), W("c", 200)]
+    (first,) = plan([ModelSpec("m", 350 * MB)], ws)
+    alive = [w for w in ws if w.id != first.workers[1]]
+    (again,) = plan([ModelSpec("m", 350 * MB)], alive, [first])
+    assert again.mode == "split" and first.workers[1] not in again.workers
+    assert first.workers[0] in again.workers
+
+
+def test_a_big_joiner_turns_a_split_into_a_replica() -> None:
+    ws = [W("a", 200), W("b", 200)]
+    cur = plan([ModelSpec("m", 350 * MB)], ws)
+    ps = plan([ModelSpec("m", 350 * MB)], [*ws, W("big", 1000)], cur)
+    assert [(p.mode, p.workers) for p in ps] == [("replica", ("big",))]
+
+
+def test_two_models_each_get_a_home_before_replicas() -> None:
+    models = [ModelSpec("small", 100 * MB), ModelSpec("large", 500 * MB)]
+    ws = [W("a", 600), W("b", 600), W("c", 150), W("d", 150)]
+    ps = plan(models, ws)
+    r = roles(ps)
+    assert r["a"][1].model == "large"
+    # The small model takes the small workers (best fit), the large one a large worker.
+    assert r["c"][1].model == "small" and r["d"][1].model == "small"
+    assert len(r) == 4  # every worker got a role
+
+
+def test_two_models_one_split_one_replicated() -> None:
+    models = [ModelSpec("big", 900 * MB), ModelSpec("tiny", 50 * MB)]
+    ws = [W("a", 500), W("b", 500), W("c", 100)]
+    ps = plan(models, ws)
+    by_model = {p.model: p for p in ps}
+    assert by_model["big"].mode == "split" and set(by_model["big"].workers) == {"a", "b"}
+    assert by_model["tiny"].workers == ("c",)
