@@ -165,8 +165,8 @@ def test_faster_worker_gets_proportionally_more(worker_factory, gateways) -> Non
         served = collections.Counter(pool.map(one, range(120)))
     assert set(served) <= {slow.id, fast.id}
     ratio = served[fast.id] / max(1, served[slow.id])
-    # Equal split would be 1.0; 4x speed should give the fast one roughly 3-6x the work.
-    assert 2.0 <= ratio <= 12.0, served
+    # An equal split would be 1.0; 4x the speed gives the fast one about 4x the work.
+    assert 2.5 <= ratio <= 8.0, served
     assert served[slow.id] > 0, served  # the slow one is still used under load
 
 
