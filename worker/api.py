@@ -91,8 +91,10 @@ async def _serve(request: Request, job: Job) -> Response:
     engine = _engine(request)
     if engine.queue_depth >= engine.max_queue:
         raise p.overloaded("The worker's queue is full; retry shortly.", retry_after=1)
+    params = _params(job.req)
+    engine.backend.validate(params)
     headers = {p.WORKER_HEADER: request.app.state.worker_id}
-    gen = engine.generate(job.prompt, job.max_tokens, _params(job.req), job.req.stop)
+    gen = engine.generate(job.prompt, job.max_tokens, params, job.req.stop)
     if job.req.stream:
         return StreamingResponse(
             _stream(job, gen), media_type="text/event-stream",

@@ -75,6 +75,12 @@ class Backend(ABC):
     def render_chat(self, messages: list[dict[str, str]], continue_final: bool = False) -> str:
         """The prompt text for a conversation, from the model's own chat template."""
 
+    def validate(self, params: SamplingParams) -> None:  # noqa: B027 - optional hook
+        """Refuse (raise `worker.protocol.bad_request`) what this backend cannot honour.
+
+        Called by the API before a response starts, so the client gets a 400, not a cut.
+        """
+
     @abstractmethod
     def submit(self, seq: Sequence) -> None:
         """Start generating `seq`. Must not block; the engine never exceeds `slots`."""
