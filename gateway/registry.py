@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -99,6 +101,7 @@ class Registry:
     def __init__(self, cfg: GatewayConfig, state: SharedState) -> None:
         self.cfg = cfg
         self.shared = state
+        self.replica = f"{socket.gethostname()}:{cfg.port}:{os.getpid()}"  # this gateway
         self.workers: dict[str, Worker] = {}
         # Healthy workers per model, rebuilt on every health or model change: routing reads it.
         self.by_model: dict[str, list[Worker]] = {}
@@ -112,6 +115,7 @@ class Registry:
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(self.cfg.probe_timeout, connect=min(1.0, self.cfg.probe_timeout)),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
+            trust_env=False,
         )
         for url in self.cfg.workers:
             self.add(id_from_url(url), url, "static")
@@ -285,7 +289,7 @@ class Registry:
         self._notify()
 
     async def _housekeeping(self) -> None:
-        """Drops joined workers that stopped heartbeating; reads other replicas' load."""
+        """Drops joined workers that stopped heartbeating; shares in-flight counts."""
         while True:
             await asyncio.sleep(self.cfg.probe_interval)
             now = time.monotonic()
@@ -295,9 +299,10 @@ class Registry:
                     self.leave(w.id)
             try:
                 mine = {w.id: w.inflight for w in self.workers.values() if w.inflight}
-                others = await self.shared.others_inflight(mine)
+                await self.shared.publish_inflight(self.replica, mine)
+                others = await self.shared.others_inflight(self.replica)
             except Exception:  # shared state unreachable: route on local knowledge
-                log.exception("reading shared in-flight counts failed")
+                log.exception("shared in-flight counts: publishing or reading failed")
                 continue
             for w in self.workers.values():
                 w.others = others.get(w.id, 0)

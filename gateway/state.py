@@ -1,15 +1,19 @@
-"""Shared state: one async interface, so gateway replicas can share it later (Redis).
+"""Shared state: one async interface, so gateway replicas can share it (Redis, later).
 
-Today it holds in-flight request counts per worker. Rate-limit windows, session affinity
-and the worker registry join it in later issues; the Redis implementation will implement
-this same interface. The routing decision never awaits this: it reserves on the gateway's
-own counters (atomic in the event loop) and publishes here; `others_inflight` is what the
-other replicas have in flight, read periodically, so routing can count it too.
+Today it holds in-flight request counts per worker, per gateway replica. Rate-limit windows,
+session affinity and the worker registry join it in later issues, and a Redis
+implementation will implement this same interface (a hash per replica with a TTL fits it).
+
+The hot path never awaits this. Routing reserves on the replica's own counters (atomic in
+the event loop, see routing.py); the registry's housekeeping publishes a snapshot of them
+every probe interval and reads what the *other* replicas have in flight, which routing then
+counts as load too. Staleness is bounded by the same ~0.5 s as the workers' /status probes.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 
 log = logging.getLogger("corral.gateway")
@@ -17,17 +21,21 @@ log = logging.getLogger("corral.gateway")
 
 class SharedState(ABC):
     @abstractmethod
-    async def add_inflight(self, worker_id: str, delta: int) -> None:
-        """Adds `delta` (+1 on reserve, -1 on release) to this replica's count for a worker."""
+    async def publish_inflight(self, replica: str, counts: dict[str, int]) -> None:
+        """Replaces this replica's in-flight counts per worker."""
 
     @abstractmethod
-    async def inflight(self) -> dict[str, int]:
-        """In-flight requests per worker, summed over all gateway replicas."""
+    async def inflight_by_replica(self) -> dict[str, dict[str, int]]:
+        """Every live replica's last published counts."""
 
-    async def others_inflight(self, mine: dict[str, int]) -> dict[str, int]:
-        """In flight per worker at the *other* replicas (total minus this replica's own)."""
-        total = await self.inflight()
-        return {w: n - mine.get(w, 0) for w, n in total.items() if n - mine.get(w, 0) > 0}
+    async def others_inflight(self, replica: str) -> dict[str, int]:
+        """In flight per worker at every replica but `replica`, summed."""
+        total: dict[str, int] = {}
+        for r, counts in (await self.inflight_by_replica()).items():
+            if r != replica:
+                for w, n in counts.items():
+                    total[w] = total.get(w, 0) + n
+        return total
 
     @abstractmethod
     async def forget_worker(self, worker_id: str) -> None:
@@ -38,23 +46,22 @@ class SharedState(ABC):
 
 
 class MemoryState(SharedState):
-    """Single-replica state in this process."""
+    """State in this process: right for a single gateway replica."""
 
-    def __init__(self) -> None:
-        self._inflight: dict[str, int] = {}
+    def __init__(self, ttl: float = 10.0) -> None:
+        self.ttl = ttl  # a replica that stopped publishing this long ago is forgotten
+        self._inflight: dict[str, tuple[float, dict[str, int]]] = {}
 
-    async def add_inflight(self, worker_id: str, delta: int) -> None:
-        n = self._inflight.get(worker_id, 0) + delta
-        if n > 0:
-            self._inflight[worker_id] = n
-        else:
-            self._inflight.pop(worker_id, None)
+    async def publish_inflight(self, replica: str, counts: dict[str, int]) -> None:
+        self._inflight[replica] = (time.monotonic(), dict(counts))
 
-    async def inflight(self) -> dict[str, int]:
-        return dict(self._inflight)
+    async def inflight_by_replica(self) -> dict[str, dict[str, int]]:
+        now = time.monotonic()
+        return {r: c for r, (t, c) in self._inflight.items() if now - t <= self.ttl}
 
     async def forget_worker(self, worker_id: str) -> None:
-        self._inflight.pop(worker_id, None)
+        for _, counts in self._inflight.values():
+            counts.pop(worker_id, None)
 
 
 def make_state(redis_url: str | None) -> SharedState:

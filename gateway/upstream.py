@@ -117,6 +117,7 @@ class Upstream:
             limits=httpx.Limits(max_connections=cfg.max_connections,
                                 max_keepalive_connections=cfg.max_connections,
                                 keepalive_expiry=60.0),
+            trust_env=False,  # worker traffic never goes through an HTTP(S)_PROXY
         )
 
     async def close(self) -> None:
