@@ -1,0 +1,151 @@
+"""In-process checks of the gateway's pure parts: routing arithmetic, the admission queue,
+shared state and config loading. (Everything with sockets is in test_gateway_sim.py.)"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+
+import pytest
+
+from gateway.admission import Admission
+from gateway.config import GatewayConfig, load_config
+from gateway.metrics import Metrics
+from gateway.registry import Registry, Worker
+from gateway.routing import Router
+from gateway.state import MemoryState
+from worker.protocol import APIError
+
+
+def _registry(speeds: list[float], slots: int = 4, cfg: GatewayConfig | None = None
+              ) -> Registry:
+    reg = Registry(cfg or GatewayConfig(), MemoryState())
+    for i, tps in enumerate(speeds):
+        w = Worker(f"w{i}", f"http://127.0.0.1:{9000 + i}", "static")
+        w.state, w.models, w.slots_total, w.tokens_per_second = "ready", frozenset({"m"}), \
+            slots, tps
+        reg.workers[w.id] = w
+    reg._rebuild()
+    return reg
+
+
+def test_scores_follow_capacity_and_ties_are_random() -> None:
+    reg = _registry([10, 40])
+    router = Router(reg, allowance=100)
+    for _ in range(50):  # keep everything in flight: the split follows capacity 1:4
+        assert router.pick("m") is not None
+    assert (reg.workers["w0"].inflight, reg.workers["w1"].inflight) == (10, 40)
+
+    reg = _registry([10, 10, 10])
+    router = Router(reg, allowance=0)
+    first = collections.Counter()
+    for _ in range(300):
+        w = router.pick("m")
+        first[w.id] += 1
+        router.release(w)
+    assert len(first) == 3 and min(first.values()) > 50  # uniform among equals
+
+
+def test_full_workers_are_skipped_and_p2c_handles_many() -> None:
+    reg = _registry([10] * 8, slots=1)
+    router = Router(reg, allowance=1)
+    picked = [router.pick("m") for _ in range(16)]
+    assert all(picked)  # 8 workers x (1 slot + 1 allowed) = 16 places
+    assert router.pick("m") is None
+    assert {w.inflight for w in reg.workers.values()} == {2}
+    assert router.pick("m", exclude={"w0"}) is None
+    assert router.pick("other-model") is None
+
+
+def test_admission_queue_is_fifo_with_deadline_and_bound() -> None:
+    cfg = GatewayConfig(queue_size=2, queue_timeout=0.3, worker_queue_allowance=0)
+    reg = _registry([10], slots=1, cfg=cfg)
+    adm = Admission(cfg, reg, Router(reg, 0), Metrics(reg))
+
+    async def scenario() -> None:
+        held = await adm.acquire("m")
+        order: list[int] = []
+
+        async def wait(i: int) -> None:
+            w = await adm.acquire("m")
+            order.append(i)
+            adm.release(w)
+
+        a = asyncio.create_task(wait(1))
+        b = asyncio.create_task(wait(2))
+        await asyncio.sleep(0)
+        assert len(adm.queue) == 2
+        with pytest.raises(APIError) as full:
+            await adm.acquire("m")
+        assert full.value.status == 429 and full.value.code == "queue_full"
+        adm.release(held)
+        await asyncio.gather(a, b)
+        assert order == [1, 2]
+        held = await adm.acquire("m")
+        with pytest.raises(APIError) as late:
+            await adm.acquire("m")
+        assert late.value.code == "queue_timeout" and late.value.headers["Retry-After"]
+        adm.release(held)
+        assert reg.workers["w0"].inflight == 0
+        with pytest.raises(APIError) as unknown:
+            await adm.acquire("nope")
+        assert unknown.value.status == 404
+        reg.workers["w0"].state = "down"
+        reg._rebuild()
+        with pytest.raises(APIError) as down:
+            await adm.acquire("m")
+        assert down.value.status == 503
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_waiter_passes_its_worker_on() -> None:
+    cfg = GatewayConfig(queue_size=4, queue_timeout=5, worker_queue_allowance=0)
+    reg = _registry([10], slots=1, cfg=cfg)
+    adm = Admission(cfg, reg, Router(reg, 0), Metrics(reg))
+
+    async def scenario() -> None:
+        held = await adm.acquire("m")
+        t = asyncio.create_task(adm.acquire("m"))
+        await asyncio.sleep(0)
+        adm.release(held)  # hands the slot to the waiter...
+        t.cancel()  # ...which leaves before it runs
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        assert reg.workers["w0"].inflight == 0
+
+    asyncio.run(scenario())
+
+
+def test_memory_state_sums_other_replicas() -> None:
+    async def scenario() -> None:
+        s = MemoryState()
+        await s.publish_inflight("a", {"w1": 2})
+        await s.publish_inflight("b", {"w1": 3, "w2": 1})
+        assert await s.others_inflight("a") == {"w1": 3, "w2": 1}
+        await s.forget_worker("w1")
+        assert await s.others_inflight("a") == {"w2": 1}
+
+    asyncio.run(scenario())
+
+
+def test_config_file_and_env(tmp_path, monkeypatch) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('cluster_token = "t"\nworkers = ["http://a:1/"]\nmodels = ["x"]\n'
+                    '[[api_keys]]\nkey = "sk-1"\nuser = "u"\nrpm = 5\n'
+                    '[gateway]\nqueue_size = 7\n')
+    monkeypatch.setenv("CORRAL_API_KEYS", "k2,k3")
+    ns = argparse.Namespace(host="h", port=1, worker=["http://b:2"], model=[], config=str(conf),
+                            cluster_token=None, redis_url=None, log_level="info")
+    cfg = load_config(ns)
+    assert cfg.workers == ["http://b:2", "http://a:1"] and cfg.models == ["x"]
+    assert cfg.cluster_token == "t" and not cfg.cluster_token_generated
+    assert [(k.key, k.user, k.rpm) for k in cfg.api_keys][0] == ("sk-1", "u", 5)
+    assert [k.key for k in cfg.api_keys[1:]] == ["k2", "k3"]
+    assert cfg.queue_size == 7
+    assert "sk-1" not in repr(cfg) and "sk-1" not in repr(cfg.api_keys)
+    ns.config, ns.cluster_token = None, None
+    monkeypatch.delenv("CORRAL_API_KEYS")
+    cfg = load_config(ns)
+    assert cfg.cluster_token_generated and len(cfg.cluster_token) >= 24 and not cfg.api_keys
