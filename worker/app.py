@@ -11,10 +11,11 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from worker import errors, hardware
+from worker import control, errors, hardware
 from worker.api import router
 from worker.backends.base import Backend
 from worker.config import WorkerConfig
+from worker.control import IdleBackend
 from worker.engine import Engine
 from worker.join import join_loop
 from worker.metrics import registry_for
@@ -45,7 +46,7 @@ def make_backend(cfg: WorkerConfig, model_path: Path | None) -> Backend:
 class WorkerState:
     """Everything the routes need, on `app.state`."""
 
-    def __init__(self, cfg: WorkerConfig) -> None:
+    def __init__(self, cfg: WorkerConfig, backend: Backend | None = None) -> None:
         self.cfg = cfg
         self.worker_id = cfg.worker_id
         self.started = int(time.time())
@@ -58,7 +59,12 @@ class WorkerState:
         self.model_path = path
         self.model_bytes = path.stat().st_size if path else 0
         self.model_names = {self.model_id} if self.model_id else set()
-        self.backend = make_backend(cfg, path)
+        if backend is not None:
+            self.backend = backend
+        elif self.model_id:
+            self.backend = make_backend(cfg, path)
+        else:  # no --model: wait for the gateway to place one (worker.control)
+            self.backend = IdleBackend()
         self.engine = Engine(self.backend, cfg.max_queue)
         self.registry = registry_for(self.engine)
         self.load_error: str | None = None
@@ -88,6 +94,8 @@ class WorkerState:
         )
 
     async def load(self) -> None:
+        if not self.model_id:
+            return  # placed later through the control API
         try:
             await asyncio.to_thread(self.backend.load)
         except Exception as exc:  # reported in /status; the process stays up to say so
@@ -103,8 +111,8 @@ class WorkerState:
         log.warning("worker %s ready: %s on %s", self.worker_id, self.model_id, self.backend.name)
 
 
-def create_app(cfg: WorkerConfig) -> FastAPI:
-    state = WorkerState(cfg)
+def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
+    state = WorkerState(cfg, backend)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -119,6 +127,7 @@ def create_app(cfg: WorkerConfig) -> FastAPI:
             for t in tasks:
                 with contextlib.suppress(BaseException):
                     await t
+            await app.state.control.close()
             state.backend.close()
 
     app = FastAPI(title="Corral worker", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -132,4 +141,5 @@ def create_app(cfg: WorkerConfig) -> FastAPI:
     app.state.worker = state
     errors.install(app)
     app.include_router(router)
+    control.install(app, state)
     return app

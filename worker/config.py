@@ -22,6 +22,7 @@ class WorkerConfig:
     ctx_size: int = 2048  # tokens per slot
     max_queue: int = 64
     memory_limit: int | None = None
+    rpc_host: str | None = None  # where an RPC shard listens (default: host)
     device: str = "CPU"  # openvino: CPU | GPU | NPU | AUTO
     sim_tokens_per_second: float = 50.0
     sim_ttft: float = 0.05

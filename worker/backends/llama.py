@@ -52,8 +52,14 @@ class LlamaBackend(Backend):
         ctx_size: int = 2048,
         threads: int | None = None,
         n_batch: int = 512,
+        n_gpu_layers: int = 0,
+        tensor_split: list[float] | None = None,
     ) -> None:
         self.model_path = model_path
+        # Layers offloaded to non-CPU devices (a split head's RPC shards), shared between
+        # them in `tensor_split` proportions; the rest stay on this CPU.
+        self.n_gpu_layers = n_gpu_layers
+        self.tensor_split = tensor_split
         self.slots = max(1, int(parallel))
         self.ctx_size = max(16, int(ctx_size))
         self.n_ctx = self.ctx_size
@@ -75,8 +81,13 @@ class LlamaBackend(Backend):
         _quiet()
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
-        mp.n_gpu_layers = 0
+        mp.n_gpu_layers = self.n_gpu_layers
+        split = None
+        if self.tensor_split:
+            split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*self.tensor_split)
+            mp.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
         model = llama_cpp.llama_model_load_from_file(self.model_path.encode(), mp)
+        del split  # llama.cpp reads it while loading only
         if not model:
             raise BackendError(f"llama.cpp could not load {self.model_path}")
         self._model = model

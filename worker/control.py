@@ -1,0 +1,424 @@
+"""The worker's control API: the gateway tells a worker what to be.
+
+`POST /control/placement` (cluster token) with a role:
+  replica  load the whole model here and serve it (fetching the GGUF if this box lacks it);
+  head     the split head: fetch the GGUF, start the head child with the shards as devices,
+           relay `/v1/*` to it (`worker.rpc.head`, `worker.rpc.relay`);
+  shard    start an RPC shard child that only `allow_peer` may reach; the answer carries its
+           `rpc_endpoint` (shards need no file: weights arrive over RPC);
+  none     stop whatever ran.
+`GET /control/placement` reads it back. `/status` gains `placement` (role, phase, error,
+download progress, rpc_endpoint), and a worker started without `--model` reports
+`loading` with no model until it is placed. A worker started with `--model` is its own
+replica and is not managed (`placement.managed` is false); the gateway leaves it alone.
+
+Auth: `Authorization: Bearer <cluster token>`; a worker without a token accepts control
+only from loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field, ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from worker.errors import json_response, read_json, validation_error
+from worker.fetch import Download, fetch, sha256_of, target
+from worker.protocol import APIError, WorkerStatus
+
+if TYPE_CHECKING:
+    from worker.app import WorkerState
+    from worker.rpc.head import HeadProcess
+    from worker.rpc.shard import ShardHost
+
+log = logging.getLogger("corral.worker")
+
+Role = Literal["replica", "head", "shard", "none"]
+
+
+class PlacementRequest(BaseModel):
+    generation: int = 0
+    role: Role
+    model: str | None = None
+    model_url: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    shards: list[str] = Field(default_factory=list)
+    tensor_split: list[float] = Field(default_factory=list)
+    allow_peer: list[str] = Field(default_factory=list)
+
+    def same_job(self, other: PlacementRequest) -> bool:
+        return self.model_dump(exclude={"generation", "model_url"}) == other.model_dump(
+            exclude={"generation", "model_url"})
+
+
+def stall_seconds() -> float:
+    return float(os.environ.get("CORRAL_RPC_STALL_SECONDS", "30"))
+
+
+class Control:
+    """What this worker has been placed as, and the processes and downloads that serve it."""
+
+    def __init__(self, state: WorkerState) -> None:
+        self.state = state
+        self.cfg = state.cfg
+        self.managed = not state.model_id
+        self.req: PlacementRequest | None = None
+        self.phase = "idle"  # idle | fetching | loading | ready | broken
+        self.error: str | None = None
+        self.download: Download | None = None
+        self.shard: ShardHost | None = None
+        self.head: HeadProcess | None = None
+        self.rpc_endpoint: str | None = None
+        self.changed_at = time.time()
+        self._task: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._verified: dict[str, str] = {}  # path -> sha256, for local files
+        self.relay_client = httpx.AsyncClient(timeout=httpx.Timeout(
+            None, connect=2.0, write=30.0), limits=httpx.Limits(max_keepalive_connections=64))
+
+    @property
+    def role(self) -> str:
+        return self.req.role if self.req else "none"
+
+    # ------------------------------------------------------------------ reading
+    def view(self) -> dict[str, Any]:
+        r = self.req
+        out: dict[str, Any] = {
+            "managed": self.managed, "role": self.role if self.managed else "replica",
+            "model": (r.model if r else None) if self.managed else self.state.model_id,
+            "generation": r.generation if r else 0,
+            "state": self.phase if self.managed else "ready", "error": self.error,
+            "since": self.changed_at,
+        }
+        if self.download is not None:
+            out["download"] = self.download.to_json()
+        if self.rpc_endpoint:
+            out["rpc_endpoint"] = self.rpc_endpoint
+        if r and r.role in ("head", "shard"):
+            out["shards"], out["tensor_split"] = r.shards, r.tensor_split
+        if self.head is not None and self.head.progress.get("offload"):
+            out["offload"] = self.head.progress["offload"]
+        return out
+
+    def decorate(self, st: WorkerStatus) -> WorkerStatus:
+        st.placement = self.view()  # type: ignore[attr-defined]
+        if not self.managed:
+            return st
+        role = self.role
+        if self.phase == "broken":
+            st.state, st.models = "down", []
+        elif role == "head":
+            p = self.head.progress if self.head else {}
+            if self.head is not None and self.head.ready:
+                st.models = [self.req.model] if self.req and self.req.model else []
+                st.slots_total = int(p.get("slots_total", st.slots_total))
+                st.slots_busy = int(p.get("slots_busy", 0))
+                st.queue_depth = int(p.get("queue_depth", 0))
+                st.tokens_per_second = float(p.get("tokens_per_second", 0.0))
+                st.n_ctx = int(p.get("n_ctx", st.n_ctx))
+                st.state = "busy" if st.slots_busy >= st.slots_total else "ready"
+            else:
+                st.state, st.models = "loading", []
+        elif role == "shard":
+            st.state = "ready" if self.phase == "ready" else "loading"
+            st.models = []
+        elif role == "none":
+            st.state, st.models = "loading", []
+        return st
+
+    # ------------------------------------------------------------------ changing
+    async def apply(self, req: PlacementRequest) -> dict[str, Any]:
+        if not self.managed:
+            raise APIError(409, "This worker serves the model it was started with "
+                           "(--model); it is not placed by a gateway.",
+                           "invalid_request_error", None, "not_managed")
+        if req.role != "none" and not req.model:
+            raise APIError(400, "a placement needs a model", "invalid_request_error", "model")
+        if req.role == "head" and (not req.shards or len(req.tensor_split) != len(req.shards) + 1):
+            raise APIError(400, "a head needs shards and a tensor_split entry for itself and "
+                           "each shard", "invalid_request_error", "tensor_split")
+        async with self._lock:
+            cur = self.req
+            if cur is not None and cur.same_job(req) and self.phase != "broken":
+                cur.generation = req.generation
+                return self.view()
+            await self._teardown()
+            self.req, self.error, self.download = req, None, None
+            self._set_phase("idle" if req.role == "none" else "loading")
+            if req.role == "shard":
+                await self._start_shard(req)
+            elif req.role in ("replica", "head"):
+                self._task = asyncio.create_task(self._bring_up(req))
+            log.warning("placed as %s%s (generation %d)", req.role,
+                        f" of {req.model}" if req.model else "", req.generation)
+            return self.view()
+
+    def _set_phase(self, phase: str, error: str | None = None) -> None:
+        self.phase = phase
+        self.changed_at = time.time()
+        if error is not None:
+            self.error = error
+
+    def broken(self, why: str) -> None:
+        if self.phase == "broken":
+            return  # keep the first reason: later ones are its consequences
+        log.error("placement broken: %s", why)
+        self._set_phase("broken", why)
+
+    async def _start_shard(self, req: PlacementRequest) -> None:
+        from worker.rpc.shard import ShardHost
+
+        host = self.cfg.rpc_host or self.cfg.host
+        shard = ShardHost(host, req.allow_peer, self.cfg.threads or 1)
+        try:
+            self.rpc_endpoint = await asyncio.to_thread(shard.start)
+        except Exception as exc:
+            shard.stop()
+            self.broken(f"the RPC shard did not start: {exc}")
+            return
+        self.shard = shard
+        self.state.model_bytes = 0
+        self._set_phase("ready")
+        self._watch = asyncio.create_task(self._watch_shard(shard))
+
+    async def _watch_shard(self, shard: ShardHost) -> None:
+        proc = shard.proc
+        if proc is not None:
+            await asyncio.to_thread(proc.wait)  # returns when the child exits (or is killed)
+        if self.shard is shard:
+            self.broken("the RPC shard process exited")
+
+    async def _bring_up(self, req: PlacementRequest) -> None:
+        try:
+            path = await self._model_file(req)
+            self._set_phase("loading")
+            if req.role == "replica":
+                await self._load_replica(req, path)
+            else:
+                await self._start_head(req, path)
+            self._set_phase("ready")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("placement as %s failed", req.role)
+            self.broken(str(exc) or type(exc).__name__)
+
+    async def _model_file(self, req: PlacementRequest) -> Path:
+        assert req.model
+        if req.sha256:
+            cached = target(req.model, req.sha256)
+            if cached.is_file() and (req.size is None or cached.stat().st_size == req.size):
+                return cached
+        with contextlib.suppress(APIError, OSError):  # this box may have it already
+            from worker.models import resolve
+
+            _, local = resolve(req.model)
+            if not req.sha256:
+                return local
+            key = str(local)
+            if key not in self._verified:
+                self._verified[key] = await asyncio.to_thread(sha256_of, local)
+            if self._verified[key] == req.sha256:
+                return local
+        if not (req.model_url and req.sha256 and req.size is not None):
+            raise RuntimeError(f"this worker does not have {req.model!r} and the placement "
+                               "names no file to fetch")
+        self._set_phase("fetching")
+        self.download = Download(req.model, req.sha256, req.size)
+        return await fetch(req.model_url, self.download, self.cfg.cluster_token)
+
+    async def _load_replica(self, req: PlacementRequest, path: Path) -> None:
+        from worker.backends.llama import LlamaBackend
+
+        cfg = self.cfg
+        backend = LlamaBackend(str(path), cfg.parallel, cfg.ctx_size, cfg.threads)
+        await asyncio.to_thread(backend.load)
+        st = self.state
+        st.backend = st.engine.backend = backend
+        st.model_id, st.model_path = req.model or path.stem, path
+        st.model_bytes = os.stat(path).st_size
+        st.model_names.clear()
+        st.model_names.add(st.model_id)
+        st.engine.stats.tokens_per_second = backend.calibrated_tokens_per_second
+        st.load_error = None
+        st.engine.ready = True
+
+    async def _start_head(self, req: PlacementRequest, path: Path) -> None:
+        from worker.rpc.head import HeadProcess
+
+        cfg = self.cfg
+        head = HeadProcess(cfg.worker_id, str(path), req.model or path.stem, req.shards,
+                           req.tensor_split, cfg.threads or 1, cfg.parallel, cfg.ctx_size,
+                           stall_seconds())
+        self.head = head
+        await head.start()
+        share = req.tensor_split[0] / (sum(req.tensor_split) or 1.0)
+        self.state.model_bytes = int(os.stat(path).st_size * share)
+        self._watch = asyncio.create_task(head.watch(self.broken))
+
+    async def _teardown(self) -> None:
+        for t in (self._task, self._watch):
+            if t is not None and not t.done():
+                t.cancel()
+                with contextlib.suppress(BaseException):
+                    await t
+        self._task = self._watch = None
+        if self.shard is not None:
+            shard, self.shard = self.shard, None
+            await asyncio.to_thread(shard.stop)
+        self.rpc_endpoint = None
+        if self.head is not None:
+            head, self.head = self.head, None
+            await head.stop()
+        st = self.state
+        if self.managed and st.engine.ready:  # a replica loaded by an earlier placement
+            st.engine.ready = False
+            st.model_names.clear()
+            old = st.backend
+            st.backend = st.engine.backend = IdleBackend()
+            await asyncio.to_thread(old.close)
+        st.model_bytes = 0
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._teardown()
+        await self.relay_client.aclose()
+
+
+# --------------------------------------------------------------------------- no model yet
+
+
+class IdleBackend:
+    """Stands in for a backend until the gateway places a model here."""
+
+    name = "llama"
+    n_ctx = 0
+    slots = 1
+    model_path = None
+    default_max_tokens = None
+
+    def load(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": "CPU", "devices": ["CPU"]}
+
+    @staticmethod
+    def _none() -> APIError:
+        return APIError(503, "No model is placed on this worker yet.", "service_unavailable",
+                        None, "no_model")
+
+    def tokenize(self, text: str) -> list[int]:
+        raise self._none()
+
+    def render_chat(self, messages: list[dict[str, str]], continue_final: bool = False) -> str:
+        raise self._none()
+
+    def submit(self, seq: Any) -> None:
+        seq.on_finish("error", "no model is placed on this worker")
+
+    def cancel(self, seq: Any) -> None:
+        seq.cancelled.set()
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+router = APIRouter()
+
+
+def _control(request: Request) -> Control:
+    return request.app.state.control
+
+
+def _authorize(request: Request) -> None:
+    token = request.app.state.worker.cfg.cluster_token
+    if not token:
+        host = request.client.host if request.client else ""
+        if host in ("127.0.0.1", "::1", "localhost"):
+            return
+        raise APIError(401, "This worker has no cluster token: control is loopback-only.",
+                       "invalid_request_error", None, "invalid_cluster_token")
+    auth = request.headers.get("authorization", "")
+    scheme, _, given = auth.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                             token.encode()):
+        raise APIError(401, "Control needs the cluster token (Authorization: Bearer ...).",
+                       "invalid_request_error", None, "invalid_cluster_token",
+                       {"WWW-Authenticate": "Bearer"})
+
+
+@router.get("/control/placement")
+async def get_placement(request: Request) -> Response:
+    return json_response(_control(request).view())
+
+
+@router.post("/control/placement")
+async def set_placement(request: Request) -> Response:
+    _authorize(request)
+    try:
+        req = PlacementRequest.model_validate(await read_json(request))
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    return json_response(await _control(request).apply(req))
+
+
+class HeadRelay:
+    """ASGI middleware: while this worker is a split head, `/v1/*` goes to the head child."""
+
+    def __init__(self, app: ASGIApp, get_control: Any) -> None:
+        self.app = app
+        self.get_control = get_control
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            c: Control | None = self.get_control()
+            if c is not None and c.managed and c.role == "head":
+                from worker.rpc.relay import relay
+
+                head = c.head
+                if head is None or not head.ready or c.phase == "broken":
+                    err = APIError(503, "The split model is not ready on this worker.",
+                                   "service_unavailable", None, "no_healthy_worker",
+                                   {"Retry-After": "1"})
+                    resp = json_response(err.body(), 503, err.headers)
+                    await resp(scope, receive, send)
+                    return
+                await relay(scope, receive, send, c.relay_client, head.base,
+                            c.cfg.worker_id, c.broken)
+                return
+        await self.app(scope, receive, send)
+
+
+def install(app: FastAPI, state: WorkerState) -> Control:
+    """Adds the control routes, the head relay and the `placement` field of `/status`."""
+    control = Control(state)
+    app.state.control = control
+    app.include_router(router)
+    app.add_middleware(HeadRelay, get_control=lambda: getattr(app.state, "control", None))
+    base_status = app.state.status
+
+    def status() -> WorkerStatus:
+        return control.decorate(base_status())
+
+    app.state.status = status
+    return control
