@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import statistics
 import time
 from typing import Any
 
@@ -38,7 +39,8 @@ def _quiet() -> None:
 
 _quiet()  # as early as possible: importing may already have set a noisy callback
 
-_CALIBRATION_PROMPT = "Count from one to forty, in words, separated by commas."
+# Counting never ends early, so the calibration always sees all its tokens.
+_CALIBRATION_PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 _CALIBRATION_TOKENS = 32
 
 
@@ -64,7 +66,7 @@ class LlamaBackend(Backend):
         self.ctx_size = max(16, int(ctx_size))
         self.n_ctx = self.ctx_size
         self.threads = threads or os.cpu_count() or 1
-        self.n_batch = n_batch
+        self.n_batch = max(n_batch, self.slots)
         self.calibrated_tokens_per_second = 0.0
         self._model: Any = None
         self._ctx: Any = None
@@ -142,10 +144,13 @@ class LlamaBackend(Backend):
             self._model = None
 
     def _calibrate(self, loop: BatchLoop) -> float:
-        """Greedy-decodes a few tokens alone: the single-sequence speed of this box."""
+        """Greedy-decodes a few tokens alone: the single-sequence speed of this box.
+
+        The median time between tokens, so that a stall (another process taking the CPU
+        for a moment) does not skew the figure the gateway routes by."""
         marks: list[tuple[float, int]] = []
         done: list[str] = []
-        prompt = self.tokenize(self.render_chat([{"role": "user", "content": _CALIBRATION_PROMPT}]))
+        prompt = self.tokenize(_CALIBRATION_PROMPT)
         seq = Sequence(
             "calibration", prompt, _CALIBRATION_TOKENS, SamplingParams(temperature=0.0),
             on_tokens=lambda _t, n: marks.append((time.perf_counter(), n)),
@@ -161,10 +166,11 @@ class LlamaBackend(Backend):
             s.tokens.clear()
         for k in loop.stats:
             loop.stats[k] = 0
-        if len(marks) < 2 or marks[-1][0] <= marks[0][0]:
+        pairs = zip(marks, marks[1:], strict=False)
+        per_token = [(t1 - t0) / n for (t0, _), (t1, n) in pairs if n > 0 and t1 > t0]
+        if not per_token:
             return 0.0
-        tokens = sum(n for _, n in marks[1:])
-        return round(tokens / (marks[-1][0] - marks[0][0]), 2)
+        return round(1.0 / statistics.median(per_token), 2)
 
     # ------------------------------------------------------------------ text
     def tokenize(self, text: str) -> list[int]:

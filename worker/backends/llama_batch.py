@@ -201,8 +201,12 @@ class BatchLoop:
                 k = common_prefix(s.tokens, prompt)
                 if k > best_len:
                     best, best_len = s, k
+            empty = [s for s in free if not s.tokens]
+            if best is not None and empty and best_len * 2 < len(best.tokens):
+                best = None  # reusing a sliver would throw away most of a warm cache
             if best is None:  # no reuse: take an empty slot, else the least recently used
                 best = min(free, key=lambda s: (bool(s.tokens), s.last_used))
+                best_len = common_prefix(best.tokens, prompt)
             keep = min(best_len, len(prompt) - 1)
             self._start(seq, best, keep)
 
