@@ -236,8 +236,17 @@ def test_dead_worker_is_ejected_and_readmitted(worker_factory, gateways) -> None
     client = client_for(g.url)
     assert {chat(client)[0] for _ in range(20)} == {a.id, b.id}
 
-    a.proc.kill()  # SIGKILL: no goodbye
-    # Requests right after the crash are served by b (retried there if they hit a first).
+    # Requests in flight on `a` when it dies (40 tokens at 100/s: 0.4 s each) are retried
+    # on b, since no byte of them reached the client yet.
+    with ThreadPoolExecutor(6) as pool:
+        pending = [pool.submit(chat, client, 40) for _ in range(6)]
+        wait_for(lambda: any(w["id"] == a.id and w["inflight"] > 0
+                             for w in cluster(g)["workers"]), 5, 0.01, "work on a")
+        a.proc.kill()  # SIGKILL: no goodbye
+        served = [f.result(timeout=30)[0] for f in pending]
+    assert b.id in served and a.id not in served
+    assert metric(g, "corral_retries_total") >= 1
+    # Requests right after the crash are served by b too.
     assert {chat(client)[0] for _ in range(10)} == {b.id}
     wait_state(g, a.id, "down", timeout=5)
     assert metric(g, "corral_worker_up", worker=a.id) == 0
