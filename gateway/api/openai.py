@@ -49,8 +49,10 @@ async def _proxy(request: Request, path: str, model_cls: type[p.SamplingFields])
             opts = body.get("stream_options")
             body["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
                                       "include_usage": True}
-        call = Call(model, path, orjson.dumps(body), stream, req.include_usage,
-                    key.user if key else req.user)
+            raw = orjson.dumps(body)
+        else:
+            raw = await request.body()  # cached by starlette: forwarded as the client sent it
+        call = Call(model, path, raw, stream, req.include_usage, key.user if key else req.user)
         call.started = started
     except p.APIError as err:
         gw.metrics.finished(model, err.status, time.perf_counter() - started)
