@@ -1,0 +1,454 @@
+"""The OpenVINO GenAI backend: continuous batching on CPU, GPU, NPU or AUTO.
+
+One `ContinuousBatchingPipeline` holds the model (read straight from the GGUF; an IR copy is
+kept in a cache directory so later loads skip the GGUF conversion). A pipeline is not
+re-entrant, and its `step()` holds the GIL, so exactly one thread — the decode thread here —
+touches it: it adds requests, calls `step()` while any are running, reads each request's new
+tokens, detokenizes them incrementally and reports through the `Sequence` callbacks. It
+sleeps on a condition when there is nothing to do.
+
+What OpenVINO cannot do the way the OpenAI API means it is refused with a 400 in
+`validate()` before a request starts, never silently ignored:
+
+* `presence_penalty` / `frequency_penalty`: OpenVINO moves a logit *towards zero* (it adds
+  the penalty to negative logits, making those tokens more likely), not down as OpenAI does.
+* `min_p` of 1.0 or more while sampling (OpenVINO accepts [0, 1)).
+
+`repeat_penalty` is honoured with the usual divide/multiply rule; OpenVINO applies it to
+every prompt and generated token (llama.cpp: the last 64 tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+import openvino_genai as ovg
+
+from worker.backends.base import Backend, BackendError, SamplingParams, Sequence
+from worker.protocol import bad_request
+
+log = logging.getLogger("corral.worker.openvino")
+
+#: OpenVINO GenAI keeps only the last 8192 prompt tokens of a request, silently.
+MAX_CTX = 8192
+#: Prompt tokens one `step()` may prefill (split-fuse chunk); bounds one step's latency.
+MAX_BATCHED_TOKENS = 256
+_CALIBRATION_PROMPT = "Count from one to forty, in words, separated by commas."
+_CALIBRATION_TOKENS = 32
+_MARKER = "\x00corral-continue\x00"
+_SEED_MASK = (1 << 64) - 1
+_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+_FINISH = {ovg.GenerationFinishReason.STOP: "stop", ovg.GenerationFinishReason.LENGTH: "length"}
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "corral" / "openvino"
+
+
+def _properties(device: str, compiled_cache: Path | None) -> dict[str, Any]:
+    props: dict[str, Any] = {}
+    if device == "CPU":
+        # CPU dynamic quantization of activations makes a sequence's greedy output depend on
+        # which other sequences share its batch; without it greedy text is the same alone or
+        # batched, which the gateway's failover continuation relies on.
+        props["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
+    if compiled_cache is not None:
+        props["CACHE_DIR"] = str(compiled_cache)
+    return props
+
+
+@dataclass
+class _Live:
+    """A sequence inside the pipeline, with its incremental detokenizer state."""
+
+    seq: Sequence
+    handle: Any
+    tokens: list[int] = field(default_factory=list)
+    prefix: int = 0  # detokenizer: the window starts here
+    read: int = 0  # ... and the text up to here has been emitted
+    counted: int = 0  # tokens already counted into `unsent` or sent
+    unsent: int = 0  # tokens whose text is held back (an incomplete UTF-8 character)
+    finish: str | None = None
+
+
+class OpenVINOBackend(Backend):
+    name = "openvino"
+
+    def __init__(
+        self, model_path: str, parallel: int = 1, ctx_size: int = 2048, device: str = "CPU",
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        self.model_path = model_path
+        self.slots = max(1, int(parallel))
+        self.n_ctx = max(16, min(int(ctx_size), MAX_CTX))
+        self.device = (device or "CPU").upper()
+        self.default_max_tokens = None
+        self.calibrated_tokens_per_second = 0.0
+        self.cache_dir = Path(cache_dir) if cache_dir else cache_root()
+        self._pipe: Any = None
+        self._metrics: Any = None
+        self._tok: Any = None
+        self._stop_ids: set[int] = set()
+        self._eos: int = -1
+        self._bos_text = ""
+        self._pending: list[Sequence] = []
+        self._live: dict[int, _Live] = {}
+        self._next_id = 0
+        self._cv = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._describe: dict[str, Any] = {"device": self.device, "devices": []}
+        self.load_seconds = 0.0
+        self.load_source = ""
+
+    # ------------------------------------------------------------------ lifecycle
+    def load(self) -> None:
+        started = time.perf_counter()
+        sc = ovg.SchedulerConfig()
+        sc.enable_prefix_caching = True
+        sc.max_num_seqs = self.slots
+        sc.max_num_batched_tokens = MAX_BATCHED_TOKENS
+        sc.dynamic_split_fuse = True
+        sc.cache_size = self._kv_cache_gb()
+        try:
+            self._pipe = self._open(sc)
+        except RuntimeError as exc:
+            raise BackendError(
+                f"OpenVINO could not load {self.model_path} on {self.device}: {exc}"
+            ) from exc
+        self.load_seconds = time.perf_counter() - started
+        self._tok = self._pipe.get_tokenizer()
+        base = self._pipe.get_config()
+        self._eos = int(base.eos_token_id)
+        self._stop_ids = {int(t) for t in base.stop_token_ids} or (
+            {self._eos} if self._eos >= 0 else set()
+        )
+        self._bos_text = self._tok.get_bos_token() or ""
+        if not self._tok.chat_template:  # a GGUF without a template: ChatML, as llama.cpp does
+            log.warning("openvino: %s has no chat template; using ChatML", self.model_path)
+            self._tok.set_chat_template(_CHATML)
+        self._describe = self._facts()
+        self.calibrated_tokens_per_second = self._calibrate()
+        self._thread = threading.Thread(target=self._run, name="openvino-decode", daemon=True)
+        self._thread.start()
+        log.warning(
+            "openvino: %s on %s in %.1fs (%s), calibrated %.0f tok/s",
+            Path(self.model_path).name, self.device, self.load_seconds, self.load_source,
+            self.calibrated_tokens_per_second,
+        )
+
+    def _kv_cache_gb(self) -> int:
+        # KV blocks for every slot's full context, with room left for cached prefixes. The
+        # pipeline preempts (never fails) when it runs short, so this is a performance knob.
+        need = self.slots * self.n_ctx
+        return max(1, min(8, (need + 32767) // 32768))
+
+    def _open(self, sc: Any) -> Any:
+        """The pipeline, from the cached IR when there is one, else from the GGUF (saving IR)."""
+        src = Path(self.model_path)
+        if src.suffix != ".gguf":  # an OpenVINO IR directory: load as it is
+            self.load_source = "ir"
+            return ovg.ContinuousBatchingPipeline(str(src), sc, self.device,
+                                                  _properties(self.device, None))
+        try:
+            st = src.stat()
+            key = hashlib.sha256(
+                f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}:{ovg.get_version()}".encode()
+            ).hexdigest()[:16]
+            ready = self.cache_dir / key
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("openvino: no model cache (%s); converting the GGUF every load", exc)
+            self.load_source = "gguf"
+            return ovg.ContinuousBatchingPipeline(str(src), sc, self.device,
+                                                  _properties(self.device, None))
+        compiled = self.cache_dir / "compiled"
+        if (ready / "openvino_model.xml").is_file() and (ready / "openvino_model.bin").is_file():
+            try:
+                tok = ovg.Tokenizer(str(src), CACHE_DIR=str(compiled))
+                pipe = ovg.ContinuousBatchingPipeline(
+                    str(ready), tok, sc, self.device, **_properties(self.device, compiled)
+                )
+                self.load_source = f"cached IR {ready}"
+                return pipe
+            except RuntimeError as exc:  # a damaged cache: convert again
+                log.warning("openvino: cached IR at %s failed (%s); reconverting", ready, exc)
+                shutil.rmtree(ready, ignore_errors=True)
+        # OpenVINO writes the IR next to the GGUF it reads: read it through a link in a
+        # private directory, then publish the directory with one rename (workers may race).
+        work = self.cache_dir / f".{key}.{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        link = work / "model.gguf"
+        link.symlink_to(src.resolve())
+        try:
+            props = {**_properties(self.device, compiled), "enable_save_ov_model": True}
+            pipe = ovg.ContinuousBatchingPipeline(str(link), sc, self.device, props)
+        except Exception:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        try:
+            link.unlink()
+            work.rename(ready)
+            self.load_source = f"gguf (IR saved to {ready})"
+        except OSError:
+            shutil.rmtree(work, ignore_errors=True)  # another worker published it first
+            self.load_source = "gguf"
+        return pipe
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            if self._thread.is_alive():
+                log.error("openvino: the decode thread did not stop")
+                return
+        self._pipe = None
+
+    # ------------------------------------------------------------------ prompts
+    def tokenize(self, text: str) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=True).input_ids.data[0].tolist()
+        # A template that writes the BOS itself plus a tokenizer that adds one: keep one.
+        if len(ids) >= 2 and self._bos_text and text.startswith(self._bos_text) and \
+                ids[0] == ids[1]:
+            ids = ids[1:]
+        return ids
+
+    def render_chat(self, messages: list[dict[str, str]], continue_final: bool = False) -> str:
+        # OpenVINO renders a None content as the word "None".
+        history = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+        if not continue_final:
+            return self._tok.apply_chat_template(history, add_generation_prompt=True)
+        if not history or history[-1]["role"] != "assistant":
+            raise bad_request("continue_final_message needs a final assistant message",
+                              param="messages")
+        final = history[-1]["content"]
+        history[-1] = {"role": "assistant", "content": _MARKER}
+        text = self._tok.apply_chat_template(history, add_generation_prompt=False)
+        cut = text.rfind(_MARKER)
+        if cut < 0:
+            raise BackendError("the chat template dropped the final assistant message")
+        return text[:cut] + final
+
+    # ------------------------------------------------------------------ requests
+    def validate(self, params: SamplingParams) -> None:
+        if params.presence_penalty or params.frequency_penalty:
+            raise bad_request(
+                "presence_penalty and frequency_penalty are not supported by the openvino "
+                "backend (its penalties differ from OpenAI's); use repeat_penalty or the "
+                "llama backend",
+                param="presence_penalty" if params.presence_penalty else "frequency_penalty",
+                code="unsupported_parameter",
+            )
+        if not params.greedy and params.min_p >= 1.0:
+            raise bad_request(
+                "min_p must be below 1.0 on the openvino backend", param="min_p",
+                code="unsupported_parameter",
+            )
+
+    def _config(self, seq: Sequence) -> Any:
+        p = seq.params
+        self.validate(p)
+        cfg = ovg.GenerationConfig()
+        cfg.max_new_tokens = max(1, int(seq.max_tokens))
+        if self._eos >= 0:
+            cfg.eos_token_id = self._eos
+        cfg.stop_token_ids = set(self._stop_ids)
+        cfg.repetition_penalty = float(p.repeat_penalty)
+        if p.greedy:
+            cfg.do_sample = False
+        else:
+            cfg.do_sample = True
+            cfg.temperature = float(p.temperature)
+            cfg.top_p = float(p.top_p)
+            if p.top_k > 0:
+                cfg.top_k = int(p.top_k)
+            cfg.min_p = float(p.min_p)
+            seed = random.getrandbits(63) if p.seed is None else p.seed & _SEED_MASK
+            cfg.rng_seed = seed
+        cfg.validate()
+        return cfg
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cv:
+            if self._closing or self._pipe is None:
+                closed = True
+            else:
+                closed = False
+                self._pending.append(seq)
+                self._cv.notify()
+        if closed:
+            seq.on_finish("error", "the model is not loaded")
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled.set()
+        with self._cv:
+            self._cv.notify()
+
+    # ------------------------------------------------------------------ decode thread
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._closing and not self._pending and not self._live:
+                        self._cv.wait()
+                    if self._closing:
+                        break
+                    fresh, self._pending = self._pending, []
+                for seq in fresh:
+                    self._start(seq)
+                self._reap_cancelled()
+                # Cancelled requests leave the pipeline (and free their KV blocks) in a step.
+                if not self._live and not self._pipe.has_non_finished_requests():
+                    continue
+                try:
+                    self._pipe.step()
+                except Exception as exc:  # a broken step fails everyone in it, loudly
+                    log.exception("openvino: step failed")
+                    for rid in list(self._live):
+                        self._end(rid, "error", f"generation failed: {exc}")
+                    continue
+                self._collect()
+                self._metrics = self._pipe.get_metrics()
+        finally:
+            with self._cv:
+                leftovers, self._pending = self._pending, []
+            for seq in leftovers:
+                seq.on_finish("error", "the worker is shutting down")
+            for rid in list(self._live):
+                self._end(rid, "error", "the worker is shutting down")
+
+    def _start(self, seq: Sequence) -> None:
+        if seq.cancelled.is_set():
+            seq.on_finish("stop", None)
+            return
+        try:
+            cfg = self._config(seq)
+            ids = ov.Tensor(np.asarray([seq.prompt], dtype=np.int64))
+            rid = self._next_id
+            self._next_id += 1
+            handle = self._pipe.add_request(rid, ids, cfg)
+        except Exception as exc:
+            seq.on_finish("error", f"the openvino backend refused the request: {exc}")
+            return
+        self._live[rid] = _Live(seq, handle)
+
+    def _reap_cancelled(self) -> None:
+        for rid, live in list(self._live.items()):
+            if live.seq.cancelled.is_set():
+                live.handle.cancel()
+                self._end(rid, "stop", None, flush=False)
+
+    def _collect(self) -> None:
+        for rid, live in list(self._live.items()):
+            h = live.handle
+            if h.can_read():
+                for out in h.read().values():
+                    live.tokens.extend(out.generated_ids)
+                    reason = _FINISH.get(out.finish_reason)
+                    if reason:
+                        live.finish = reason
+                self._emit(live)
+            status = h.get_status()
+            if status == ovg.GenerationStatus.RUNNING and live.finish is None:
+                continue
+            if h.can_read():  # finished, with output still to read: next round
+                continue
+            if status == ovg.GenerationStatus.IGNORED:
+                self._end(rid, "error", "the request did not fit in the KV cache")
+            else:
+                self._end(rid, live.finish or "stop", None)
+
+    def _emit(self, live: _Live) -> None:
+        """Sends the text of new tokens; holds back an incomplete UTF-8 character."""
+        if len(live.tokens) == live.counted:
+            return
+        live.unsent += len(live.tokens) - live.counted
+        live.counted = len(live.tokens)
+        before = self._tok.decode(live.tokens[live.prefix:live.read]) if live.read > \
+            live.prefix else ""
+        text = self._tok.decode(live.tokens[live.prefix:])
+        if len(text) > len(before) and not text.endswith("\ufffd") and text.startswith(before):
+            live.seq.on_tokens(text[len(before):], live.unsent)
+            live.unsent = 0
+            live.prefix, live.read = live.read, len(live.tokens)
+
+    def _end(self, rid: int, reason: str, error: str | None, flush: bool = True) -> None:
+        live = self._live.pop(rid)
+        if flush and live.unsent:
+            before = self._tok.decode(live.tokens[live.prefix:live.read]) if live.read > \
+                live.prefix else ""
+            text = self._tok.decode(live.tokens[live.prefix:])
+            rest = text[len(before):] if text.startswith(before) else ""
+            live.seq.on_tokens(rest.replace("\ufffd", ""), live.unsent)
+        live.seq.on_finish(reason, error)
+
+    # ------------------------------------------------------------------ facts
+    def _calibrate(self) -> float:
+        """Single-stream greedy decode speed, measured once before serving."""
+        text = self.render_chat([{"role": "user", "content": _CALIBRATION_PROMPT}])
+        ids = ov.Tensor(np.asarray([self.tokenize(text)], dtype=np.int64))
+        cfg = ovg.GenerationConfig()
+        cfg.max_new_tokens = _CALIBRATION_TOKENS
+        cfg.do_sample = False
+        cfg.ignore_eos = True
+        # Twice: the first run warms the kernels, the second one is timed.
+        rate = 0.0
+        for rid in (1 << 62, (1 << 62) + 1):
+            handle = self._pipe.add_request(rid, ids, cfg)
+            got, first, first_n = 0, 0.0, 0
+            while self._pipe.has_non_finished_requests():
+                self._pipe.step()
+                if handle.can_read():
+                    for out in handle.read().values():
+                        got += len(out.generated_ids)
+                    if not first_n and got:
+                        first, first_n = time.perf_counter(), got
+            if first_n and got > first_n:
+                rate = (got - first_n) / max(time.perf_counter() - first, 1e-6)
+        self._metrics = self._pipe.get_metrics()
+        return round(rate, 2)
+
+    def _facts(self) -> dict[str, Any]:
+        try:
+            devices = list(ov.Core().available_devices)
+        except RuntimeError:
+            devices = []
+        return {
+            "device": self.device,
+            "devices": devices,
+            "engine": f"openvino-genai {ovg.get_version()}",
+            "load_seconds": round(self.load_seconds, 2),
+        }
+
+    def stats(self) -> dict[str, int]:
+        """What OpenVINO really reports: KV cache occupancy (it exposes no hit counters)."""
+        m = self._metrics  # refreshed by the decode thread: only it touches the pipeline
+        if m is None:
+            return {}
+        return {
+            "kv_cache_usage_percent": round(m.cache_usage),
+            "kv_cache_max_usage_percent": round(m.max_cache_usage),
+            "kv_cache_bytes": int(m.kv_cache_size_in_bytes),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return self._describe
