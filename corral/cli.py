@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--advertise-url", default=None, help="URL the gateway reaches us at")
     w.add_argument("--cluster-token", default=None, help="token for joining a gateway")
     w.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot")
+    w.add_argument("--rpc-host", default=None,
+                   help="interface an RPC shard listens on when placed (default --host)")
     w.add_argument("--log-level", default="warning")
     w.set_defaults(func=_cmd_worker)
 
@@ -127,7 +129,10 @@ def _cmd_worker(a: argparse.Namespace) -> int:
 
     cfg = WorkerConfig(
         host=a.host, port=a.port, backend=a.backend,
-        model=a.model or DEFAULT_MODEL,
+        # Without --model a worker that joins a gateway waits to be placed (a replica, a
+        # split head or an RPC shard); one on its own serves the default model.
+        model=a.model or (None if a.join and a.backend != "sim" else DEFAULT_MODEL),
+        rpc_host=a.rpc_host,
         id=a.id, join=a.join, advertise_url=a.advertise_url, cluster_token=a.cluster_token,
         parallel=a.parallel or (4 if a.backend == "sim" else 1), threads=a.threads,
         ctx_size=a.ctx_size, max_queue=a.max_queue, memory_limit=a.memory_limit,

@@ -90,7 +90,9 @@ def _worker_args(a: argparse.Namespace, port: int, join: str, threads: int) -> l
             "--threads", str(threads), "--ctx-size", str(a.ctx_size), "--device", a.device,
             "--sim-tokens-per-second", str(a.sim_tokens_per_second),
             "--sim-ttft", str(a.sim_ttft)]
-    if a.model:
+    # llama workers start without a model: the gateway places it (replicas where it fits,
+    # an RPC split where it fits no worker's --memory-limit).
+    if a.model and not _placed_by_gateway(a):
         args += ["--model", a.model]
     if a.parallel:
         args += ["--parallel", str(a.parallel)]
@@ -106,7 +108,28 @@ def _gateway_args(a: argparse.Namespace) -> list[str]:
         args += ["--config", a.config]
     if a.redis_url:
         args += ["--redis-url", a.redis_url]
+    if _placed_by_gateway(a):
+        from worker.models import DEFAULT_MODEL
+
+        args += ["--model", a.model or DEFAULT_MODEL]
     return args
+
+
+def _placed_by_gateway(a: argparse.Namespace) -> bool:
+    return a.backend == "llama"
+
+
+def _settled(base: str, n: int) -> bool:
+    """All n workers joined, every declared model placed and serving, and no worker still
+    loading a placement (with a split, some workers serve nothing themselves)."""
+    c = httpx.get(f"{base}/cluster", timeout=2.0).json()
+    if len(c.get("workers", [])) < n:
+        return False
+    placements = c.get("placements", [])
+    busy = [w for w in c.get("workers", [])
+            if (w.get("placement") or {}).get("state") in ("fetching", "loading")]
+    return bool(placements) and not busy and all(
+        p.get("state", "ready") == "ready" for p in placements)
 
 
 def _ready_count(base: str) -> tuple[int, list[str]]:
@@ -174,7 +197,7 @@ def _wait_ready(console: Console, children: Children, base: str, n: int) -> bool
             except (httpx.HTTPError, ValueError):
                 time.sleep(0.25)
                 continue
-            if ready >= n:
+            if ready >= n or (ready and _settled(base, n)):
                 return True
             status.update(f"loading the model: {ready}/{n} worker(s) ready…")
             time.sleep(0.25)

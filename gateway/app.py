@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from gateway import placer
 from gateway.admission import Admission
 from gateway.api import cluster, openai
 from gateway.auth import Auth
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
+from gateway.placer import Placer
 from gateway.registry import Registry
 from gateway.routing import Router
 from gateway.state import SharedState, make_state
@@ -37,11 +39,14 @@ class Gateway:
         self.router = Router(self.registry, cfg.worker_queue_allowance)
         self.admission = Admission(cfg, self.registry, self.router, self.metrics)
         self.upstream = Upstream(cfg, self.registry, self.admission, self.metrics)
+        self.placer = Placer(cfg, self.registry)
 
     async def start(self) -> None:
         await self.registry.start()
+        await self.placer.start()
 
     async def stop(self) -> None:
+        await self.placer.stop()
         await self.registry.stop()
         await self.upstream.close()
         await self.state.close()
@@ -64,6 +69,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     errors.install(app)
     app.include_router(openai.router)
     app.include_router(cluster.router)
+    app.include_router(placer.router)
     try:  # the dashboard (`GET /`) is its own module, built separately
         dashboard = importlib.import_module("gateway.api.dashboard")
     except ModuleNotFoundError as exc:

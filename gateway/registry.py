@@ -94,6 +94,7 @@ class Worker:
             "inflight": self.inflight + self.others,
             "source": self.source,
             "last_error": self.last_error or None,
+            "placement": st.get("placement"),
         }
 
 

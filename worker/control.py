@@ -57,10 +57,11 @@ class PlacementRequest(BaseModel):
     shards: list[str] = Field(default_factory=list)
     tensor_split: list[float] = Field(default_factory=list)
     allow_peer: list[str] = Field(default_factory=list)
+    restart: bool = False  # start afresh even if the job is the one running
 
     def same_job(self, other: PlacementRequest) -> bool:
-        return self.model_dump(exclude={"generation", "model_url"}) == other.model_dump(
-            exclude={"generation", "model_url"})
+        skip = {"generation", "model_url", "restart"}
+        return self.model_dump(exclude=skip) == other.model_dump(exclude=skip)
 
 
 def stall_seconds() -> float:
@@ -152,7 +153,8 @@ class Control:
                            "each shard", "invalid_request_error", "tensor_split")
         async with self._lock:
             cur = self.req
-            if cur is not None and cur.same_job(req) and self.phase != "broken":
+            if (cur is not None and cur.same_job(req) and self.phase != "broken"
+                    and not req.restart):
                 cur.generation = req.generation
                 return self.view()
             await self._teardown()

@@ -36,10 +36,11 @@ class Download:
     done: int = 0
     state: str = "pending"  # pending | downloading | verified | failed
     error: str | None = None
+    resumed_from: int = 0  # bytes an earlier attempt had left in the .part file
 
     def to_json(self) -> dict[str, object]:
         return {"model": self.name, "bytes": self.done, "total": self.size, "state": self.state,
-                "error": self.error}
+                "error": self.error, "resumed_from": self.resumed_from}
 
 
 def sha256_of(path: Path) -> str:
@@ -110,6 +111,8 @@ async def _resume(client: httpx.AsyncClient, url: str, part: Path, dl: Download)
         elif r.status_code != 206:
             raise httpx.HTTPStatusError(f"GET {url}: {r.status_code}", request=r.request,
                                         response=r)
+        elif have and not dl.resumed_from:
+            dl.resumed_from = have
         dl.done = have
         with part.open("r+b" if have else "wb") as f:
             f.seek(have)

@@ -27,7 +27,7 @@ async def cluster(request: Request) -> Response:
     reg = _gw(request).registry
     return json_response({
         "workers": [w.to_json() for w in list(reg.workers.values())],
-        "placements": reg.placements(),
+        "placements": _gw(request).placer.placements(reg.placements()),
     })
 
 

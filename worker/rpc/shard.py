@@ -155,9 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     die_with_parent()
-    # Our stdout carries one line, READY <port>; ggml's printf chatter goes to stderr.
+    # Our stdout carries one line, READY <port>. ggml prints a line per connection to its
+    # stdout: kept on stderr with GGML_RPC_DEBUG set, dropped otherwise.
     ready = os.dup(1)
-    os.dup2(2, 1)
+    if os.environ.get("GGML_RPC_DEBUG"):
+        os.dup2(2, 1)
+    else:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
     from worker.rpc.ggml import ggml
 
     g = ggml()

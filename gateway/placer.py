@@ -1,0 +1,306 @@
+"""The placer: turns declared models (`--model`, `models = [...]`) into roles on workers.
+
+Every second, and whenever the set of workers changes, it plans (`gateway.placement.plan`)
+over the workers that asked to be placed (started without `--model`: their `/status` says
+`placement.managed`), from the memory they report, and pushes each worker its role through
+the worker control API (`POST /control/placement`, cluster token):
+
+- replica: the model's name, where to fetch it (`/cluster/models/{name}/file` here) and its
+  sha256 and size;
+- split: the shards first (each answers with its RPC endpoint, open to the head's address
+  only), then the head with those endpoints and the tensor split;
+- workers with no place in the plan are told `none`.
+
+A push happens only when what a worker reports differs from its role, or its placement
+broke (a dead head is restarted with fresh shards). A worker that stops answering is
+given `DEAD_AFTER` seconds before the plan moves its work elsewhere. Requests for a split
+model reach its head by ordinary routing: the head is the member that reports the model.
+
+The gateway also serves the declared files (`GET /cluster/models/{name}/file`, Range
+requests, cluster token), so a worker that lacks a model fetches it from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
+
+from gateway.placement import ModelSpec, Placement, WorkerSpec, estimate, plan, summary
+from worker.errors import json_response
+from worker.protocol import not_found
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+    from gateway.config import GatewayConfig
+    from gateway.registry import Registry, Worker
+
+log = logging.getLogger("corral.gateway")
+
+TICK_SECONDS = 1.0
+DEAD_AFTER = 2.0
+PUSH_TIMEOUT = 30.0
+
+
+@dataclass
+class ModelFile:
+    name: str
+    path: Path
+    size: int
+    sha256: str
+
+
+def _sha256(path: Path) -> str:
+    from worker.fetch import sha256_of
+
+    return sha256_of(path)
+
+
+class Placer:
+    def __init__(self, cfg: GatewayConfig, registry: Registry) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.declared = list(cfg.models)
+        self.catalog: dict[str, ModelFile] = {}
+        self._catalog_read = False
+        self.current: list[Placement] = []
+        self.generation = 0
+        self.errors: dict[str, str] = {}  # worker id -> last push error
+        self._down_since: dict[str, float] = {}
+        self._restart: set[str] = set()  # workers whose next push must restart their role
+        self._client: httpx.AsyncClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._headers = {"Authorization": f"Bearer {cfg.cluster_token}"}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(PUSH_TIMEOUT, connect=2.0),
+                                         headers=self._headers)
+        self.registry.listeners.append(self._wake.set)
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        if self._client:
+            await self._client.aclose()
+
+    async def _load_catalog(self) -> None:
+        from worker.models import DEFAULT_MODEL, resolve
+
+        names = self.declared or [DEFAULT_MODEL]
+        for spec in names:
+            try:
+                name, path = resolve(spec)
+            except Exception as exc:
+                log.error("model %r cannot be placed: %s", spec, exc)
+                continue
+            sha = await asyncio.to_thread(_sha256, path)
+            self.catalog[name] = ModelFile(name, path, path.stat().st_size, sha)
+            self.registry.known_models.add(name)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("placement round failed")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK_SECONDS)
+            await asyncio.sleep(0.2)  # let a burst of registry changes settle
+
+    # ------------------------------------------------------------------ planning
+    def managed(self) -> list[Worker]:
+        return [w for w in self.registry.workers.values()
+                if (w.status.get("placement") or {}).get("managed")]
+
+    def _alive(self, w: Worker, now: float) -> bool:
+        if w.fails == 0 and w.status:
+            self._down_since.pop(w.id, None)
+            return True
+        since = self._down_since.setdefault(w.id, now)
+        return now - since < DEAD_AFTER
+
+    @staticmethod
+    def capacity(w: Worker) -> int:
+        mem = w.status.get("memory") or {}
+        return int(mem.get("available") or 0) + int(mem.get("model_bytes") or 0)
+
+    def _specs(self, workers: list[Worker]) -> list[ModelSpec]:
+        n_ctx = max((int(w.status.get("n_ctx") or 0) for w in workers), default=0) or 2048
+        slots = max((int(w.status.get("slots_total") or 1) for w in workers), default=1)
+        return [ModelSpec(m.name, estimate(m.path, n_ctx, slots).total)
+                for m in self.catalog.values()]
+
+    async def tick(self) -> None:
+        if not self._catalog_read:
+            # Declared models are read at once; the default one only when a worker waits.
+            if not (self.declared or self.managed()):
+                return
+            self._catalog_read = True
+            await self._load_catalog()
+        if not self.catalog:
+            return
+        now = time.monotonic()
+        workers = [w for w in self.managed() if self._alive(w, now)]
+        if not workers and not self.current:
+            return
+        models = await asyncio.to_thread(self._specs, workers)
+        specs = [WorkerSpec(w.id, self.capacity(w)) for w in workers]
+        new = plan(models, specs, self.current)
+        if new != self.current:
+            log.warning("placement: %s", [p.to_json() for p in new] or "nothing fits")
+        self.current = new
+        by_id = {w.id: w for w in workers}
+        placed: set[str] = set()
+        jobs = []
+        for p in new:
+            placed.update(p.workers)
+            jobs.append(self._apply(p, by_id))
+        for w in workers:
+            if w.id not in placed and (w.status.get("placement") or {}).get("role") != "none":
+                jobs.append(self._push(w, {"role": "none"}))
+        await asyncio.gather(*jobs)
+
+    # ------------------------------------------------------------------ pushing
+    def _file_fields(self, model: str) -> dict[str, Any]:
+        m = self.catalog[model]
+        quoted = urllib.parse.quote(model, safe="")
+        base = f"http://{self._public_host()}:{self.cfg.port}"
+        return {"model": model, "sha256": m.sha256, "size": m.size,
+                "model_url": f"{base}/cluster/models/{quoted}/file"}
+
+    def _public_host(self) -> str:
+        host = self.cfg.host
+        return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+    @staticmethod
+    def _reported(w: Worker) -> dict[str, Any]:
+        return w.status.get("placement") or {}
+
+    async def _apply(self, p: Placement, by_id: dict[str, Worker]) -> None:
+        if p.mode == "replica":
+            w = by_id[p.workers[0]]
+            r = self._reported(w)
+            if r.get("role") != "replica" or r.get("model") != p.model or \
+                    r.get("state") == "broken":
+                await self._push(w, {"role": "replica", **self._file_fields(p.model)})
+            return
+        head = by_id[p.head] if p.head else None
+        if head is None:
+            return
+        hr = self._reported(head)
+        head_broken = hr.get("state") == "broken"
+        peer = urllib.parse.urlsplit(head.url).hostname or "127.0.0.1"
+        endpoints: list[str] = []
+        for sid in p.workers[1:]:
+            s = by_id[sid]
+            sr = self._reported(s)
+            ok = (sr.get("role") == "shard" and sr.get("model") == p.model
+                  and sr.get("state") == "ready" and sr.get("rpc_endpoint")
+                  and not head_broken and sid not in self._restart)
+            if ok:
+                endpoints.append(sr["rpc_endpoint"])
+                continue
+            body = {"role": "shard", "model": p.model, "allow_peer": [peer], "restart": True}
+            answer = await self._push(s, body)
+            self._restart.discard(sid)
+            if not answer or not answer.get("rpc_endpoint"):
+                return  # try again next round
+            endpoints.append(answer["rpc_endpoint"])
+        if (hr.get("role") == "head" and hr.get("model") == p.model
+                and hr.get("shards") == endpoints
+                and hr.get("tensor_split") == list(p.tensor_split) and not head_broken):
+            return
+        await self._push(head, {"role": "head", **self._file_fields(p.model),
+                                "shards": endpoints, "tensor_split": list(p.tensor_split),
+                                "restart": head_broken})
+
+    async def _push(self, w: Worker, body: dict[str, Any]) -> dict[str, Any] | None:
+        assert self._client is not None
+        self.generation += 1
+        body = {**body, "generation": self.generation}
+        try:
+            r = await self._client.post(w.base + "/control/placement", json=body)
+        except httpx.HTTPError as exc:
+            self.errors[w.id] = f"{type(exc).__name__}: {exc}"
+            log.warning("placing %s as %s failed: %s", w.id, body["role"], exc)
+            return None
+        if r.status_code != 200:
+            self.errors[w.id] = f"HTTP {r.status_code}: {r.text[:200]}"
+            log.warning("worker %s refused its placement: %s", w.id, self.errors[w.id])
+            return None
+        self.errors.pop(w.id, None)
+        answer = r.json()
+        # Seen at once, not at the next probe, so the next round does not push it again.
+        w.status["placement"] = answer
+        return answer
+
+    # ------------------------------------------------------------------ reading
+    def placements(self, unmanaged: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The contract's `/cluster` placements: ours, plus self-placed replicas."""
+        ours = {w.id for w in self.managed()}
+        out = []
+        for p in unmanaged:
+            ids = [i for i in p.get("workers", []) if i not in ours]
+            if ids:
+                out.append({**p, "workers": ids})
+        for e in summary(self.current):
+            e["state"] = self._state(e)
+            out.append(e)
+        return out
+
+    def _state(self, e: dict[str, Any]) -> str:
+        states = []
+        for wid in e["workers"]:
+            w = self.registry.workers.get(wid)
+            states.append(((w.status.get("placement") or {}).get("state")) if w else "down")
+        if any(s in ("broken", "down", None) for s in states):
+            return "broken"
+        if all(s == "ready" for s in states):
+            return "ready"
+        return "loading"
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+router = APIRouter()
+
+
+def _gw(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+@router.get("/cluster/models")
+async def list_models(request: Request) -> Response:
+    gw = _gw(request)
+    gw.auth.cluster(request)
+    return json_response({"data": [{"name": m.name, "size": m.size, "sha256": m.sha256}
+                                   for m in gw.placer.catalog.values()]})
+
+
+@router.get("/cluster/models/{name}/file")
+async def model_file(request: Request, name: str) -> Response:
+    gw = _gw(request)
+    gw.auth.cluster(request)
+    m = gw.placer.catalog.get(name)
+    if m is None:
+        raise not_found(f"The gateway has no file for model {name!r}.")
+    return FileResponse(m.path, media_type="application/octet-stream",
+                        filename=f"{m.name}.gguf")
