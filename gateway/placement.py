@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker import gguf_meta
+
 RUNTIME_BYTES = 80 << 20
 KV_BYTES_PER_ELEMENT = 2  # f16 K and V, llama.cpp's default cache type
 N_UBATCH = 512
@@ -47,14 +49,6 @@ class MemoryNeed:
                 "runtime": self.runtime, "total": self.total}
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    v = f.contents()
-    return v
-
-
 def _per_layer_max(v: Any, default: int) -> int:
     if v is None:
         return default
@@ -72,25 +66,21 @@ def estimate(path: str | os.PathLike[str], n_ctx: int = 2048, slots: int = 1,
 @functools.lru_cache(maxsize=64)
 def _estimate(path: str, _size: int, _mtime: int, n_ctx: int, slots: int,
               n_ubatch: int) -> MemoryNeed:
-    from gguf import GGUFReader  # the gateway reads headers only; imported when needed
-
-    r = GGUFReader(path, "r")
-    arch = _field(r, "general.architecture", "llama")
-    n_layer = int(_field(r, f"{arch}.block_count", 0))
-    n_embd = int(_field(r, f"{arch}.embedding_length", 0))
-    n_head = _per_layer_max(_field(r, f"{arch}.attention.head_count"), 1) or 1
-    n_head_kv = _per_layer_max(_field(r, f"{arch}.attention.head_count_kv"), n_head)
+    g = gguf_meta.read(path)
+    n_layer = int(g.arch_get("block_count", 0))
+    n_embd = int(g.arch_get("embedding_length", 0))
+    n_head = _per_layer_max(g.arch_get("attention.head_count"), 1) or 1
+    n_head_kv = _per_layer_max(g.arch_get("attention.head_count_kv"), n_head)
     head_dim = n_embd // n_head if n_head else 0
-    k_len = int(_field(r, f"{arch}.attention.key_length", head_dim))
-    v_len = int(_field(r, f"{arch}.attention.value_length", head_dim))
-    n_ff = _per_layer_max(_field(r, f"{arch}.feed_forward_length"), 4 * n_embd)
-    n_vocab = _field(r, f"{arch}.vocab_size")
+    k_len = int(g.arch_get("attention.key_length", head_dim))
+    v_len = int(g.arch_get("attention.value_length", head_dim))
+    n_ff = _per_layer_max(g.arch_get("feed_forward_length"), 4 * n_embd)
+    n_vocab = g.arch_get("vocab_size")
     if n_vocab is None:
-        tokens = r.fields.get("tokenizer.ggml.tokens")
-        n_vocab = len(tokens.data) if tokens is not None else 0
-    n_train = int(_field(r, f"{arch}.context_length", 0) or 0)
+        n_vocab = len(g.get("tokenizer.ggml.tokens", ()))
+    n_train = int(g.arch_get("context_length", 0) or 0)
     per_seq = min(n_ctx, n_train) if n_train > 0 else n_ctx
-    weights = sum(int(t.n_bytes) for t in r.tensors)
+    weights = g.tensor_bytes
     kv = n_layer * per_seq * n_head_kv * (k_len + v_len) * KV_BYTES_PER_ELEMENT * slots
     compute = 4 * n_ubatch * (int(n_vocab) + n_embd + n_ff)
     return MemoryNeed(weights, kv, compute)

@@ -132,3 +132,26 @@ def test_two_models_one_split_one_replicated() -> None:
     by_model = {p.model: p for p in ps}
     assert by_model["big"].mode == "split" and set(by_model["big"].workers) == {"a", "b"}
     assert by_model["tiny"].workers == ("c",)
+
+
+def test_the_header_reader_agrees_with_the_gguf_package() -> None:
+    gguf = pytest.importorskip("gguf")
+    from worker import gguf_meta
+
+    _, path = resolve("smollm2-135m")
+    ours = gguf_meta.read(path)
+    ref = gguf.GGUFReader(path, "r")
+    assert ours.tensor_bytes == sum(int(t.n_bytes) for t in ref.tensors)
+    assert ours.n_tensors == len(ref.tensors)
+    for key in ("llama.block_count", "llama.attention.head_count_kv", "general.architecture"):
+        assert ours.get(key) == ref.fields[key].contents()
+    assert len(ours.get("tokenizer.ggml.tokens")) == len(ref.fields["tokenizer.ggml.tokens"].data)
+
+
+def test_a_file_that_is_not_gguf_is_refused(tmp_path) -> None:
+    from worker import gguf_meta
+
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"NOPE" + bytes(64))
+    with pytest.raises(gguf_meta.GGUFError):
+        gguf_meta.read(bad)

@@ -39,11 +39,9 @@ EXIT_LOAD_FAILED = 4
 
 
 def n_layers(path: str) -> int:
-    from gguf import GGUFReader
+    from worker import gguf_meta
 
-    r = GGUFReader(path, "r")
-    arch = r.fields["general.architecture"].contents()
-    return int(r.fields[f"{arch}.block_count"].contents())
+    return int(gguf_meta.read(path).arch_get("block_count"))
 
 
 def offload(n_layer: int, split: list[float]) -> tuple[int, list[float]]:
