@@ -63,10 +63,10 @@ def _wait_placement(url: str, mode: str, timeout: float = 240,
     return found[-1]
 
 
-def _up(*args: str) -> tuple[Proc, str]:
+def _up(*args: str, env: dict[str, str] | None = None) -> tuple[Proc, str]:
     port = free_port()
     proc = corral("up", "--port", str(port), "--threads", "1", "--parallel", "1", *args,
-                  name="up")
+                  name="up", env=env)
     url = f"http://127.0.0.1:{port}"
     proc.wait_http(f"{url}/healthz", timeout=60)
     return proc, url
@@ -111,7 +111,9 @@ def single_box() -> Iterator[Worker]:
 
 @pytest.fixture(scope="module")
 def split_cluster() -> Iterator[str]:
-    proc, url = _up("--workers", "3", "--memory-limit", LIMIT)
+    # A head that produces no token for 5 s while a request is active is killed.
+    proc, url = _up("--workers", "3", "--memory-limit", LIMIT,
+                    env={"CORRAL_RPC_STALL_SECONDS": "5"})
     _up_pid[url] = proc.pid
     try:
         _wait_placement(url, "split")
@@ -180,27 +182,60 @@ def test_rpc_port_only_while_placed_and_only_for_the_head(split_cluster: str) ->
     assert _greedy(split_cluster, QUESTION, 4)[0]
 
 
+def _stream_until_it_ends(url: str, on_token: int, act) -> tuple[list[str], str, float]:
+    """Streams a long answer; calls `act` after `on_token` tokens. Returns what came."""
+    client = client_for(url, timeout=60)
+    started = time.monotonic()
+    got: list[str] = []
+    outcome = "completed"
+    try:
+        stream = client.chat.completions.create(model=MODEL, messages=STORY, max_tokens=400,
+                                                temperature=0, stream=True)
+        if on_token == 0:
+            act()
+        for ch in stream:
+            if ch.choices and ch.choices[0].delta.content:
+                got.append(ch.choices[0].delta.content)
+                if len(got) == on_token:
+                    act()
+    except openai.APIError as exc:
+        outcome = f"error: {exc}"
+    return got, outcome, time.monotonic() - started
+
+
+def test_a_frozen_shard_is_cut_off_by_the_watchdog_and_restarted(split_cluster: str,
+                                                                 single_box: Worker) -> None:
+    url = split_cluster
+    before = _ready_placement(url, "split")
+    shard_id = next(w for w in before["workers"] if w != before["head"])
+    worker = psutil.Process(_worker_pid(url, shard_id))
+    (rpc,) = [c for c in worker.children(recursive=True)
+              if "worker.rpc.shard" in " ".join(c.cmdline())]
+    got, outcome, elapsed = _stream_until_it_ends(url, 2, lambda: rpc.suspend())  # SIGSTOP
+    try:
+        # The head hangs on the frozen peer; the watchdog kills it after 5 s without a token.
+        assert outcome.startswith("error"), outcome
+        assert elapsed < 40, f"the client waited {elapsed:.0f}s"
+        # The placement is rebuilt on the same workers with a fresh shard process.
+        wait_for(lambda: not rpc.is_running() or rpc.status() == psutil.STATUS_ZOMBIE, 60,
+                 0.25, "the frozen shard process to be replaced")
+        after = _wait_placement(url, "split")
+        assert set(after["workers"]) == set(before["workers"])
+        assert _greedy(url, QUESTION)[0] == _greedy(single_box.url, QUESTION)[0]
+    finally:
+        if rpc.is_running():
+            rpc.kill()
+
+
 def test_killing_the_shard_mid_stream_fails_cleanly_and_rebuilds(split_cluster: str,
                                                                  single_box: Worker) -> None:
     url = split_cluster
     before = _ready_placement(url, "split")
     shard_id = next(w for w in before["workers"] if w != before["head"])
     shard_pid = _worker_pid(url, shard_id)
-    client = client_for(url, timeout=60)
-    started = time.monotonic()
-    got = []
-    outcome = "completed"
-    try:
-        stream = client.chat.completions.create(model=MODEL, messages=STORY, max_tokens=400,
-                                                temperature=0, stream=True)
-        for ch in stream:
-            if ch.choices and ch.choices[0].delta.content:
-                got.append(ch.choices[0].delta.content)
-                if len(got) == 3:
-                    os.killpg(shard_pid, signal.SIGKILL)  # the shard worker and its group
-    except openai.APIError as exc:
-        outcome = f"error: {exc}"
-    elapsed = time.monotonic() - started
+    # SIGKILL the shard worker's process group; its RPC child dies with it (PDEATHSIG).
+    got, outcome, elapsed = _stream_until_it_ends(
+        url, 3, lambda: os.killpg(shard_pid, signal.SIGKILL))
     assert len(got) >= 3
     assert elapsed < 45, f"the client waited {elapsed:.0f}s"
     assert outcome.startswith("error") or len(got) > 3, outcome
