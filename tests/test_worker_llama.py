@@ -341,6 +341,52 @@ def test_queue_depth_rises_beyond_slots(llama_worker):
              and status(llama_worker)["slots_busy"] == 0, timeout=10, what="an idle worker")
 
 
+def test_long_prefill_does_not_stall_decoding(llama_worker):
+    """A long prompt is prefilled in chunks, so a running stream keeps getting tokens."""
+    url = f"{llama_worker.url}/v1/completions"
+    ticks: list[float] = []
+    long_sent: list[float] = []
+    long_first: list[float] = []
+    stop = threading.Event()
+
+    def runner() -> None:
+        body = {"model": MODEL, "prompt": COUNTING, "temperature": 0, "max_tokens": 600,
+                "stream": True}
+        with httpx.Client(timeout=120) as http, http.stream("POST", url, json=body) as r:
+            lines = r.iter_lines()
+            for _ in range(1300):  # bounded by max_tokens
+                line = next(lines, None)
+                if line is None or stop.is_set():
+                    return
+                if line.startswith("data: {"):
+                    ticks.append(time.monotonic())
+
+    t = threading.Thread(target=runner)
+    t.start()
+    try:
+        wait_for(lambda: len(ticks) >= 2, timeout=60, what="the running stream")
+        prompt = " ".join(f"Line {i}: the herd crossed the river." for i in range(90))
+        body = {"model": MODEL, "prompt": prompt, "temperature": 0, "max_tokens": 1,
+                "stream": True}
+        long_sent.append(time.monotonic())
+        with httpx.Client(timeout=120) as http, http.stream("POST", url, json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and '"text":""' not in line.replace(" ", ""):
+                    long_first.append(time.monotonic())
+                    break
+        assert long_first
+        window = long_first[0] - long_sent[0]
+        during = [long_sent[0], *(x for x in ticks if long_sent[0] < x < long_first[0])]
+        gap = max(b - a for a, b in zip(during, during[1:], strict=False)) if len(during) > 1 \
+            else window
+        # ~1000 prompt tokens go in several chunks, with a token for the stream in each
+        # step: no single pause of the stream comes near the whole prefill.
+        assert len(during) >= 4 and gap < 0.4 * window, (len(during), gap, window)
+    finally:
+        stop.set()
+        t.join(120)
+
+
 # --------------------------------------------------------------------------- prompt cache
 
 

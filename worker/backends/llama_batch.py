@@ -32,9 +32,11 @@ from worker.backends.llama_sampling import Detokenizer, sampler_chain
 
 log = logging.getLogger("corral.llama")
 
-#: Token budget of a step while some sequence is generating: bounds how long a long
-#: prompt's prefill chunk can delay everyone else's next token.
-SHARED_BUDGET = 256
+#: While some sequence is generating, a step carries only as many prompt tokens as fit in
+#: about this long (measured on this box), so a long prompt's prefill delays everyone
+#: else's next token by at most that much; between these bounds.
+SHARED_STEP_SECONDS = 0.2
+SHARED_BUDGET_MIN, SHARED_BUDGET_MAX = 32, 256
 
 
 @dataclass
@@ -93,6 +95,7 @@ class BatchLoop:
         self._dead: str | None = None  # why the loop is gone; later submits fail at once
         self._thread: threading.Thread | None = None
         self._pieces: dict[int, bytes] = {}
+        self._token_cost = 0.0  # seconds per batch token in prefill-heavy steps (EWMA)
         self.stats = {"prompt_cache_hits": 0, "prompt_cache_reused_tokens": 0,
                       "prompt_tokens_evaluated": 0, "decode_steps": 0}
 
@@ -168,8 +171,13 @@ class BatchLoop:
         if n == 0:
             return True
         self.batch.n_tokens = n
+        t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, self.batch)
         self.stats["decode_steps"] += 1
+        if rc == 0 and n >= 32:  # a prefill-heavy step: learn the cost of a batch token
+            per_token = (time.perf_counter() - t0) / n
+            self._token_cost = per_token if not self._token_cost else (
+                0.7 * self._token_cost + 0.3 * per_token)
         if rc != 0:
             self._decode_failed(runs, rc)
             return True
@@ -267,7 +275,7 @@ class BatchLoop:
             else:
                 r.out = n
                 add(r.next_token, len(r.slot.tokens), r.slot.seq_id, True)
-        budget = (SHARED_BUDGET if n else self.n_batch) - n
+        budget = (self._shared_budget() if n else self.n_batch) - n
         budget = max(budget, min(len(prefill), self.n_batch - n))
         # A fair share each; what one needs less of goes to the ones after it.
         for i, r in enumerate(prefill):
@@ -282,6 +290,12 @@ class BatchLoop:
             r.chunk = take
             budget -= take
         return n
+
+    def _shared_budget(self) -> int:
+        if not self._token_cost:
+            return SHARED_BUDGET_MAX
+        fit = int(SHARED_STEP_SECONDS / self._token_cost)
+        return max(SHARED_BUDGET_MIN, min(SHARED_BUDGET_MAX, fit, self.n_batch))
 
     def _after_decode(self, r: Run) -> None:
         if r.chunk:
