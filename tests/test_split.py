@@ -112,7 +112,8 @@ def single_box() -> Iterator[Worker]:
 @pytest.fixture(scope="module")
 def split_cluster() -> Iterator[str]:
     # A head that produces no token for 5 s while a request is active is killed.
-    proc, url = _up("--workers", "3", "--memory-limit", LIMIT,
+    # Four workers: two for the split, two spares for the rebuilds after the kills below.
+    proc, url = _up("--workers", "4", "--memory-limit", LIMIT,
                     env={"CORRAL_RPC_STALL_SECONDS": "5"})
     _up_pid[url] = proc.pid
     try:
@@ -135,7 +136,7 @@ def test_memory_limit_below_the_need_splits_over_two_workers(split_cluster: str)
     assert p["head"] in p["workers"]
     assert sum(p["tensor_split"]) == pytest.approx(1.0, abs=1e-4)
     roles = {w["id"]: (w["placement"] or {}).get("role") for w in c["workers"]}
-    assert sorted(roles.values()) == ["head", "none", "shard"]
+    assert sorted(roles.values()) == ["head", "none", "none", "shard"]
     assert all(w["memory"]["total"] == int(LIMIT) for w in c["workers"])
     # Only the head serves the model; routing finds it by the model it reports.
     assert [w["id"] for w in c["workers"] if MODEL in w["models"]] == [p["head"]]
@@ -156,7 +157,7 @@ def test_split_answers_match_a_single_box(split_cluster: str, single_box: Worker
 
 def test_rpc_port_only_while_placed_and_only_for_the_head(split_cluster: str) -> None:
     c = _cluster(split_cluster)
-    by_role = {(w["placement"] or {}).get("role"): w for w in c["workers"]}
+    by_role = {(w["placement"] or {}).get("role"): w for w in c["workers"]}  # one idle
     shard, idle = by_role["shard"], by_role["none"]
     endpoint = shard["placement"]["rpc_endpoint"]
     host, port = endpoint.rsplit(":", 1)
@@ -302,3 +303,19 @@ def test_a_worker_fetches_a_model_it_lacks_from_the_gateway(tmp_path: Path) -> N
         if w is not None:
             w.proc.stop()
         g.proc.stop()
+
+
+def test_killing_the_head_mid_stream_fails_cleanly_and_rebuilds(split_cluster: str,
+                                                                single_box: Worker) -> None:
+    url = split_cluster
+    before = _ready_placement(url, "split")
+    head_pid = _worker_pid(url, before["head"])
+    got, outcome, elapsed = _stream_until_it_ends(
+        url, 3, lambda: os.killpg(head_pid, signal.SIGKILL))
+    assert len(got) >= 3
+    assert elapsed < 45, f"the client waited {elapsed:.0f}s"
+    assert outcome.startswith("error") or len(got) > 3, outcome
+    # A surviving member becomes the head; the last spare becomes its shard.
+    after = _wait_placement(url, "split", exclude={before["head"]})
+    assert after["head"] != before["head"]
+    assert _greedy(url, QUESTION)[0] == _greedy(single_box.url, QUESTION)[0]
