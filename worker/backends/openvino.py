@@ -85,6 +85,7 @@ class _Live:
     counted: int = 0  # tokens already counted into `unsent` or sent
     unsent: int = 0  # tokens whose text is held back (an incomplete UTF-8 character)
     finish: str | None = None
+    last: bool = False  # the pipeline is done with it: flush and finish
 
 
 class OpenVINOBackend(Backend):
@@ -305,6 +306,7 @@ class OpenVINOBackend(Backend):
 
     # ------------------------------------------------------------------ decode thread
     def _run(self) -> None:
+        metrics_at = 0.0
         try:
             while True:
                 with self._cv:
@@ -327,7 +329,9 @@ class OpenVINOBackend(Backend):
                         self._end(rid, "error", f"generation failed: {exc}")
                     continue
                 self._collect()
-                self._metrics = self._pipe.get_metrics()
+                now = time.monotonic()
+                if not self._live or now - metrics_at > 0.25:  # fresh when idle
+                    self._metrics, metrics_at = self._pipe.get_metrics(), now
         finally:
             with self._cv:
                 leftovers, self._pending = self._pending, []
@@ -355,10 +359,13 @@ class OpenVINOBackend(Backend):
         for rid, live in list(self._live.items()):
             if live.seq.cancelled.is_set():
                 live.handle.cancel()
-                self._end(rid, "stop", None, flush=False)
+                self._end(rid, "stop", None)
 
     def _collect(self) -> None:
-        for rid, live in list(self._live.items()):
+        """Reads every request's new tokens; one batched detokenizer call covers them all."""
+        work: list[_Live] = []
+        done: list[tuple[int, str, str | None]] = []
+        for rid, live in self._live.items():
             h = live.handle
             if h.can_read():
                 for out in h.read().values():
@@ -366,40 +373,54 @@ class OpenVINOBackend(Backend):
                     reason = _FINISH.get(out.finish_reason)
                     if reason:
                         live.finish = reason
-                self._emit(live)
+            fresh = len(live.tokens) > live.counted
+            if fresh:
+                live.unsent += len(live.tokens) - live.counted
+                live.counted = len(live.tokens)
             status = h.get_status()
-            if status == ovg.GenerationStatus.RUNNING and live.finish is None:
-                continue
-            if h.can_read():  # finished, with output still to read: next round
-                continue
-            if status == ovg.GenerationStatus.IGNORED:
-                self._end(rid, "error", "the request did not fit in the KV cache")
+            if (status == ovg.GenerationStatus.RUNNING and live.finish is None) or h.can_read():
+                live.last = False
+            elif status == ovg.GenerationStatus.IGNORED:
+                live.last = True
+                done.append((rid, "error", "the request did not fit in the KV cache"))
             else:
-                self._end(rid, live.finish or "stop", None)
+                live.last = True
+                done.append((rid, live.finish or "stop", None))
+            if fresh or (live.last and live.unsent):
+                work.append(live)
+        if work:
+            self._detokenize(work)
+        for rid, reason, error in done:
+            self._end(rid, reason, error)
 
-    def _emit(self, live: _Live) -> None:
-        """Sends the text of new tokens; holds back an incomplete UTF-8 character."""
-        if len(live.tokens) == live.counted:
-            return
-        live.unsent += len(live.tokens) - live.counted
-        live.counted = len(live.tokens)
-        before = self._tok.decode(live.tokens[live.prefix:live.read]) if live.read > \
-            live.prefix else ""
-        text = self._tok.decode(live.tokens[live.prefix:])
-        if len(text) > len(before) and not text.endswith("\ufffd") and text.startswith(before):
-            live.seq.on_tokens(text[len(before):], live.unsent)
-            live.unsent = 0
-            live.prefix, live.read = live.read, len(live.tokens)
+    def _detokenize(self, work: list[_Live]) -> None:
+        """Sends each sequence's new text; holds back an incomplete UTF-8 character.
 
-    def _end(self, rid: int, reason: str, error: str | None, flush: bool = True) -> None:
-        live = self._live.pop(rid)
-        if flush and live.unsent:
-            before = self._tok.decode(live.tokens[live.prefix:live.read]) if live.read > \
-                live.prefix else ""
-            text = self._tok.decode(live.tokens[live.prefix:])
-            rest = text[len(before):] if text.startswith(before) else ""
-            live.seq.on_tokens(rest.replace("\ufffd", ""), live.unsent)
-        live.seq.on_finish(reason, error)
+        Each sequence decodes a short window of its tokens twice — up to what was sent, and
+        to the end — and sends the difference, so a token whose text depends on its
+        neighbours (a leading space, a multi-byte character) comes out right.
+        """
+        windows: list[list[int]] = []
+        for live in work:
+            if live.read > live.prefix:
+                windows.append(live.tokens[live.prefix:live.read])
+            windows.append(live.tokens[live.prefix:])
+        texts = iter(self._tok.decode(windows))
+        for live in work:
+            before = next(texts) if live.read > live.prefix else ""
+            text = next(texts)
+            if live.last:  # flush: whatever is left, minus a character that never completed
+                rest = text[len(before):] if text.startswith(before) else ""
+                live.seq.on_tokens(rest.replace("\ufffd", ""), live.unsent)
+                live.unsent = 0
+            elif len(text) > len(before) and not text.endswith("\ufffd") and \
+                    text.startswith(before):
+                live.seq.on_tokens(text[len(before):], live.unsent)
+                live.unsent = 0
+                live.prefix, live.read = live.read, len(live.tokens)
+
+    def _end(self, rid: int, reason: str, error: str | None) -> None:
+        self._live.pop(rid).seq.on_finish(reason, error)
 
     # ------------------------------------------------------------------ facts
     def _calibrate(self) -> float:
