@@ -58,6 +58,7 @@ class GatewayConfig:
     connect_timeout: float = 2.0
     read_timeout: float = 300.0  # between two bytes from a worker
     max_connections: int = 1024
+    lean_transport: bool = True  # httptools-based transport for worker traffic (transport.py)
 
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
         return (f"GatewayConfig(host={self.host!r}, port={self.port}, workers={self.workers}, "
@@ -116,7 +117,7 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
     gw = file.get("gateway", {})  # optional [gateway] table for tuning knobs
     for name in ("probe_interval", "probe_timeout", "join_ttl", "queue_size", "queue_timeout",
                  "worker_queue_allowance", "max_attempts", "connect_timeout", "read_timeout",
-                 "max_connections"):
+                 "max_connections", "lean_transport"):
         if name in gw:
             setattr(cfg, name, type(getattr(cfg, name))(gw[name]))
     return cfg

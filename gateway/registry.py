@@ -25,6 +25,7 @@ import orjson
 
 from gateway.config import GatewayConfig
 from gateway.state import SharedState
+from gateway.transport import LeanTransport
 
 log = logging.getLogger("corral.gateway")
 
@@ -117,6 +118,7 @@ class Registry:
             timeout=httpx.Timeout(self.cfg.probe_timeout, connect=min(1.0, self.cfg.probe_timeout)),
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=256),
             trust_env=False,
+            transport=LeanTransport() if self.cfg.lean_transport else None,
         )
         for url in self.cfg.workers:
             self.add(id_from_url(url), url, "static")

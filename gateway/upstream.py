@@ -31,6 +31,7 @@ from gateway.admission import Admission, Exhausted
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
 from gateway.registry import Registry, Worker
+from gateway.transport import LeanTransport
 from worker.protocol import WORKER_HEADER, APIError, error_body, sse, unavailable
 
 RETRYABLE = frozenset((429, 500, 502, 503, 504))
@@ -118,6 +119,7 @@ class Upstream:
                                 max_keepalive_connections=cfg.max_connections,
                                 keepalive_expiry=60.0),
             trust_env=False,  # worker traffic never goes through an HTTP(S)_PROXY
+            transport=LeanTransport(cfg.max_connections) if cfg.lean_transport else None,
         )
 
     async def close(self) -> None:
