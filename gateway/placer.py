@@ -162,7 +162,7 @@ class Placer:
             return
         models = await asyncio.to_thread(self._specs, workers)
         specs = [WorkerSpec(w.id, self.capacity(w)) for w in workers]
-        new = plan(models, specs, self.current)
+        new = plan(models, specs, self.current or self._running(workers))
         if new != self.current:
             log.warning("placement: %s", [p.to_json() for p in new] or "nothing fits")
         self.current = new
@@ -176,6 +176,24 @@ class Placer:
             if w.id not in placed and (w.status.get("placement") or {}).get("role") != "none":
                 jobs.append(self._push(w, {"role": "none"}))
         await asyncio.gather(*jobs)
+
+    def _running(self, workers: list[Worker]) -> list[Placement]:
+        """What the workers already run (after a gateway restart), so the plan keeps it."""
+        out: list[Placement] = []
+        by_endpoint = {self._reported(w).get("rpc_endpoint"): w.id for w in workers
+                       if self._reported(w).get("role") == "shard"}
+        for w in workers:
+            r = self._reported(w)
+            if r.get("state") == "broken" or not r.get("model"):
+                continue
+            if r.get("role") == "replica":
+                out.append(Placement(r["model"], "replica", (w.id,), w.id, (1.0,)))
+            elif r.get("role") == "head":
+                shards = tuple(by_endpoint.get(e) for e in r.get("shards") or ())
+                if shards and all(shards):
+                    out.append(Placement(r["model"], "split", (w.id, *shards), w.id,
+                                         tuple(r.get("tensor_split") or ())))
+        return out
 
     # ------------------------------------------------------------------ pushing
     def _file_fields(self, model: str) -> dict[str, Any]:

@@ -319,3 +319,32 @@ def test_killing_the_head_mid_stream_fails_cleanly_and_rebuilds(split_cluster: s
     after = _wait_placement(url, "split", exclude={before["head"]})
     assert after["head"] != before["head"]
     assert _greedy(url, QUESTION)[0] == _greedy(single_box.url, QUESTION)[0]
+
+
+def test_a_restarted_gateway_keeps_the_running_split() -> None:
+    port = free_port()
+    g = start_gateway("--model", MODEL, port=port)
+    env = {"CORRAL_CLUSTER_TOKEN": g.token}
+    workers = [start_worker("--join", g.url, "--memory-limit", LIMIT, "--threads", "1",
+                            wait=False, env=env) for _ in range(3)]
+    try:
+        before = _wait_placement(g.url, "split")
+        head = next(w for w in workers if w.id == before["head"])
+        since = httpx.get(f"{head.url}/status").json()["placement"]["since"]
+        g.proc.stop()
+        g = start_gateway("--model", MODEL, port=port)
+        wait_for(lambda: len(_cluster(g.url)["workers"]) == 3, 60, 0.25, "the workers to rejoin")
+        _wait_placement(g.url, "split")
+        # Over a few placement rounds nothing moves and the head is not restarted.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            after = _ready_placement(g.url, "split")
+            assert after and (after["workers"], after["head"]) == (before["workers"],
+                                                                  before["head"])
+            assert httpx.get(f"{head.url}/status").json()["placement"]["since"] == since
+            time.sleep(0.25)
+        assert _greedy(g.url, QUESTION, 4)[0]
+    finally:
+        for w in workers:
+            w.proc.stop()
+        g.proc.stop()
