@@ -38,6 +38,7 @@ class _Conn(asyncio.Protocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_done = False
+        self.keep_alive = False
         self.complete = False
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
@@ -70,6 +71,7 @@ class _Conn(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()  # only valid before the body ends
         self.head_done = True
 
     def on_body(self, body: bytes) -> None:
@@ -131,8 +133,7 @@ class _Conn(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return (self.complete and not self.closed and self.error is None
-                and self.parser.should_keep_alive())
+        return self.complete and self.keep_alive and not self.closed and self.error is None
 
 
 class _Body(httpx.AsyncByteStream):

@@ -149,3 +149,56 @@ def test_config_file_and_env(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("CORRAL_API_KEYS")
     cfg = load_config(ns)
     assert cfg.cluster_token_generated and len(cfg.cluster_token) >= 24 and not cfg.api_keys
+
+
+def test_lean_transport_streams_reuses_and_survives_stale_connections() -> None:
+    import httpx
+
+    from gateway.transport import LeanTransport
+
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            n = int(next(h for h in head.split(b"\r\n")
+                         if h.lower().startswith(b"content-length")).split(b":")[1])
+            body = await reader.readexactly(n)
+            path = head.split(b" ")[1]
+            if path == b"/stream":
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                for i in range(3):
+                    ev = b"data: %d\n\n" % i
+                    writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            if path == b"/close":  # hang up without saying so: a stale keep-alive socket
+                writer.close()
+                return
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(transport=LeanTransport(), timeout=5) as c:
+            for i in range(5):
+                r = await c.post(f"{base}/echo", content=b"x" * i)
+                assert r.status_code == 200 and r.content == b"x" * i
+            assert connections == 1  # keep-alive
+            async with c.stream("POST", f"{base}/stream", content=b"") as r:
+                got = [chunk async for chunk in r.aiter_raw()]
+            assert b"".join(got) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+            for _ in range(3):  # each response is followed by a silent close
+                r = await c.post(f"{base}/close", content=b"ok")
+                assert r.content == b"ok"
+            with pytest.raises(httpx.ConnectError):
+                await c.get("http://127.0.0.1:9/")
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(scenario())
