@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("corral.gateway")
 
 TICK_SECONDS = 1.0
+# Joined workers heartbeat every 3 s: after a (re)start, wait until each has been heard
+# from before planning, so a partial view does not move placements that are running fine.
+STARTUP_GRACE = 4.0
 DEAD_AFTER = 2.0
 PUSH_TIMEOUT = 30.0
 
@@ -80,6 +83,7 @@ class Placer:
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._started = time.monotonic()
         self._headers = {"Authorization": f"Bearer {cfg.cluster_token}"}
 
     # ------------------------------------------------------------------ lifecycle
@@ -87,6 +91,7 @@ class Placer:
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(PUSH_TIMEOUT, connect=2.0),
                                          headers=self._headers)
         self.registry.listeners.append(self._wake.set)
+        self._started = time.monotonic()
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -157,6 +162,8 @@ class Placer:
         if not self.catalog:
             return
         now = time.monotonic()
+        if now - self._started < STARTUP_GRACE:
+            return
         workers = [w for w in self.managed() if self._alive(w, now)]
         if not workers and not self.current:
             return

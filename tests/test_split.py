@@ -325,11 +325,21 @@ def test_a_restarted_gateway_keeps_the_running_split() -> None:
     port = free_port()
     g = start_gateway("--model", MODEL, port=port)
     env = {"CORRAL_CLUSTER_TOKEN": g.token}
-    workers = [start_worker("--join", g.url, "--memory-limit", LIMIT, "--threads", "1",
-                            wait=False, env=env) for _ in range(3)]
+
+    def worker(wid: str) -> Worker:
+        return start_worker("--join", g.url, "--id", wid, "--memory-limit", LIMIT,
+                            "--threads", "1", wait=False, env=env)
+
+    workers = [worker("w-b"), worker("w-c")]
     try:
         before = _wait_placement(g.url, "split")
-        head = next(w for w in workers if w.id == before["head"])
+        # A third worker that sorts first joins: the running split stays where it is, and a
+        # restarted gateway adopts it rather than re-planning from scratch.
+        workers.append(worker("w-a"))
+        wait_for(lambda: len(_cluster(g.url)["workers"]) == 3, 60, 0.25, "the third worker")
+        assert sorted(before["workers"]) == ["w-b", "w-c"]
+        head = next(w for w in workers
+                    if httpx.get(f"{w.url}/status").json()["id"] == before["head"])
         since = httpx.get(f"{head.url}/status").json()["placement"]["since"]
         g.proc.stop()
         g = start_gateway("--model", MODEL, port=port)
