@@ -5,6 +5,7 @@ the same requests to each, and reads the gateway process's CPU time (psutil) bef
 after. Not a test: it prints numbers.
 
     .venv/bin/python bench/gateway_overhead.py --requests 400 --concurrency 1 8
+    .venv/bin/python bench/gateway_overhead.py --httpx-transport   # httpcore, to compare
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -60,10 +62,17 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--sim-rate", type=float, default=2000.0, help="sim tokens/s per slot")
+    ap.add_argument("--httpx-transport", action="store_true",
+                    help="use httpx's default transport (httpcore) instead of the lean one")
     a = ap.parse_args()
+    extra: list[str] = []
+    if a.httpx_transport:
+        conf = Path(tempfile.mkstemp(suffix=".toml")[1])
+        conf.write_text("[gateway]\nlean_transport = false\n")
+        extra = ["--config", str(conf)]
     w = start_worker("--sim-tokens-per-second", str(a.sim_rate), "--sim-ttft", "0",
                      "--parallel", "16", "--max-queue", "256", backend="sim")
-    g = start_gateway("--worker", w.url)
+    g = start_gateway("--worker", w.url, *extra)
     try:
         wait_for(lambda: httpx.get(f"{g.url}/readyz").status_code == 200, 30, 0.05, "ready")
         gp = psutil.Process(g.proc.pid)

@@ -141,15 +141,16 @@ class _Body(httpx.AsyncByteStream):
         self.pool = pool
         self.conn = conn
         self.timeout = timeout
-        self.done = False
+        self.closed = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         async for data in self.conn.read_body(self.timeout):
             yield data
-        self.done = True
 
     async def aclose(self) -> None:
-        self.pool._finished(self.conn)
+        if not self.closed:  # at most once: a connection must never be pooled twice
+            self.closed = True
+            self.pool._finished(self.conn)
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
