@@ -76,6 +76,7 @@ class Placer:
         self.catalog: dict[str, ModelFile] = {}
         self._catalog_read = False
         self.current: list[Placement] = []
+        self.draining: list[Placement] = []  # still serving until their successor is ready
         self.generation = 0
         self.errors: dict[str, str] = {}  # worker id -> last push error
         self._down_since: dict[str, float] = {}
@@ -179,10 +180,25 @@ class Placer:
         for p in new:
             placed.update(p.workers)
             jobs.append(self._apply(p, by_id))
+        # Make before break: what serves a model now keeps serving it until the model's new
+        # placement is ready (a split giving way to a replica on a bigger worker, say).
+        ready = {p.model for p in new if self._serving(p, by_id)}
+        pending = {p.model for p in new} - ready
+        self.draining = [rp for rp in self._running(workers)
+                         if rp.model in pending and rp not in new]
+        keep = {wid for rp in self.draining for wid in rp.workers}
         for w in workers:
-            if w.id not in placed and (w.status.get("placement") or {}).get("role") != "none":
+            if w.id not in placed | keep and self._reported(w).get("role") != "none":
                 jobs.append(self._push(w, {"role": "none"}))
         await asyncio.gather(*jobs)
+
+    def _serving(self, p: Placement, by_id: dict[str, Worker]) -> bool:
+        for wid in p.workers:
+            r = self._reported(by_id[wid])
+            role = "replica" if p.mode == "replica" else ("head" if wid == p.head else "shard")
+            if r.get("role") != role or r.get("model") != p.model or r.get("state") != "ready":
+                return False
+        return True
 
     def _running(self, workers: list[Worker]) -> list[Placement]:
         """What the workers already run (after a gateway restart), so the plan keeps it."""
@@ -287,6 +303,9 @@ class Placer:
                 out.append({**p, "workers": ids})
         for e in summary(self.current):
             e["state"] = self._state(e)
+            out.append(e)
+        for e in summary(self.draining):
+            e["state"] = "draining"
             out.append(e)
         return out
 

@@ -358,3 +358,39 @@ def test_a_restarted_gateway_keeps_the_running_split() -> None:
         for w in workers:
             w.proc.stop()
         g.proc.stop()
+
+
+def test_a_big_worker_joining_turns_the_split_into_a_replica_without_a_gap() -> None:
+    g = start_gateway("--model", MODEL)
+    env = {"CORRAL_CLUSTER_TOKEN": g.token}
+
+    def worker(limit: str) -> Worker:
+        return start_worker("--join", g.url, "--memory-limit", limit, "--threads", "1",
+                            wait=False, env=env)
+
+    workers = [worker(LIMIT), worker(LIMIT)]
+    try:
+        split = _wait_placement(g.url, "split")
+        workers.append(worker(str(2 << 30)))
+        # The split serves every request until the replica is ready: no gap, no error.
+        deadline = time.monotonic() + 240
+        served_by = set()
+        while _ready_placement(g.url, "replica") is None:
+            assert time.monotonic() < deadline, "no replica within 240 s"
+            text, by = _greedy(g.url, QUESTION, 2)
+            assert text
+            served_by.add(by)
+        assert split["head"] in served_by
+        replica = _ready_placement(g.url, "replica")
+        (big,) = replica["workers"]
+        assert big not in split["workers"]
+        want = {big: "replica", **{w: "none" for w in split["workers"]}}
+        wait_for(lambda: {w["id"]: w["placement"]["role"]
+                          for w in _cluster(g.url)["workers"]} == want,
+                 30, 0.25, "the split's workers to be released")
+        assert [p["mode"] for p in _cluster(g.url)["placements"]] == ["replica"]
+        assert _greedy(g.url, QUESTION, 2)[1] == big
+    finally:
+        for w in workers:
+            w.proc.stop()
+        g.proc.stop()
