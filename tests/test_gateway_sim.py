@@ -142,6 +142,15 @@ def test_proxy_basics_and_error_shapes(worker_factory, gateways) -> None:
     assert metric(g, "corral_requests_total", model=MODEL, status="200") >= 3
     assert metric(g, "corral_tokens_total", model=MODEL, kind="completion") >= 13
     assert metric(g, "corral_worker_up", worker=w.id) == 1
+    text = httpx.get(f"{g.url}/metrics").text
+    for name in ("corral_requests_total", "corral_request_duration_seconds_bucket",
+                 "corral_time_to_first_token_seconds_bucket", "corral_tokens_total",
+                 "corral_worker_up", "corral_worker_queue_depth", "corral_inflight",
+                 "corral_queue_length", "# TYPE corral_retries_total counter",
+                 "# TYPE corral_rejected_total counter", "# TYPE corral_queue_wait_seconds histogram",
+                 "# TYPE corral_upstream_errors_total counter"):
+        assert name in text, name
+    assert metric(g, "corral_time_to_first_token_seconds_count", model=MODEL) == 2
     # Unknown models do not mint new label values.
     assert metric(g, "corral_requests_total", model="no-such-model") == 0
     assert metric(g, "corral_requests_total", model="other", status="404") == 1
