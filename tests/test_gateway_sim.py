@@ -147,7 +147,8 @@ def test_proxy_basics_and_error_shapes(worker_factory, gateways) -> None:
                  "corral_time_to_first_token_seconds_bucket", "corral_tokens_total",
                  "corral_worker_up", "corral_worker_queue_depth", "corral_inflight",
                  "corral_queue_length", "# TYPE corral_retries_total counter",
-                 "# TYPE corral_rejected_total counter", "# TYPE corral_queue_wait_seconds histogram",
+                 "# TYPE corral_rejected_total counter",
+                 "# TYPE corral_queue_wait_seconds histogram",
                  "# TYPE corral_upstream_errors_total counter"):
         assert name in text, name
     assert metric(g, "corral_time_to_first_token_seconds_count", model=MODEL) == 2
