@@ -262,46 +262,57 @@ class Relay:
         self.closed = False
 
     async def body(self) -> AsyncIterator[bytes]:
-        chunk = self.first
-        buf = b""
-        it = self.it
-        try:
-            while True:
-                if buf:
-                    chunk = buf + chunk
-                cut = chunk.rfind(b"\n\n") + 2
-                if cut < 2:
-                    buf = chunk
-                else:
-                    if cut == len(chunk):
-                        piece, buf = chunk, b""
+        chunk: bytes | None = self.first
+        while chunk is not None:
+            buf = b""
+            it = self.it
+            try:
+                while True:
+                    if buf:
+                        chunk = buf + chunk
+                    cut = chunk.rfind(b"\n\n") + 2
+                    if cut < 2:
+                        buf = chunk
                     else:
-                        piece, buf = chunk[:cut], chunk[cut:]
-                    self.events += piece.count(b"\n\n")
-                    if self.ttft is None and (b'"delta":{"content":' in piece
-                                              or b'"text":"' in piece):
-                        self.ttft = time.perf_counter() - self.call.started
-                    if b'"usage":' in piece:
-                        piece = self._usage(piece)
-                    if piece.endswith(b"data: [DONE]\n\n"):
-                        self.done = True
-                    elif b'data: {"error"' in piece:
-                        self.worker_error = True
-                    if piece:
-                        yield piece
-                chunk = await it.__anext__()
-        except StopAsyncIteration:
-            pass
-        except httpx.HTTPError as exc:
-            self.up.metrics.upstream_errors.labels("midstream").inc()
-            self.up.registry.eject(self.worker, f"stream broke: {exc!s:.200}")
-        if not self.done and not self.worker_error:
-            self.broken = True
-            # Mid-stream continuation on another worker (a later issue) goes here; until
-            # then the client gets an explicit error event, never a silent cut.
-            yield sse(error_body(
-                "The worker serving this stream failed before finishing it.",
-                "server_error", None, "worker_failed"))
+                        if cut == len(chunk):
+                            piece, buf = chunk, b""
+                        else:
+                            piece, buf = chunk[:cut], chunk[cut:]
+                        self.events += piece.count(b"\n\n")
+                        if self.ttft is None and (b'"delta":{"content":' in piece
+                                                  or b'"text":"' in piece):
+                            self.ttft = time.perf_counter() - self.call.started
+                        if b'"usage":' in piece:
+                            piece = self._usage(piece)
+                        if piece.endswith(b"data: [DONE]\n\n"):
+                            self.done = True
+                        elif b'data: {"error"' in piece:
+                            self.worker_error = True
+                        if piece:
+                            yield piece
+                    chunk = await it.__anext__()
+            except StopAsyncIteration:
+                pass
+            except httpx.HTTPError as exc:
+                self.up.metrics.upstream_errors.labels("midstream").inc()
+                self.up.registry.eject(self.worker, f"stream broke: {exc!s:.200}")
+            if self.done or self.worker_error:
+                return
+            chunk = await self._continue_elsewhere()
+        self.broken = True
+        yield sse(error_body("The worker serving this stream failed before finishing it.",
+                             "server_error", None, "worker_failed"))
+
+    async def _continue_elsewhere(self) -> bytes | None:
+        """Where mid-stream continuation plugs in (a later issue).
+
+        It will re-send the request to another worker with the text relayed so far as a
+        final assistant message (`continue_final_message`), swap `resp`, `it` and `worker`
+        (releasing the old lease, taking a new one), and return the new stream's first
+        chunk with the role chunk dropped. Until then the stream ends with an explicit
+        error event: never a silent cut.
+        """
+        return None
 
     def _usage(self, piece: bytes) -> bytes:
         """Reads usage from the usage chunk; drops that chunk if the client did not ask."""
