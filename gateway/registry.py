@@ -293,6 +293,7 @@ class Registry:
 
     async def _housekeeping(self) -> None:
         """Drops joined workers that stopped heartbeating; shares in-flight counts."""
+        shared_failing = False
         while True:
             await asyncio.sleep(self.cfg.probe_interval)
             now = time.monotonic()
@@ -304,9 +305,14 @@ class Registry:
                 mine = {w.id: w.inflight for w in self.workers.values() if w.inflight}
                 await self.shared.publish_inflight(self.replica, mine)
                 others = await self.shared.others_inflight(self.replica)
-            except Exception:  # shared state unreachable: route on local knowledge
-                log.exception("shared in-flight counts: publishing or reading failed")
+            except Exception as exc:  # shared state unreachable: route on local knowledge
+                if not shared_failing:
+                    log.warning("shared state unreachable, routing on local counts: %s", exc)
+                shared_failing = True
                 continue
+            if shared_failing:
+                log.warning("shared state reachable again")
+                shared_failing = False
             for w in self.workers.values():
                 w.others = others.get(w.id, 0)
 

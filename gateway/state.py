@@ -1,8 +1,8 @@
 """Shared state: one async interface, so gateway replicas can share it (Redis, later).
 
-Today it holds in-flight request counts per worker, per gateway replica. Rate-limit windows,
-session affinity and the worker registry join it in later issues, and a Redis
-implementation will implement this same interface (a hash per replica with a TTL fits it).
+Today it holds in-flight request counts per worker, per gateway replica, in this process
+(`MemoryState`) or in Redis (`RedisState`, with `--redis-url`). Rate-limit windows, session
+affinity and the worker registry join it in later issues, behind this same interface.
 
 The hot path never awaits this. Routing reserves on the replica's own counters (atomic in
 the event loop, see routing.py); the registry's housekeeping publishes a snapshot of them
@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+
+import orjson
 
 log = logging.getLogger("corral.gateway")
 
@@ -64,8 +66,40 @@ class MemoryState(SharedState):
             counts.pop(worker_id, None)
 
 
+class RedisState(SharedState):
+    """State shared by gateway replicas through Redis.
+
+    Each replica's in-flight snapshot is one key with a TTL, so a replica that dies stops
+    counting by itself after `ttl` seconds.
+    """
+
+    def __init__(self, url: str, prefix: str = "corral:", ttl: float = 10.0) -> None:
+        import redis.asyncio as aioredis
+
+        self.redis = aioredis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self.prefix = f"{prefix}inflight:"
+        self.ttl_ms = int(ttl * 1000)
+
+    async def publish_inflight(self, replica: str, counts: dict[str, int]) -> None:
+        await self.redis.set(self.prefix + replica, orjson.dumps(counts), px=self.ttl_ms)
+
+    async def inflight_by_replica(self) -> dict[str, dict[str, int]]:
+        keys = [k async for k in self.redis.scan_iter(match=self.prefix + "*", count=1000)]
+        if not keys:
+            return {}
+        out: dict[str, dict[str, int]] = {}
+        for key, raw in zip(keys, await self.redis.mget(keys), strict=True):
+            if raw:
+                name = key.decode() if isinstance(key, bytes) else key
+                out[name[len(self.prefix):]] = orjson.loads(raw)
+        return out
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """Nothing to do: each replica's next snapshot no longer names the worker."""
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
 def make_state(redis_url: str | None) -> SharedState:
-    if redis_url:
-        log.warning("--redis-url is not supported yet: state stays in this process, so run "
-                    "one gateway replica")
-    return MemoryState()
+    return RedisState(redis_url) if redis_url else MemoryState()

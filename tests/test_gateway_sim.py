@@ -456,3 +456,31 @@ def test_joined_worker_that_stops_heartbeating_is_dropped(gateways, tmp_path) ->
     t0 = time.monotonic()
     wait_for(lambda: "gone" not in states(g), 10, 0.05, "the silent worker to be dropped")
     assert time.monotonic() - t0 >= 0.5
+
+
+def test_gateway_replicas_share_inflight_counts_through_redis(worker_factory, gateways,
+                                                              redis_url) -> None:
+    w = sim(worker_factory, rate=10, parallel=4)
+    a = gateways("--worker", w.url, "--redis-url", redis_url)
+    b = gateways("--worker", w.url, "--redis-url", redis_url)
+    wait_state(a, w.id, "ready")
+    wait_state(b, w.id, "ready")
+    client = client_for(a.url)
+
+    def inflight_seen_by(g: Gateway) -> int:
+        return next(x["inflight"] for x in cluster(g)["workers"] if x["id"] == w.id)
+
+    with ThreadPoolExecutor(3) as pool:  # 3 requests of 3 s, all through gateway a
+        pending = [pool.submit(chat, client, 30) for _ in range(3)]
+        wait_for(lambda: inflight_seen_by(b) == 3, 5, 0.05, "b to count a's requests")
+        assert metric(b, "corral_inflight", worker=w.id) == 0  # none of them are b's own
+        assert [f.result(timeout=30)[0] for f in pending] == [w.id] * 3
+    wait_for(lambda: inflight_seen_by(b) == 0, 5, 0.05, "b to see them finish")
+
+
+def test_unreachable_redis_degrades_to_local_counts(worker_factory, gateways) -> None:
+    w = sim(worker_factory)
+    g = gateways("--worker", w.url, "--redis-url", f"redis://{HOST}:{free_port()}/0")
+    wait_state(g, w.id, "ready")
+    assert chat(client_for(g.url))[0] == w.id
+    wait_for(lambda: "shared state unreachable" in g.proc.log(), 5, 0.05, "a warning")
