@@ -25,9 +25,11 @@ import uuid
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
 MODEL = "smollm2-135m"
 COUNT_PROMPT = "Count from one to five hundred in words, separated by commas: one, two, three,"
@@ -54,7 +56,15 @@ def stream_completion(http: httpx.Client, url: str, body: dict) -> tuple[float, 
     return (first if first is not None else time.perf_counter() - t0), tokens
 
 
-def _level(http: httpx.Client, url: str, c: int, n: int, max_tokens: int) -> dict:
+def _cpu(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _level(http: httpx.Client, url: str, c: int, n: int, max_tokens: int,
+           pid: int | None) -> dict:
     counts: list[int] = []
     ttfts: list[float] = []
     lock = threading.Lock()
@@ -74,29 +84,68 @@ def _level(http: httpx.Client, url: str, c: int, n: int, max_tokens: int) -> dic
                 counts.append(k)
                 ttfts.append(ttft)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu(pid)
     threads = [threading.Thread(target=work) for _ in range(c)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
-    return {"concurrency": c, "requests": n, "completion_tokens": sum(counts),
-            "seconds": round(wall, 2), "tokens_per_second": round(sum(counts) / wall, 1),
-            "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1)}
+    wall, cpu = time.perf_counter() - t0, _cpu(pid) - cpu0
+    row = {"concurrency": c, "requests": n, "completion_tokens": sum(counts),
+           "seconds": round(wall, 2), "tokens_per_second": round(sum(counts) / wall, 1),
+           "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1)}
+    if pid is not None:  # robust to other load on the box: tokens per second of our CPU
+        row["tokens_per_cpu_second"] = round(sum(counts) / max(cpu, 1e-6), 1)
+    return row
 
 
-def throughput(base: str, levels: list[int], max_tokens: int, rounds: int) -> list[dict]:
+def throughput(base: str, levels: list[int], max_tokens: int, rounds: int,
+               pid: int | None = None) -> list[dict]:
     url = f"{base}/v1/completions"
     out = []
     with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64)) as http:
         stream_completion(http, url, {"model": MODEL, "prompt": COUNT_PROMPT, "max_tokens": 8,
                                       "temperature": 0})  # warm-up
         for c in levels:
-            row = _level(http, url, c, c * rounds, max_tokens)
+            row = _level(http, url, c, c * rounds, max_tokens, pid)
             print(json.dumps(row), flush=True)
             out.append(row)
     return out
+
+
+def raw_pipeline(levels: list[int], max_tokens: int, rounds: int, device: str) -> None:
+    """The same load straight on a ContinuousBatchingPipeline: the worker's ceiling."""
+    import numpy as np
+    import openvino as ov
+    import openvino_genai as ovg
+
+    from worker.backends.openvino import OpenVINOBackend
+    from worker.models import resolve
+
+    b = OpenVINOBackend(str(resolve(MODEL)[1]), max(levels), 2048, device)
+    sc = ovg.SchedulerConfig()
+    sc.enable_prefix_caching, sc.max_num_seqs, sc.cache_size = True, max(levels), 1
+    pipe = b._open(sc)
+    tok = pipe.get_tokenizer()
+    cfg = ovg.GenerationConfig()
+    cfg.max_new_tokens, cfg.do_sample, cfg.ignore_eos = max_tokens, False, True
+    for c in levels:
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        n = 0
+        for _ in range(rounds):
+            handles = []
+            for i in range(c):
+                ids = tok.encode(f"[{i}-{uuid.uuid4().hex[:6]}] {COUNT_PROMPT}").input_ids
+                handles.append(pipe.add_request(i, ov.Tensor(np.asarray(ids.data)), cfg))
+            while pipe.has_non_finished_requests():
+                pipe.step()
+                for h in handles:
+                    if h.can_read():
+                        n += sum(len(o.generated_ids) for o in h.read().values())
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        print(json.dumps({"raw_pipeline": True, "concurrency": c, "completion_tokens": n,
+                          "tokens_per_second": round(n / wall, 1),
+                          "tokens_per_cpu_second": round(n / cpu, 1)}), flush=True)
 
 
 def history(nonce: str, notes: int) -> list[dict]:
@@ -143,9 +192,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2, help="requests per client per level")
     ap.add_argument("--ttft-runs", type=int, default=5)
-    ap.add_argument("--notes", type=int, default=60, help="history size (~17 tokens each)")
+    ap.add_argument("--notes", type=int, default=40, help="history size (~25 tokens each)")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--raw", action="store_true",
+                    help="the throughput levels straight on the pipeline, no worker")
     a = ap.parse_args()
+    levels = [int(x) for x in a.levels.split(",")]
+    if a.raw:
+        raw_pipeline(levels, a.max_tokens, a.rounds, a.device)
+        return
 
     worker = None
     base = a.url
@@ -165,7 +220,8 @@ def main() -> None:
                           "calibrated_tokens_per_second": status["tokens_per_second"],
                           "load_average": os.getloadavg()}), flush=True)
         if not a.skip_throughput:
-            throughput(base, [int(x) for x in a.levels.split(",")], a.max_tokens, a.rounds)
+            throughput(base, levels, a.max_tokens, a.rounds,
+                       worker.proc.pid if worker is not None else None)
         second_turn_ttft(base, a.ttft_runs, a.notes)
     finally:
         if worker is not None:

@@ -197,6 +197,8 @@ def test_greedy_is_deterministic(client):
 
 
 def test_greedy_alone_equals_greedy_in_a_batch(client, ov_worker):
+    if not status(ov_worker)["hardware"]["batch_invariant"]:
+        pytest.skip("CORRAL_OPENVINO_BATCH_INVARIANT=0: batched greedy may differ by design")
     prompts = ["Tell me about cats.", "What is 2+2?", "Write a haiku about rain.",
                "Name three colors and a number."]
     alone = [greedy(client, p, max_tokens=24)[0] for p in prompts]
