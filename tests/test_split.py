@@ -371,6 +371,8 @@ def test_a_big_worker_joining_turns_the_split_into_a_replica_without_a_gap() -> 
     workers = [worker(LIMIT), worker(LIMIT)]
     try:
         split = _wait_placement(g.url, "split")
+        (endpoint,) = [w["placement"]["rpc_endpoint"] for w in _cluster(g.url)["workers"]
+                       if w["placement"]["role"] == "shard"]
         workers.append(worker(str(2 << 30)))
         # The split serves every request until the replica is ready: no gap, no error.
         deadline = time.monotonic() + 240
@@ -389,6 +391,10 @@ def test_a_big_worker_joining_turns_the_split_into_a_replica_without_a_gap() -> 
                           for w in _cluster(g.url)["workers"]} == want,
                  30, 0.25, "the split's workers to be released")
         assert [p["mode"] for p in _cluster(g.url)["placements"]] == ["replica"]
+        # The released shard's RPC port is closed.
+        host, port = endpoint.rsplit(":", 1)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, int(port)), timeout=5).close()
         assert _greedy(g.url, QUESTION, 2)[1] == big
     finally:
         for w in workers:

@@ -23,7 +23,9 @@ import contextlib
 import hmac
 import logging
 import os
+import socket
 import time
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -62,6 +64,45 @@ class PlacementRequest(BaseModel):
     def same_job(self, other: PlacementRequest) -> bool:
         skip = {"generation", "model_url", "restart"}
         return self.model_dump(exclude=skip) == other.model_dump(exclude=skip)
+
+
+ANY = ("0.0.0.0", "::", "")
+
+
+def _route_to(host: str) -> str | None:
+    """This box's address on the route to `host` (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def rpc_hosts(cfg: Any) -> tuple[str, str]:
+    """(address an RPC shard binds, address a head reaches it at).
+
+    `--rpc-host` if given (0.0.0.0 only when said so); else the worker's own `--host`; if
+    that is a wildcard, the address the gateway reaches this worker at (its advertised URL,
+    or the interface on the route to the gateway), so the shard is never on every
+    interface by default.
+    """
+    advertised = urllib.parse.urlsplit(cfg.url).hostname or ""
+    if cfg.rpc_host:
+        bind = cfg.rpc_host
+    elif cfg.host not in ANY:
+        bind = cfg.host
+    elif advertised and advertised not in ANY:
+        bind = advertised
+    else:
+        gateway = urllib.parse.urlsplit(cfg.join or "").hostname
+        bind = (_route_to(gateway) if gateway else None) or "127.0.0.1"
+    reach = bind
+    if bind in ANY:
+        reach = advertised if advertised and advertised not in ANY else (
+            _route_to(urllib.parse.urlsplit(cfg.join or "").hostname or "127.0.0.1")
+            or "127.0.0.1")
+    return bind, reach
 
 
 def stall_seconds() -> float:
@@ -183,10 +224,11 @@ class Control:
     async def _start_shard(self, req: PlacementRequest) -> None:
         from worker.rpc.shard import ShardHost
 
-        host = self.cfg.rpc_host or self.cfg.host
-        shard = ShardHost(host, req.allow_peer, self.cfg.threads or 1)
+        bind, reach = rpc_hosts(self.cfg)
+        shard = ShardHost(bind, req.allow_peer, self.cfg.threads or 1)
         try:
-            self.rpc_endpoint = await asyncio.to_thread(shard.start)
+            await asyncio.to_thread(shard.start)
+            self.rpc_endpoint = f"{reach}:{shard.port}"
         except Exception as exc:
             shard.stop()
             self.broken(f"the RPC shard did not start: {exc}")
