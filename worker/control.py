@@ -427,20 +427,26 @@ async def set_placement(request: Request) -> Response:
 
 
 class HeadRelay:
-    """ASGI middleware: while this worker is a split head, `/v1/*` goes to the head child."""
+    """ASGI middleware: while this worker is a split head, `/v1/*` (and `/metrics`, whose
+    counters live there) go to the head child."""
 
     def __init__(self, app: ASGIApp, get_control: Any) -> None:
         self.app = app
         self.get_control = get_control
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path.startswith("/v1/") or path == "/metrics"):
             c: Control | None = self.get_control()
             if c is not None and c.managed and c.role == "head":
                 from worker.rpc.relay import relay
 
                 head = c.head
-                if head is None or not head.ready or c.phase == "broken":
+                up = head is not None and head.ready and c.phase != "broken"
+                if path == "/metrics" and not up:
+                    await self.app(scope, receive, send)  # this process's own counters
+                    return
+                if head is None or not up:
                     err = APIError(503, "The split model is not ready on this worker.",
                                    "service_unavailable", None, "no_healthy_worker",
                                    {"Retry-After": "1"})
