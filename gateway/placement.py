@@ -7,7 +7,7 @@ Memory a model needs on one box (`estimate`), from the GGUF's metadata and tenso
   kv_cache = n_layer x n_ctx x n_head_kv x (key_length + value_length) x 2 bytes (f16) x slots;
   compute  = llama.cpp's compute buffer: 4 bytes x n_ubatch x (n_vocab + n_embd + n_ff) (the
              logits of one micro-batch dominate; measured 99.4 MiB for SmolLM2-135M at
-             n_ubatch 512, this gives 99.9 MiB);
+             n_ubatch 512, this gives 100.1 MiB);
   runtime  = one worker process (Python, llama.cpp, the HTTP stack), measured: 80 MiB RSS.
 
 Plan (`plan`): every worker holds at most one role. First every model gets a home, biggest
