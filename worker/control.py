@@ -221,11 +221,14 @@ class Control:
         log.error("placement broken: %s", why)
         self._set_phase("broken", why)
 
+    def _threads(self) -> int:
+        return self.cfg.threads or os.cpu_count() or 1
+
     async def _start_shard(self, req: PlacementRequest) -> None:
         from worker.rpc.shard import ShardHost
 
         bind, reach = rpc_hosts(self.cfg)
-        shard = ShardHost(bind, req.allow_peer, self.cfg.threads or 1)
+        shard = ShardHost(bind, req.allow_peer, self._threads())
         try:
             await asyncio.to_thread(shard.start)
             self.rpc_endpoint = f"{reach}:{shard.port}"
@@ -305,7 +308,7 @@ class Control:
 
         cfg = self.cfg
         head = HeadProcess(cfg.worker_id, str(path), req.model or path.stem, req.shards,
-                           req.tensor_split, cfg.threads or 1, cfg.parallel, cfg.ctx_size,
+                           req.tensor_split, self._threads(), cfg.parallel, cfg.ctx_size,
                            stall_seconds())
         self.head = head
         await head.start()
@@ -332,7 +335,7 @@ class Control:
             st.engine.ready = False
             st.model_names.clear()
             old = st.backend
-            st.backend = st.engine.backend = IdleBackend()
+            st.backend = st.engine.backend = IdleBackend(self.cfg.parallel, self.cfg.ctx_size)
             await asyncio.to_thread(old.close)
         st.model_bytes = 0
 
@@ -349,10 +352,13 @@ class IdleBackend:
     """Stands in for a backend until the gateway places a model here."""
 
     name = "llama"
-    n_ctx = 0
-    slots = 1
     model_path = None
     default_max_tokens = None
+
+    def __init__(self, slots: int = 1, n_ctx: int = 2048) -> None:
+        # What a placed model will get: the planner sizes its KV cache from these.
+        self.slots = max(1, slots)
+        self.n_ctx = n_ctx
 
     def load(self) -> None:
         pass
