@@ -285,7 +285,11 @@ class Control:
                                "names no file to fetch")
         self._set_phase("fetching")
         self.download = Download(req.model, req.sha256, req.size)
-        return await fetch(req.model_url, self.download, self.cfg.cluster_token)
+        url = req.model_url
+        if self.cfg.join:  # the gateway as this worker reaches it, not as it names itself
+            u = urllib.parse.urlsplit(url)
+            url = self.cfg.join.rstrip("/") + u.path + (f"?{u.query}" if u.query else "")
+        return await fetch(url, self.download, self.cfg.cluster_token)
 
     async def _load_replica(self, req: PlacementRequest, path: Path) -> None:
         from worker.backends.llama import LlamaBackend
