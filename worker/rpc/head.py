@@ -5,8 +5,9 @@ one hangs it forever, so the head never runs inside the worker: the worker start
 `python -m worker.rpc.head`, which probes every shard (HELLO with a timeout), registers
 them, loads the GGUF with layers offloaded to them and serves the ordinary worker API on a
 loopback port. The worker relays `/v1/*` to it (`worker.rpc.relay`) and supervises it with
-`HeadProcess`: readiness, a watchdog that kills a head producing no token for
-`stall_seconds` while a request is active, and the reason it broke for `/status`.
+`HeadProcess`: readiness, a watchdog that kills a head that makes no progress (no token
+out, no prompt chunk in) for `stall_seconds` while a request is active, and the reason it
+broke for `/status`.
 
 Layers: the head keeps the first `round(n_layer x tensor_split[0])` layers on its own CPU;
 the rest and the output layer go to the shards, shared in proportion to the remaining
@@ -109,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     @app.get("/progress")
     async def progress() -> dict[str, Any]:
         e = state.engine
+        steps = backend.stats()
         return {"ready": e.ready, "error": state.load_error,
+                # Anything the model computed: tokens out, prompt chunks in, decode steps.
+                "progress": e.stats.generated_tokens + steps.get("decode_steps", 0)
+                + steps.get("prompt_tokens_evaluated", 0),
                 "generated": e.stats.generated_tokens, "requests": e.stats.requests,
                 "slots_busy": e.slots_busy, "slots_total": backend.slots,
                 "queue_depth": e.queue_depth,
@@ -197,7 +202,7 @@ class HeadProcess:
 
     async def watch(self, on_broken: Any) -> None:
         """Runs while placed: notices a dead child, and kills one that stopped producing."""
-        last_generated = -1
+        last_progress = -1
         last_change = time.monotonic()
         while True:
             await asyncio.sleep(0.25)
@@ -212,8 +217,8 @@ class HeadProcess:
             self.progress = p
             now = time.monotonic()
             busy = p.get("slots_busy", 0) > 0
-            if p.get("generated") != last_generated or not busy:
-                last_generated, last_change = p.get("generated", 0), now
+            if p.get("progress") != last_progress or not busy:
+                last_progress, last_change = p.get("progress", 0), now
             elif now - last_change > self.stall_seconds:
                 self.kill()
                 self._break(f"no token for {self.stall_seconds:g}s while a request was "
