@@ -80,7 +80,7 @@ class Placer:
         self.generation = 0
         self.errors: dict[str, str] = {}  # worker id -> last push error
         self._down_since: dict[str, float] = {}
-        self._restart: set[str] = set()  # workers whose next push must restart their role
+        self._retries: dict[str, tuple[int, float]] = {}  # broken worker -> (count, next)
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -175,6 +175,9 @@ class Placer:
             log.warning("placement: %s", [p.to_json() for p in new] or "nothing fits")
         self.current = new
         by_id = {w.id: w for w in workers}
+        for w in workers:  # a placement that serves again starts its retry count afresh
+            if self._reported(w).get("state") == "ready":
+                self._retries.pop(w.id, None)
         placed: set[str] = set()
         jobs = []
         for p in new:
@@ -238,8 +241,12 @@ class Placer:
         if p.mode == "replica":
             w = by_id[p.workers[0]]
             r = self._reported(w)
-            if r.get("role") != "replica" or r.get("model") != p.model or \
-                    r.get("state") == "broken":
+            broken = r.get("state") == "broken"
+            if broken and not self._may_retry(w.id):
+                return
+            if r.get("role") != "replica" or r.get("model") != p.model or broken:
+                if broken:
+                    self._retried(w.id)
                 await self._push(w, {"role": "replica", **self._file_fields(p.model)})
             return
         head = by_id[p.head] if p.head else None
@@ -247,6 +254,10 @@ class Placer:
             return
         hr = self._reported(head)
         head_broken = hr.get("state") == "broken"
+        if head_broken:
+            if not self._may_retry(head.id):
+                return
+            self._retried(head.id)
         peer = urllib.parse.urlsplit(head.url).hostname or "127.0.0.1"
         endpoints: list[str] = []
         for sid in p.workers[1:]:
@@ -254,13 +265,12 @@ class Placer:
             sr = self._reported(s)
             ok = (sr.get("role") == "shard" and sr.get("model") == p.model
                   and sr.get("state") == "ready" and sr.get("rpc_endpoint")
-                  and not head_broken and sid not in self._restart)
+                  and not head_broken)
             if ok:
                 endpoints.append(sr["rpc_endpoint"])
                 continue
             body = {"role": "shard", "model": p.model, "allow_peer": [peer], "restart": True}
             answer = await self._push(s, body)
-            self._restart.discard(sid)
             if not answer or not answer.get("rpc_endpoint"):
                 return  # try again next round
             endpoints.append(answer["rpc_endpoint"])
@@ -271,6 +281,14 @@ class Placer:
         await self._push(head, {"role": "head", **self._file_fields(p.model),
                                 "shards": endpoints, "tensor_split": list(p.tensor_split),
                                 "restart": head_broken})
+
+    def _may_retry(self, wid: str) -> bool:
+        """A broken placement is retried at once, then after 1, 2, 4 … 60 s."""
+        return time.monotonic() >= self._retries.get(wid, (0, 0.0))[1]
+
+    def _retried(self, wid: str) -> None:
+        n, _ = self._retries.get(wid, (0, 0.0))
+        self._retries[wid] = (n + 1, time.monotonic() + min(60.0, 2.0 ** n))
 
     async def _push(self, w: Worker, body: dict[str, Any]) -> dict[str, Any] | None:
         assert self._client is not None
