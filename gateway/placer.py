@@ -227,7 +227,8 @@ class Placer:
         quoted = urllib.parse.quote(model, safe="")
         base = f"http://{self._public_host()}:{self.cfg.port}"
         return {"model": model, "sha256": m.sha256, "size": m.size,
-                "model_url": f"{base}/cluster/models/{quoted}/file"}
+                "model_url": f"{base}/cluster/models/{quoted}/file",
+                "path": str(m.path)}  # a worker on the gateway's box may use it in place
 
     def _public_host(self) -> str:
         host = self.cfg.host

@@ -286,7 +286,9 @@ def test_a_worker_fetches_a_model_it_lacks_from_the_gateway(tmp_path: Path) -> N
         r = httpx.get(base, headers={**auth, "Range": "bytes=10-19"})
         assert r.status_code == 206 and r.content == data[10:20]
         w = start_worker("--join", g.url, "--parallel", "1", "--threads", "1", wait=False,
-                         env={"CORRAL_CLUSTER_TOKEN": g.token, "CORRAL_CACHE_DIR": str(cache)})
+                         env={"CORRAL_CLUSTER_TOKEN": g.token, "CORRAL_CACHE_DIR": str(cache),
+                              # as if on another box: do not use the gateway's copy in place
+                              "CORRAL_USE_GATEWAY_PATH": "0"})
         wait_for(lambda: _ready_placement(g.url, "replica", model=name) is not None, 240,
                  0.25, "the fetched model to serve")
         st = httpx.get(f"{w.url}/status").json()
@@ -398,5 +400,28 @@ def test_a_big_worker_joining_turns_the_split_into_a_replica_without_a_gap() -> 
         assert _greedy(g.url, QUESTION, 2)[1] == big
     finally:
         for w in workers:
+            w.proc.stop()
+        g.proc.stop()
+
+
+def test_a_worker_on_the_gateways_box_uses_its_file_in_place(tmp_path: Path) -> None:
+    from worker.models import resolve
+
+    name = "corral-local-model"
+    model = tmp_path / f"{name}.gguf"
+    shutil.copyfile(resolve(MODEL)[1], model)
+    cache = tmp_path / "cache"
+    g = start_gateway("--model", str(model))
+    w = None
+    try:
+        w = start_worker("--join", g.url, "--parallel", "1", "--threads", "1", wait=False,
+                         env={"CORRAL_CLUSTER_TOKEN": g.token, "CORRAL_CACHE_DIR": str(cache)})
+        wait_for(lambda: _ready_placement(g.url, "replica", model=name) is not None, 240,
+                 0.25, "the model to serve")
+        st = httpx.get(f"{w.url}/status").json()
+        assert "download" not in st["placement"]  # checksummed in place, not copied
+        assert not cache.exists() or not any(cache.iterdir())
+    finally:
+        if w is not None:
             w.proc.stop()
         g.proc.stop()

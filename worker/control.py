@@ -54,6 +54,7 @@ class PlacementRequest(BaseModel):
     role: Role
     model: str | None = None
     model_url: str | None = None
+    path: str | None = None  # where the gateway has the file: used if this box has it too
     sha256: str | None = None
     size: int | None = None
     shards: list[str] = Field(default_factory=list)
@@ -62,7 +63,7 @@ class PlacementRequest(BaseModel):
     restart: bool = False  # start afresh even if the job is the one running
 
     def same_job(self, other: PlacementRequest) -> bool:
-        skip = {"generation", "model_url", "restart"}
+        skip = {"generation", "model_url", "path", "restart"}
         return self.model_dump(exclude=skip) == other.model_dump(exclude=skip)
 
 
@@ -269,17 +270,22 @@ class Control:
             cached = target(req.model, req.sha256)
             if cached.is_file() and (req.size is None or cached.stat().st_size == req.size):
                 return cached
-        with contextlib.suppress(APIError, OSError):  # this box may have it already
-            from worker.models import resolve
+        from worker.models import resolve
 
-            _, local = resolve(req.model)
+        candidates: list[Path] = []
+        with contextlib.suppress(APIError, OSError):  # this box may have it already
+            candidates.append(resolve(req.model)[1])
+        if req.path and os.environ.get("CORRAL_USE_GATEWAY_PATH", "1") != "0":
+            candidates.append(Path(req.path))  # the same box as the gateway: no copy
+        for local in candidates:
             if not req.sha256:
                 return local
             key = str(local)
-            if key not in self._verified:
-                self._verified[key] = await asyncio.to_thread(sha256_of, local)
-            if self._verified[key] == req.sha256:
-                return local
+            with contextlib.suppress(OSError):
+                if key not in self._verified:
+                    self._verified[key] = await asyncio.to_thread(sha256_of, local)
+                if self._verified[key] == req.sha256:
+                    return local
         if not (req.model_url and req.sha256 and req.size is not None):
             raise RuntimeError(f"this worker does not have {req.model!r} and the placement "
                                "names no file to fetch")
