@@ -105,6 +105,9 @@ class OpenVINOBackend(Backend):
         self.model_path = model_path
         self.slots = max(1, int(parallel))
         self.n_ctx = max(16, min(int(ctx_size), MAX_CTX))
+        if self.n_ctx < int(ctx_size):
+            log.warning("openvino: ctx_size %s capped at %d (OpenVINO keeps only the last %d "
+                        "prompt tokens)", ctx_size, MAX_CTX, MAX_CTX)
         self.device = (device or "CPU").upper()
         self.default_max_tokens = None
         self.calibrated_tokens_per_second = 0.0
@@ -119,6 +122,7 @@ class OpenVINOBackend(Backend):
         self._stop_ids: set[int] = set()
         self._eos: int = -1
         self._bos_text = ""
+        self._bos_id = -1
         self._pending: list[Sequence] = []
         self._live: dict[int, _Live] = {}
         self._next_id = 0
@@ -152,6 +156,7 @@ class OpenVINOBackend(Backend):
             {self._eos} if self._eos >= 0 else set()
         )
         self._bos_text = self._tok.get_bos_token() or ""
+        self._bos_id = int(self._tok.get_bos_token_id())
         if not self._tok.chat_template:  # a GGUF without a template: ChatML, as llama.cpp does
             log.warning("openvino: %s has no chat template; using ChatML", self.model_path)
             self._tok.set_chat_template(_CHATML)
@@ -242,8 +247,8 @@ class OpenVINOBackend(Backend):
     def tokenize(self, text: str) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=True).input_ids.data[0].tolist()
         # A template that writes the BOS itself plus a tokenizer that adds one: keep one.
-        if len(ids) >= 2 and self._bos_text and text.startswith(self._bos_text) and \
-                ids[0] == ids[1]:
+        if len(ids) >= 2 and ids[0] == ids[1] == self._bos_id and \
+                text.startswith(self._bos_text):
             ids = ids[1:]
         return ids
 
