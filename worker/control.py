@@ -143,7 +143,8 @@ class Control:
             "managed": self.managed, "role": self.role if self.managed else "replica",
             "model": (r.model if r else None) if self.managed else self.state.model_id,
             "generation": r.generation if r else 0,
-            "state": self.phase if self.managed else "ready", "error": self.error,
+            "state": self.phase if self.managed else self._own_state(),
+            "error": self.error if self.managed else self.state.load_error,
             "since": self.changed_at,
         }
         if self.download is not None:
@@ -155,6 +156,12 @@ class Control:
         if self.head is not None and self.head.progress.get("offload"):
             out["offload"] = self.head.progress["offload"]
         return out
+
+    def _own_state(self) -> str:
+        """The phase of a worker started with --model (not placed by a gateway)."""
+        if self.state.engine.ready:
+            return "ready"
+        return "broken" if self.state.load_error else "loading"
 
     def decorate(self, st: WorkerStatus) -> WorkerStatus:
         st.placement = self.view()  # type: ignore[attr-defined]
