@@ -267,28 +267,31 @@ class BatchLoop:
             b.logits[n] = logits
             n += 1
 
-        prefill: list[Run] = []
-        for r in runs:
-            r.out, r.chunk = -1, 0
-            if r.prefilling:
-                prefill.append(r)
-            else:
-                r.out = n
-                add(r.next_token, len(r.slot.tokens), r.slot.seq_id, True)
-        budget = (self._shared_budget() if n else self.n_batch) - n
-        budget = max(budget, min(len(prefill), self.n_batch - n))
+        prefill = [r for r in runs if r.prefilling]
+        n_decode = len(runs) - len(prefill)
+        budget = (self._shared_budget() if n_decode else self.n_batch) - n_decode
+        budget = max(budget, min(len(prefill), self.n_batch - n_decode))
         # A fair share each; what one needs less of goes to the ones after it.
         for i, r in enumerate(prefill):
             share = -(-budget // (len(prefill) - i)) if budget > 0 else 0
-            tokens, start = r.seq.prompt, len(r.slot.tokens)
-            take = min(share, len(tokens) - start)
-            for j in range(start, start + take):
+            r.chunk = min(share, len(r.seq.prompt) - len(r.slot.tokens))
+            budget -= r.chunk
+        # In slot (= seq id) order: with a per-sequence KV cache llama.cpp puts runs of
+        # consecutive seq ids into one ubatch, so interleaving would split the step.
+        for r in runs:
+            r.out = -1
+            sid, start = r.slot.seq_id, len(r.slot.tokens)
+            if not r.prefilling:
+                r.chunk = 0
+                r.out = n
+                add(r.next_token, start, sid, True)
+                continue
+            tokens = r.seq.prompt
+            for j in range(start, start + r.chunk):
                 last = j == len(tokens) - 1
                 if last:
                     r.out = n
-                add(tokens[j], j, r.slot.seq_id, last)
-            r.chunk = take
-            budget -= take
+                add(tokens[j], j, sid, last)
         return n
 
     def _shared_budget(self) -> int:
