@@ -4,8 +4,9 @@
 
 Every process gets 1 thread. `local` is a worker holding the whole model; `split-N` is a
 split head (worker.rpc.head) with N shards (worker.rpc.shard) on loopback, the layers
-shared evenly. Speed is tokens after the first over the time from the first to the last
-(the median over runs), from a streamed legacy completion with greedy decoding.
+shared evenly. All three run at once and are measured in turn, round robin, so that other
+load on the box weighs on each alike. Speed is tokens after the first over the time from
+the first to the last, from a streamed legacy completion with greedy decoding.
 """
 
 from __future__ import annotations
@@ -50,9 +51,16 @@ async def decode_rate(base: str, model: str, tokens: int) -> float:
     return (n - 1) / (last - first) if n > 1 and last > first else 0.0
 
 
-async def measure(base: str, model: str, tokens: int, runs: int) -> float:
-    await decode_rate(base, model, 8)  # warm up
-    return statistics.median([await decode_rate(base, model, tokens) for _ in range(runs)])
+async def wait_ready(base: str) -> None:
+    async with httpx.AsyncClient() as c:
+        for _ in range(3000):
+            try:
+                if (await c.get(f"{base}/status")).json().get("state") == "ready":
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{base} did not become ready")
 
 
 def _start_local(path: str, port: int) -> subprocess.Popen[bytes]:
@@ -60,41 +68,6 @@ def _start_local(path: str, port: int) -> subprocess.Popen[bytes]:
                              "--model", path, "--threads", "1", "--parallel", "1"],
                             env=child_env(1), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-async def local(path: str, model: str, tokens: int, runs: int) -> float:
-    port = _free_loopback_port()
-    p = _start_local(path, port)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient() as c:
-            for _ in range(1200):
-                try:
-                    if (await c.get(f"{base}/status")).json().get("state") == "ready":
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.1)
-        return await measure(base, Path(path).stem, tokens, runs)
-    finally:
-        os.killpg(p.pid, 9)
-        p.wait()
-
-
-async def split(path: str, model: str, n_shards: int, tokens: int, runs: int) -> float:
-    shards = [ShardHost("127.0.0.1", ["127.0.0.1"], 1) for _ in range(n_shards)]
-    head = None
-    try:
-        endpoints = [s.start() for s in shards]
-        share = [1.0 / (n_shards + 1)] * (n_shards + 1)
-        head = HeadProcess("bench", path, model, endpoints, share, 1, 1, 2048)
-        await head.start()
-        return await measure(head.base, model, tokens, runs)
-    finally:
-        if head is not None:
-            await head.stop()
-        for s in shards:
-            s.stop()
 
 
 async def main() -> None:
@@ -105,10 +78,38 @@ async def main() -> None:
     a = ap.parse_args()
     _, path = resolve(a.model)
     name = path.stem
-    results = {"local": await local(str(path), name, a.tokens, a.runs)}
-    for n in (1, 2):
-        results[f"split-{n}"] = await split(str(path), name, n, a.tokens, a.runs)
-    print(json.dumps({k: round(v, 1) for k, v in results.items()}))
+    port = _free_loopback_port()
+    local = _start_local(str(path), port)
+    shards: list[ShardHost] = []
+    heads: dict[str, HeadProcess] = {}
+    try:
+        for n in (1, 2):  # the layers shared evenly between the head and its shards
+            hosts = [ShardHost("127.0.0.1", ["127.0.0.1"], 1) for _ in range(n)]
+            shards += hosts
+            endpoints = [h.start() for h in hosts]
+            heads[f"split-{n}"] = HeadProcess("bench", str(path), name, endpoints,
+                                              [1.0 / (n + 1)] * (n + 1), 1, 1, 2048)
+        await asyncio.gather(*(h.start() for h in heads.values()))
+        bases = {"local": f"http://127.0.0.1:{port}",
+                 **{k: h.base for k, h in heads.items()}}
+        await wait_ready(bases["local"])
+        rates: dict[str, list[float]] = {k: [] for k in bases}
+        for base in bases.values():
+            await decode_rate(base, name, 8)  # warm up
+        # Round robin, so that whatever else runs on the box weighs on every setup alike.
+        for _ in range(a.runs):
+            for k, base in bases.items():
+                rates[k].append(await decode_rate(base, name, a.tokens))
+        print(json.dumps({k: {"median": round(statistics.median(v), 1),
+                              "min": round(min(v), 1), "max": round(max(v), 1)}
+                          for k, v in rates.items()}))
+    finally:
+        os.killpg(local.pid, 9)
+        local.wait()
+        for h in heads.values():
+            await h.stop()
+        for sh in shards:
+            sh.stop()
 
 
 if __name__ == "__main__":
