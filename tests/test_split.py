@@ -10,6 +10,7 @@ a worker that lacks a model fetches it from the gateway (resumed, checksummed).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -127,6 +128,27 @@ def _greedy(url: str, messages: list[dict], max_tokens: int = 24) -> tuple[str, 
     raw = client_for(url, timeout=120).chat.completions.with_raw_response.create(
         model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0)
     return raw.parse().choices[0].message.content, raw.headers[HEADER]
+
+
+def test_a_shard_answers_hello_to_its_head_only_and_closes_when_stopped() -> None:
+    from worker.rpc.probe import ProbeError, hello
+    from worker.rpc.shard import ShardHost
+
+    shard = ShardHost("127.0.0.1", ["127.0.0.1"], 1)
+    try:
+        endpoint = shard.start()
+        assert hello(endpoint, timeout=5)[0] == 7  # ggml RPC protocol 7.x
+        with socket.socket() as s:  # not the head: reset before a byte reaches ggml
+            s.bind(("127.0.0.2", 0))
+            s.settimeout(5)
+            s.connect((shard.host, shard.port))
+            with contextlib.suppress(ConnectionResetError):
+                assert s.recv(1) == b""
+        assert hello(endpoint, timeout=5)[0] == 7  # still serving its head
+    finally:
+        shard.stop()
+    with pytest.raises(ProbeError):
+        hello(endpoint, timeout=2)
 
 
 def test_memory_limit_below_the_need_splits_over_two_workers(split_cluster: str) -> None:
