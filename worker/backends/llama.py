@@ -15,11 +15,13 @@ import statistics
 import time
 from typing import Any
 
+import jinja2
 import llama_cpp
 
 from worker.backends.base import Backend, BackendError, SamplingParams, Sequence
 from worker.backends.llama_batch import BatchLoop, token_bytes
 from worker.backends.llama_chat import ChatTemplate
+from worker.protocol import bad_request
 
 log = logging.getLogger("corral.llama")
 
@@ -132,7 +134,7 @@ class LlamaBackend(Backend):
         if loop is None:
             return
         loop.stop()
-        if loop._thread is not None and loop._thread.is_alive():
+        if loop.alive:
             log.error("the decode loop did not stop; leaving the model in memory")
             return
         loop.free()
@@ -194,7 +196,11 @@ class LlamaBackend(Backend):
         return tokens
 
     def render_chat(self, messages: list[dict[str, str]], continue_final: bool = False) -> str:
-        return self._template.render(messages, continue_final)
+        try:
+            return self._template.render(messages, continue_final)
+        except jinja2.TemplateError as exc:  # e.g. "roles must alternate": the client's call
+            raise bad_request(f"The model's chat template refused the messages: {exc}",
+                              param="messages") from None
 
     def _special_text(self, token: int) -> str:
         if token == llama_cpp.LLAMA_TOKEN_NULL:

@@ -124,6 +124,10 @@ class BatchLoop:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(30)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def free(self) -> None:
         llama_cpp.llama_batch_free(self.batch)
 
