@@ -26,6 +26,13 @@ run: install
 test: install
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
+# Benchmarks (sim workers on loopback, a few minutes): results land in docs/BENCHMARKS.md.
+bench: install
+	$(PIP) install -q -e '.[bench]'
+	$(PY) bench/overhead.py
+	$(PY) bench/scaling.py
+	$(PY) bench/balancing.py
+
 lint: install
 	$(VENV)/bin/ruff check .
 

@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="smollm2-135m")
     b.add_argument("--requests", type=int, default=50)
     mode = b.add_mutually_exclusive_group()
-    mode.add_argument("--concurrency", type=int, default=None)
+    mode.add_argument("--concurrency", type=int, default=None,
+                      help="closed loop: requests in flight (default 1)")
     mode.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second")
     b.add_argument("--max-tokens", type=int, default=64)
     b.add_argument("--prompt", default="Tell me a short story about a horse.")
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--plot", default=None, help="write a PNG plot here")
     b.add_argument("--api-key", default="none")
+    b.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds one request may take in total")
+    b.add_argument("--seed", type=int, default=0, help="seed for Poisson arrival times")
     b.set_defaults(func=_cmd_bench)
     return parser
 

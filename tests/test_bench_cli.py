@@ -1,0 +1,126 @@
+"""`corral bench` as a user runs it: a real process against a real sim worker.
+
+The sim worker decodes at a known rate per slot after a known TTFT, so the bench's
+numbers have a right answer: every check below fails if the bench miscounts requests or
+tokens, mistimes the first token, or hides errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from procs import Worker, start_worker
+
+RATE = 100.0  # sim tokens/s per slot
+TTFT = 0.1  # sim seconds to first token
+SLOTS = 4
+MAX_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def sim() -> Worker:
+    w = start_worker("--sim-tokens-per-second", str(RATE), "--sim-ttft", str(TTFT),
+                     "--parallel", str(SLOTS), backend="sim")
+    yield w
+    w.proc.stop()
+
+
+def bench(*args: str, timeout: float = 120) -> tuple[int, dict]:
+    out = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "bench", "--json", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"--json must print exactly one line:\n{out.stdout}\n{out.stderr}"
+    return out.returncode, json.loads(lines[0])
+
+
+def test_closed_loop_stream_matches_the_sim(sim: Worker) -> None:
+    n = 16
+    code, s = bench("--base-url", sim.url, "--requests", str(n), "--concurrency", str(SLOTS),
+                    "--max-tokens", str(MAX_TOKENS), "--stream")
+    assert code == 0
+    assert (s["requests"], s["completed"], s["errors"]) == (n, n, 0), s
+    assert s["mode"] == "closed" and s["concurrency"] == SLOTS
+    # Tokens come from the usage chunk (include_usage is requested) and match max_tokens.
+    assert s["tokens_source"] == "usage"
+    assert s["output_tokens"] == n * MAX_TOKENS
+    # No request can see its first token before the sim's TTFT.
+    assert s["ttft_ms"]["min"] >= TTFT * 1000
+    assert s["ttft_ms"]["count"] == n
+    # After the first token the sim emits one every 1/RATE s: TPOT p50 is ~10 ms.
+    assert 0.8 * 1000 / RATE <= s["tpot_ms"]["p50"] <= 1.5 * 1000 / RATE, s["tpot_ms"]
+    assert s["itl_ms"]["count"] == n * (MAX_TOKENS - 1)
+    # Aggregate throughput: SLOTS requests at a time, each TTFT + (T-1)/RATE long at best.
+    ideal = SLOTS * MAX_TOKENS / (TTFT + (MAX_TOKENS - 1) / RATE)
+    assert 0.5 * ideal <= s["output_tokens_per_second"] <= 1.05 * ideal, (ideal, s)
+    lat = s["latency_ms"]
+    assert lat["min"] >= (TTFT + (MAX_TOKENS - 1) / RATE) * 1000
+    assert lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert s["workers"] == {sim.id: n}
+
+
+def test_not_streamed_counts_usage_tokens(sim: Worker) -> None:
+    code, s = bench("--base-url", f"{sim.url}/v1", "--requests", "8", "--concurrency", "4",
+                    "--max-tokens", "8")
+    assert code == 0
+    assert (s["completed"], s["errors"], s["output_tokens"]) == (8, 0, 64), s
+    assert s["ttft_ms"] is None and s["itl_ms"] is None  # nothing to time without a stream
+    assert s["latency_ms"]["min"] >= (TTFT + 7 / RATE) * 1000
+
+
+def test_wrong_model_is_counted_not_fatal(sim: Worker) -> None:
+    code, s = bench("--base-url", sim.url, "--requests", "6", "--concurrency", "2",
+                    "--model", "no-such-model", "--stream")
+    assert code == 0  # documented: the run finished; failures are in the report
+    assert (s["requests"], s["completed"], s["errors"]) == (6, 0, 6), s
+    assert s["errors_by_kind"] == {"http_404": 6}
+    assert "no-such-model" in s["error_examples"]["http_404"]
+    assert s["output_tokens"] == 0 and s["latency_ms"] is None
+
+
+def test_unreachable_server_ends_with_connect_errors() -> None:
+    from procs import free_port
+
+    code, s = bench("--base-url", f"http://127.0.0.1:{free_port()}", "--requests", "3",
+                    "--timeout", "5", timeout=60)
+    assert code == 0
+    assert s["errors_by_kind"] == {"connect": 3}, s
+
+
+def test_open_loop_poisson(sim: Worker) -> None:
+    n, rate = 20, 10.0
+    code, s = bench("--base-url", sim.url, "--requests", str(n), "--rate", str(rate),
+                    "--max-tokens", "8", "--stream", "--seed", "3")
+    assert code == 0
+    assert s["mode"] == "open" and s["rate"] == rate and s["concurrency"] is None
+    assert (s["completed"], s["errors"]) == (n, 0), s
+    # 20 arrivals at 10/s span ~1.9 s on average; far from both a burst and a crawl.
+    assert 0.7 < s["duration_s"] < 6.0, s["duration_s"]
+    assert s["client_lag_ms"]["count"] == n
+    assert s["ttft_ms"]["min"] >= TTFT * 1000
+
+
+def test_plot_writes_a_png(sim: Worker, tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    code, s = bench("--base-url", sim.url, "--requests", "8", "--concurrency", "4",
+                    "--max-tokens", "8", "--stream", "--plot", str(png))
+    assert code == 0 and s["plot"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_output(sim: Worker) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "corral.cli", "bench", "--base-url", sim.url, "--requests", "4",
+         "--concurrency", "2", "--max-tokens", "4", "--stream"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "120"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "4 ok / 4 sent" in out.stdout
+    assert "TTFT" in out.stdout and "p99" in out.stdout
+
