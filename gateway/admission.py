@@ -1,8 +1,8 @@
 """Admission: who may wait for a worker, and for how long.
 
 When every eligible worker is full, a request waits in a bounded gateway queue with a
-deadline. The queue's order is its own class (`FifoQueue` today; a fair-share queue across
-users replaces it later behind the same `put`/`remove`/`in_order` interface). Hand-off is
+deadline. The queue's order is its own class behind a `put`/`remove`/`in_order` interface:
+`fairqueue.FairQueue` (round-robin across users, the default) or `FifoQueue`. Hand-off is
 atomic: when capacity frees, `dispatch` reserves a worker *for* the first waiter that can
 use it and resolves that waiter's future with it, so nobody overtakes the queue.
 
@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Collection, Iterator
 
 from gateway.config import GatewayConfig
+from gateway.fairqueue import FairQueue
 from gateway.metrics import Metrics
 from gateway.registry import Registry, Worker
 from gateway.routing import Router
@@ -65,12 +66,12 @@ class FifoQueue:
 
 class Admission:
     def __init__(self, cfg: GatewayConfig, registry: Registry, router: Router,
-                 metrics: Metrics, queue: FifoQueue | None = None) -> None:
+                 metrics: Metrics, queue: FifoQueue | FairQueue | None = None) -> None:
         self.cfg = cfg
         self.registry = registry
         self.router = router
         self.metrics = metrics
-        self.queue = queue or FifoQueue()
+        self.queue = queue if queue is not None else FairQueue()
         registry.listeners.append(self.dispatch)
         metrics.collector.queue_length = self.queue.__len__
 

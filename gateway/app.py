@@ -12,15 +12,17 @@ from fastapi import FastAPI
 
 from gateway import placer
 from gateway.admission import Admission
-from gateway.api import cluster, openai
+from gateway.api import admin, cluster, openai
 from gateway.auth import Auth
 from gateway.config import GatewayConfig
+from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.placer import Placer
 from gateway.registry import Registry
 from gateway.routing import Router
 from gateway.state import SharedState, make_state
 from gateway.upstream import Upstream
+from gateway.usage import Usage
 from worker import errors
 
 log = logging.getLogger("corral.gateway")
@@ -40,13 +42,20 @@ class Gateway:
         self.admission = Admission(cfg, self.registry, self.router, self.metrics)
         self.upstream = Upstream(cfg, self.registry, self.admission, self.metrics)
         self.placer = Placer(cfg, self.registry)
+        redis = self.state.redis_client
+        self.limits = Limiter(redis)
+        self.usage = Usage(self.metrics.prom, [k.user for k in cfg.api_keys], redis)
 
     async def start(self) -> None:
         await self.registry.start()
         await self.placer.start()
+        await self.limits.start()
+        await self.usage.start()
 
     async def stop(self) -> None:
         await self.placer.stop()
+        await self.usage.stop()
+        await self.limits.stop()
         await self.registry.stop()
         await self.upstream.close()
         await self.state.close()
@@ -69,6 +78,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     errors.install(app)
     app.include_router(openai.router)
     app.include_router(cluster.router)
+    app.include_router(admin.router)
     app.include_router(placer.router)
     try:  # the dashboard (`GET /`) is its own module, built separately
         dashboard = importlib.import_module("gateway.api.dashboard")

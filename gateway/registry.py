@@ -111,6 +111,10 @@ class Registry:
         self.listeners: list[Callable[[], None]] = []  # called when capacity may have freed
         self._client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # Shared registry: workers that heartbeat to this replica (id -> monotonic time of
+        # the last heartbeat), and workers learned from another replica through shared state.
+        self._heard: dict[str, float] = {}
+        self._from_shared: set[str] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -148,6 +152,8 @@ class Registry:
         """A heartbeat from a worker; returns (worker, whether it is new)."""
         url = url.rstrip("/")
         wid = worker_id or id_from_url(url)
+        self._heard[wid] = time.monotonic()
+        self._from_shared.discard(wid)
         w = self.workers.get(wid)
         if w is None:  # maybe configured statically under its URL's id
             w = next((x for x in self.workers.values() if x.url == url), None)
@@ -163,6 +169,8 @@ class Registry:
 
     def leave(self, worker_id: str) -> bool:
         w = self.workers.pop(worker_id, None)
+        self._heard.pop(worker_id, None)
+        self._from_shared.discard(worker_id)
         if w is None:
             return False
         if w.task:
@@ -298,6 +306,8 @@ class Registry:
             await asyncio.sleep(self.cfg.probe_interval)
             now = time.monotonic()
             for w in list(self.workers.values()):
+                if w.id in self._from_shared and shared_failing:
+                    continue  # announced by another replica: keep it while Redis is away
                 if w.source == "joined" and now - w.last_seen > self.cfg.join_ttl:
                     log.warning("worker %s stopped heartbeating; dropping it", w.id)
                     self.leave(w.id)
@@ -305,6 +315,7 @@ class Registry:
                 mine = {w.id: w.inflight for w in self.workers.values() if w.inflight}
                 await self.shared.publish_inflight(self.replica, mine)
                 others = await self.shared.others_inflight(self.replica)
+                await self._share_registry()
             except Exception as exc:  # shared state unreachable: route on local knowledge
                 if not shared_failing:
                     log.warning("shared state unreachable, routing on local counts: %s", exc)
@@ -315,6 +326,45 @@ class Registry:
                 shared_failing = False
             for w in self.workers.values():
                 w.others = others.get(w.id, 0)
+
+    async def _share_registry(self) -> None:
+        """Announces the workers heartbeating here; adopts those heartbeating elsewhere."""
+        now = time.monotonic()
+        mine: dict[str, tuple[str, float]] = {}
+        for wid, heard in list(self._heard.items()):
+            w = self.workers.get(wid)
+            left = self.cfg.join_ttl - (now - heard)
+            if w is None or left <= 0:
+                self._heard.pop(wid, None)
+                continue
+            mine[wid] = (w.url, left)
+        await self.shared.announce_workers(mine)
+        shared = await self.shared.shared_workers()
+        urls = {w.url for w in self.workers.values()}
+        for wid, url in shared.items():
+            if wid in self._heard:
+                continue
+            w = self.workers.get(wid)
+            if not url:  # left through another replica
+                if wid in self._from_shared:
+                    log.warning("worker %s left through another gateway replica", wid)
+                    self.leave(wid)
+                continue
+            if w is None:
+                if url.rstrip("/") in urls:
+                    continue  # known here already, under another id (e.g. --worker)
+                self.add(wid, url, "joined")
+                self._from_shared.add(wid)
+            elif wid in self._from_shared:
+                w.last_seen = now  # unannounced for join_ttl, housekeeping drops it
+
+    async def withdraw(self, worker_id: str) -> None:
+        """A worker left through this replica: other replicas drop it too."""
+        try:
+            await self.shared.withdraw_worker(worker_id, self.cfg.join_ttl)
+        except Exception as exc:  # noqa: BLE001 - it expires by itself anyway
+            log.warning("shared state unreachable, %s expires there by itself: %s",
+                        worker_id, type(exc).__name__)
 
     def placements(self) -> list[dict[str, Any]]:
         """Every model served today is a full replica on each worker that has it."""

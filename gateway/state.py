@@ -46,6 +46,23 @@ class SharedState(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Releases connections."""
 
+    # Shared worker registry (issue 6). Workers heartbeat to one replica; that replica
+    # announces them here so every replica serves them. A single replica needs none of it.
+    async def announce_workers(self, workers: dict[str, tuple[str, float]]) -> None:  # noqa: B027
+        """Workers this replica hears from directly: id -> (url, seconds left to live)."""
+
+    async def shared_workers(self) -> dict[str, str]:
+        """Workers some replica heard from recently: id -> url ("" for one that just left)."""
+        return {}
+
+    async def withdraw_worker(self, worker_id: str, ttl: float = 15.0) -> None:  # noqa: B027
+        """A worker left (DELETE /cluster/workers/{id}): a tombstone for `ttl` seconds."""
+
+    @property
+    def redis_client(self) -> object | None:
+        """The Redis client rate limits and usage share, or None when state is local."""
+        return None
+
 
 class MemoryState(SharedState):
     """State in this process: right for a single gateway replica."""
@@ -99,6 +116,36 @@ class RedisState(SharedState):
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+    @property
+    def redis_client(self) -> object | None:
+        return self.redis
+
+    def _worker_key(self, worker_id: str) -> str:
+        return f"{self.prefix[:-len('inflight:')]}worker:{worker_id}"
+
+    async def announce_workers(self, workers: dict[str, tuple[str, float]]) -> None:
+        if not workers:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for wid, (url, ttl) in workers.items():
+                pipe.set(self._worker_key(wid), url, px=max(1, int(ttl * 1000)))
+            await pipe.execute()
+
+    async def shared_workers(self) -> dict[str, str]:
+        prefix = self._worker_key("")
+        keys = [k async for k in self.redis.scan_iter(match=prefix + "*", count=1000)]
+        if not keys:
+            return {}
+        out: dict[str, str] = {}
+        for key, raw in zip(keys, await self.redis.mget(keys), strict=True):
+            if raw is not None:
+                name = key.decode() if isinstance(key, bytes) else key
+                out[name[len(prefix):]] = raw.decode() if isinstance(raw, bytes) else raw
+        return out
+
+    async def withdraw_worker(self, worker_id: str, ttl: float = 15.0) -> None:
+        await self.redis.set(self._worker_key(worker_id), "", px=max(1, int(ttl * 1000)))
 
 
 def make_state(redis_url: str | None) -> SharedState:

@@ -51,6 +51,7 @@ async def leave(request: Request, worker_id: str) -> Response:
     gw.auth.cluster(request)
     if not gw.registry.leave(worker_id):
         raise not_found(f"No worker {worker_id!r} in this cluster.", param="id")
+    await gw.registry.withdraw(worker_id)
     return json_response({"id": worker_id, "deleted": True})
 
 

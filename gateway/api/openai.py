@@ -1,25 +1,31 @@
 """The OpenAI API in front of the cluster: validate once at the edge, then route and relay.
 
-Path of a request: here (auth, validation) → admission (a worker, or wait, or refuse) →
-routing (which worker) → upstream (relay, retry before the first byte).
+Path of a request: here (auth, validation, the key's rate limits) → admission (a worker,
+or wait, or refuse) → routing (which worker) → upstream (relay, retry before the first
+byte). When the response has been sent (or the client left), its real token usage settles
+the key's token reservation and is recorded per user (`Accounted`).
 """
 
 from __future__ import annotations
 
+import re
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import ValidationError
+from starlette.types import Receive, Scope, Send
 
+from gateway.limits import Reservation, estimate_tokens
 from gateway.upstream import Call, _error
 from worker import protocol as p
 from worker.errors import json_response, read_json, validation_error
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+    from gateway.config import ApiKey
 
 router = APIRouter()
 
@@ -30,10 +36,56 @@ def _gw(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
+_PROMPT = re.compile(rb'"prompt_tokens":\s*(\d+)')
+_COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
+
+
+def _prompt_chars(req: p.SamplingFields) -> int:
+    if isinstance(req, p.ChatCompletionRequest):
+        return sum(len(m.text()) + 8 for m in req.messages)
+    return len(req.prompt_text) if isinstance(req, p.CompletionRequest) else 0
+
+
+class Accounted(Response):
+    """Sends the upstream response, then settles the key's tokens and records usage."""
+
+    def __init__(self, inner: Response, gw: Gateway, res: Reservation, user: str | None) -> None:
+        self.inner = inner
+        self.gw = gw
+        self.res = res
+        self.user = user
+        self.status_code = inner.status_code
+        self.background = None
+        self.raw_headers = inner.raw_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.inner(scope, receive, send)
+        finally:
+            status, prompt, completion = self._outcome()
+            self.gw.limits.settle(self.res, prompt + completion)
+            self.gw.usage.record(self.user, status, prompt, completion)
+
+    def _outcome(self) -> tuple[int, int, int]:
+        relay: Any = getattr(self.inner, "relay", None)
+        if relay is not None:  # a stream: the relay read the usage chunk
+            status = 200 if relay.done or relay.worker_error else (502 if relay.broken else 499)
+            return (status, relay.prompt_tokens,
+                    relay.completion_tokens or max(0, relay.events - 3))
+        status = self.inner.status_code
+        body = getattr(self.inner, "body", b"")
+        i = body.rfind(b'"usage":') if status == 200 and isinstance(body, bytes) else -1
+        if i < 0:
+            return status, 0, 0
+        pm, cm = _PROMPT.search(body, i), _COMPLETION.search(body, i)
+        return status, int(pm[1]) if pm else 0, int(cm[1]) if cm else 0
+
+
 async def _proxy(request: Request, path: str, model_cls: type[p.SamplingFields]) -> Response:
     gw = _gw(request)
     started = time.perf_counter()
     model = ""
+    key: ApiKey | None = None
     try:
         key = gw.auth.api_key(request)
         body = await read_json(request)
@@ -42,6 +94,8 @@ async def _proxy(request: Request, path: str, model_cls: type[p.SamplingFields])
         except ValidationError as exc:
             raise validation_error(exc) from None
         model = req.model
+        res = await gw.limits.admit(key, estimate_tokens(_prompt_chars(req), req.limit)
+                                    if key is not None and key.tpm else 0)
         stream = req.stream
         if stream:
             # Always ask the worker for usage (exact token metrics); the relay drops that
@@ -58,8 +112,14 @@ async def _proxy(request: Request, path: str, model_cls: type[p.SamplingFields])
         gw.metrics.finished(model, err.status, time.perf_counter() - started)
         if err.status == 401:
             gw.metrics.rejected.labels("unauthorized").inc()
+        else:
+            if err.code == "rate_limit_exceeded":
+                gw.metrics.rejected.labels("rate_limited").inc()
+            if key is not None or gw.auth.open:
+                gw.usage.record(key.user if key else None, err.status, 0, 0)
         return _error(err, GATEWAY)
-    return await gw.upstream.handle(request, call)
+    resp = await gw.upstream.handle(request, call)
+    return Accounted(resp, gw, res, key.user if key else None)
 
 
 @router.post("/v1/chat/completions")

@@ -1,0 +1,24 @@
+"""Admin routes (the cluster token): usage per user across every gateway replica."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from worker.errors import json_response
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+router = APIRouter()
+
+
+@router.get("/admin/usage")
+async def usage(request: Request) -> Response:
+    """`{"object": "usage", "source", "users": {user: {requests, prompt_tokens,
+    completion_tokens, total_tokens, by_status: {status: n}}}}`."""
+    gw: Gateway = request.app.state.gateway
+    gw.auth.cluster(request)
+    return json_response(await gw.usage.report())
