@@ -26,6 +26,10 @@ run: install
 test: install
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
+# Fault-injection soak: mixed traffic while workers are SIGKILLed; fails if a request is lost.
+soak: install
+	$(PY) bench/soak.py $(SOAK_ARGS)
+
 # Benchmarks (sim workers on loopback, a few minutes): results land in docs/BENCHMARKS.md.
 bench: install
 	$(PIP) install -q -e '.[bench]'

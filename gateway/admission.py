@@ -86,13 +86,14 @@ class Admission:
         raise not_found(f"The model {model!r} does not exist.")
 
     async def acquire(self, model: str, exclude: Collection[str] = (),
-                      user: str | None = None) -> Worker:
-        """A worker reserved for this request (release it with `release`)."""
+                      user: str | None = None, prefer: str | None = None) -> Worker:
+        """A worker reserved for this request (release it with `release`). `prefer`: the
+        worker holding the conversation's cache (affinity; honoured when not queueing)."""
         self.check_model(model)
         if exclude and not self.router.any_unexcluded(model, exclude):
             raise Exhausted
         if not self.queue:
-            w = self.router.pick(model, exclude)
+            w = self.router.pick(model, exclude, prefer)
             if w is not None:
                 return w
         if len(self.queue) >= self.cfg.queue_size:

@@ -12,9 +12,11 @@ from fastapi import FastAPI
 
 from gateway import placer
 from gateway.admission import Admission
+from gateway.affinity import Affinity
 from gateway.api import admin, cluster, openai
 from gateway.auth import Auth
 from gateway.config import GatewayConfig
+from gateway.guard import BodyGuard
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.placer import Placer
@@ -38,9 +40,11 @@ class Gateway:
         self.auth = Auth(cfg)
         self.registry = Registry(cfg, self.state)
         self.metrics = Metrics(self.registry)
-        self.router = Router(self.registry, cfg.worker_queue_allowance)
+        self.router = Router(self.registry, cfg.worker_queue_allowance, cfg.affinity_slack)
         self.admission = Admission(cfg, self.registry, self.router, self.metrics)
         self.upstream = Upstream(cfg, self.registry, self.admission, self.metrics)
+        if cfg.affinity:
+            self.upstream.affinity = Affinity(cfg, self.state)
         self.placer = Placer(cfg, self.registry)
         redis = self.state.redis_client
         self.limits = Limiter(redis)
@@ -58,6 +62,8 @@ class Gateway:
         await self.limits.stop()
         await self.registry.stop()
         await self.upstream.close()
+        if self.upstream.affinity is not None:
+            await self.upstream.affinity.close()
         await self.state.close()
 
 
@@ -73,8 +79,10 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
             await gw.stop()
 
     app = FastAPI(title="Corral gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url="/openapi.json")
     app.state.gateway = gw
+    app.add_middleware(BodyGuard, max_body_bytes=cfg.max_body_bytes,
+                       body_timeout=cfg.body_timeout)
     errors.install(app)
     app.include_router(openai.router)
     app.include_router(cluster.router)
@@ -87,4 +95,5 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
             raise
     else:
         app.include_router(dashboard.router)
+    openai.install_openapi(app)
     return app

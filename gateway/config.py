@@ -59,6 +59,14 @@ class GatewayConfig:
     read_timeout: float = 300.0  # between two bytes from a worker
     max_connections: int = 1024
     lean_transport: bool = True  # httptools-based transport for worker traffic (transport.py)
+    # Session affinity (affinity.py): a conversation goes back to the worker holding its KV.
+    affinity: bool = True
+    affinity_ttl: float = 1800.0  # seconds a conversation's worker is remembered
+    affinity_slack: int = 2  # leave the preferred worker when it has this many more in flight
+    # Guards at the door (guard.py).
+    max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413
+    head_timeout: float = 10.0  # seconds a client may take to send a request's headers
+    body_timeout: float = 30.0  # seconds a client may take to send a request's body (408)
 
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
         return (f"GatewayConfig(host={self.host!r}, port={self.port}, workers={self.workers}, "
@@ -117,7 +125,8 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
     gw = file.get("gateway", {})  # optional [gateway] table for tuning knobs
     for name in ("probe_interval", "probe_timeout", "join_ttl", "queue_size", "queue_timeout",
                  "worker_queue_allowance", "max_attempts", "connect_timeout", "read_timeout",
-                 "max_connections", "lean_transport"):
+                 "max_connections", "lean_transport", "affinity", "affinity_ttl",
+                 "affinity_slack", "max_body_bytes", "head_timeout", "body_timeout"):
         if name in gw:
             setattr(cfg, name, type(getattr(cfg, name))(gw[name]))
     return cfg

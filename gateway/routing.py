@@ -7,6 +7,11 @@ in admission instead). Ties break at random. With more than `P2C_ABOVE` candidat
 are sampled and the lighter one wins (power of two choices), which stays O(1) and avoids
 herding when load views are stale.
 
+Affinity (affinity.py): a request may name a preferred worker (the one holding its
+conversation's KV cache). It gets it when that worker has room and is not much busier than
+the least-loaded other candidate: at most `slack` more requests in flight. Otherwise the
+normal choice applies.
+
 This is the hot path: attribute reads and arithmetic only — no JSON, no pydantic, no logs.
 """
 
@@ -21,18 +26,25 @@ P2C_ABOVE = 4
 
 
 class Router:
-    def __init__(self, registry: Registry, allowance: int) -> None:
+    def __init__(self, registry: Registry, allowance: int, slack: int = 2) -> None:
         self.registry = registry
         self.allowance = allowance
+        self.slack = slack  # affinity's load guard
         self._rand = random.random
         self._sample = random.sample
 
-    def pick(self, model: str, exclude: Collection[str] = ()) -> Worker | None:
+    def pick(self, model: str, exclude: Collection[str] = (),
+             prefer: str | None = None) -> Worker | None:
         """The best worker with room for `model`, already reserved; None if all are full."""
         ws = self.registry.by_model.get(model)
         if not ws:
             return None
         allowance = self.allowance
+        if prefer is not None:
+            w = self._preferred(ws, prefer, exclude)
+            if w is not None:
+                w.inflight += 1
+                return w
         if len(ws) > P2C_ABOVE:
             a, b = self._sample(ws, 2)
             la, lb = a.load, b.load
@@ -61,6 +73,18 @@ class Router:
         if best is not None:
             best.inflight += 1
         return best
+
+    def _preferred(self, ws: list[Worker], prefer: str,
+                   exclude: Collection[str]) -> Worker | None:
+        """The preferred worker if it serves the model, has room and passes the load guard."""
+        w = next((x for x in ws if x.id == prefer), None)
+        if w is None or (exclude and w.id in exclude):
+            return None
+        load = w.load
+        if load >= w.slots_total + self.allowance:
+            return None
+        least = min((x.load for x in ws if x is not w), default=load)
+        return w if load <= least + self.slack else None
 
     @staticmethod
     def release(w: Worker) -> None:

@@ -9,6 +9,7 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
+from gateway.guard import guarded_protocol
 
 log = logging.getLogger("corral.gateway")
 
@@ -22,5 +23,6 @@ def run(cfg: GatewayConfig) -> int:
               file=sys.stderr, flush=True)
     app = create_app(cfg)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                timeout_graceful_shutdown=5, access_log=False)
+                timeout_graceful_shutdown=5, access_log=False,
+                http=guarded_protocol(cfg.head_timeout))  # slow headers are cut off
     return 0

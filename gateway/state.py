@@ -12,6 +12,7 @@ counts as load too. Staleness is bounded by the same ~0.5 s as the workers' /sta
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -63,6 +64,15 @@ class SharedState(ABC):
         """The Redis client rate limits and usage share, or None when state is local."""
         return None
 
+    # Session affinity (issue 8): conversation key -> the worker holding its KV cache.
+    # affinity.py keeps a local cache in front of this and writes through.
+    async def get_affinity(self, key: str) -> str | None:
+        """The worker a conversation was last served by, if remembered."""
+        return None
+
+    async def set_affinity(self, key: str, worker_id: str, ttl: float) -> None:  # noqa: B027
+        """Remembers a conversation's worker for `ttl` seconds."""
+
 
 class MemoryState(SharedState):
     """State in this process: right for a single gateway replica."""
@@ -70,6 +80,7 @@ class MemoryState(SharedState):
     def __init__(self, ttl: float = 10.0) -> None:
         self.ttl = ttl  # a replica that stopped publishing this long ago is forgotten
         self._inflight: dict[str, tuple[float, dict[str, int]]] = {}
+        self._affinity: dict[str, tuple[str, float]] = {}  # key -> (worker, expires at)
 
     async def publish_inflight(self, replica: str, counts: dict[str, int]) -> None:
         self._inflight[replica] = (time.monotonic(), dict(counts))
@@ -81,6 +92,22 @@ class MemoryState(SharedState):
     async def forget_worker(self, worker_id: str) -> None:
         for _, counts in self._inflight.values():
             counts.pop(worker_id, None)
+
+    AFFINITY_MAX = 200_000  # conversations remembered at most (oldest dropped first)
+
+    async def get_affinity(self, key: str) -> str | None:
+        hit = self._affinity.get(key)
+        if hit is None or hit[1] < time.monotonic():
+            return None
+        return hit[0]
+
+    async def set_affinity(self, key: str, worker_id: str, ttl: float) -> None:
+        aff = self._affinity
+        aff.pop(key, None)  # re-inserted last: dict order is age order
+        aff[key] = (worker_id, time.monotonic() + ttl)
+        if len(aff) > self.AFFINITY_MAX:
+            for old in list(itertools.islice(aff, len(aff) - self.AFFINITY_MAX)):
+                del aff[old]
 
 
 class RedisState(SharedState):
@@ -146,6 +173,16 @@ class RedisState(SharedState):
 
     async def withdraw_worker(self, worker_id: str, ttl: float = 15.0) -> None:
         await self.redis.set(self._worker_key(worker_id), "", px=max(1, int(ttl * 1000)))
+
+    def _affinity_key(self, key: str) -> str:
+        return f"{self.prefix[:-len('inflight:')]}affinity:{key}"
+
+    async def get_affinity(self, key: str) -> str | None:
+        raw = await self.redis.get(self._affinity_key(key))
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    async def set_affinity(self, key: str, worker_id: str, ttl: float) -> None:
+        await self.redis.set(self._affinity_key(key), worker_id, px=max(1, int(ttl * 1000)))
 
 
 def make_state(redis_url: str | None) -> SharedState:

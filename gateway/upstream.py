@@ -8,9 +8,17 @@ come: it splits them on event boundaries only to count events, to time the first
 to read (and, if the client did not ask for it, drop) the usage chunk. The gateway always
 asks workers for usage so that token metrics are exact.
 
-A stream that breaks mid-way ends with an OpenAI-shaped error event, never a silent cut.
-`_continue_elsewhere` is where mid-stream continuation on another worker plugs in (a later
-issue): it gets the stream's state and may return a new upstream to keep relaying from.
+A stream that breaks mid-way is continued on another worker (`_continue_elsewhere`): the
+original request plus the text relayed so far, as an open final assistant message
+(`continue_final_message`) or, for legacy completions, appended to the prompt, with
+`max_tokens` reduced by the tokens already sent. The client keeps reading the same stream:
+the continuation's chunks get the original stream's id/created (one bytes.replace per
+piece, on the continuation only) and its role chunk is dropped. Until a break, the relay
+only keeps references to the pieces it passed on; they are parsed once, at the break. If
+no worker can continue, the stream ends with an OpenAI-shaped error event, never a silent
+cut. A failed-over stream names its final worker in an SSE comment before `[DONE]`
+(`: x-corral-worker=<id>`; the `x-corral-worker` header names the first one, as headers
+left before the break).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.admission import Admission, Exhausted
+from gateway.affinity import Affinity
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
 from gateway.registry import Registry, Worker
@@ -43,10 +52,10 @@ class Call:
     """One client request on its way through the gateway."""
 
     __slots__ = ("model", "path", "body", "stream", "client_usage", "user", "started",
-                 "tried")
+                 "tried", "session")
 
     def __init__(self, model: str, path: str, body: bytes, stream: bool, client_usage: bool,
-                 user: str | None = None) -> None:
+                 user: str | None = None, session: str | None = None) -> None:
         self.model = model
         self.path = path
         self.body = body
@@ -55,6 +64,7 @@ class Call:
         self.user = user
         self.started = time.perf_counter()
         self.tried: list[str] = []
+        self.session = session  # affinity key (affinity.py), None when there is none
 
 
 class _Retry(Exception):
@@ -112,6 +122,7 @@ class Upstream:
         self.registry = registry
         self.admission = admission
         self.metrics = metrics
+        self.affinity: Affinity | None = None  # set by the app when affinity is on
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=cfg.connect_timeout, read=cfg.read_timeout,
                                   write=30.0, pool=30.0),
@@ -136,9 +147,12 @@ class Upstream:
     async def _handle(self, call: Call) -> Response:
         last: Response | None = None
         attempts = self.cfg.max_attempts
+        session = call.session or ""
+        aff = self.affinity if session else None
+        prefer = await aff.lookup(session) if aff is not None else None
         for attempt in range(attempts):
             try:
-                w = await self.admission.acquire(call.model, call.tried, call.user)
+                w = await self.admission.acquire(call.model, call.tried, call.user, prefer)
             except Exhausted:
                 break
             except APIError as err:
@@ -146,7 +160,10 @@ class Upstream:
                 return _error(err, call.tried[-1] if call.tried else "gateway")
             try:
                 if call.stream:
-                    return await self._open_stream(call, w)  # owns the lease from here
+                    resp = await self._open_stream(call, w)  # owns the lease from here
+                    if aff is not None and resp.status_code == 200:
+                        aff.record(session, w.id)
+                    return resp
                 resp = await self._complete(call, w)
             except _Retry as r:
                 self.admission.release(w)
@@ -159,6 +176,8 @@ class Upstream:
                 self.admission.release(w)
                 raise
             self.admission.release(w)
+            if aff is not None and resp.status_code == 200:
+                aff.record(session, w.id)
             return resp
         if last is None:
             last = _error(unavailable("No worker could serve the request.", retry_after=1),
@@ -206,22 +225,21 @@ class Upstream:
         return _relayed(r, body, w.id)
 
     # ------------------------------------------------------------------ streams
-    async def _open_stream(self, call: Call, w: Worker) -> Response:
-        req = self.client.build_request("POST", w.base + call.path, content=call.body,
-                                        headers=_JSON)
+    async def _send_stream(self, w: Worker, path: str, body: bytes
+                           ) -> tuple[httpx.Response, AsyncIterator[bytes], bytes] | Response:
+        """Opens a stream on `w`: (response, its byte iterator, first chunk), or a final
+        non-200 response to relay as is. Raises _Retry when another worker should try."""
+        req = self.client.build_request("POST", w.base + path, content=body, headers=_JSON)
         try:
             r = await self.client.send(req, stream=True)
         except httpx.HTTPError as exc:
             raise self._failed(w, exc) from None
         try:
             if r.status_code != 200:
-                body = await r.aread()
+                data = await r.aread()
                 if r.status_code in RETRYABLE:
-                    raise self._bad_status(w, r, body)
-                self.admission.release(w)
-                self.metrics.finished(call.model, r.status_code,
-                                      time.perf_counter() - call.started)
-                return _relayed(r, body, w.id)
+                    raise self._bad_status(w, r, data)
+                return _relayed(r, data, w.id)
             it = r.aiter_raw()
             try:
                 first = await it.__anext__()
@@ -234,15 +252,31 @@ class Upstream:
         except BaseException:
             await r.aclose()
             raise
+        return r, it, first
+
+    async def _open_stream(self, call: Call, w: Worker) -> Response:
+        opened = await self._send_stream(w, call.path, call.body)
+        if isinstance(opened, Response):
+            self.admission.release(w)
+            self.metrics.finished(call.model, opened.status_code,
+                                  time.perf_counter() - call.started)
+            return opened
+        r, it, first = opened
         relay = Relay(self, call, w, r, it, first)
         return RelayResponse(relay, {WORKER_HEADER: w.id, **_SSE_HEADERS})
+
+
+_ROLE = b'"delta":{"role":"assistant"'
+_DONE = b"data: [DONE]\n\n"
 
 
 class Relay:
     """One stream from a worker to the client."""
 
     __slots__ = ("up", "call", "worker", "resp", "it", "first", "events", "ttft", "done",
-                 "worker_error", "broken", "prompt_tokens", "completion_tokens", "closed")
+                 "worker_error", "broken", "prompt_tokens", "completion_tokens", "closed",
+                 "pieces", "text", "sent_tokens", "head", "rewrite", "skip_role",
+                 "failovers", "leased")
 
     def __init__(self, up: Upstream, call: Call, worker: Worker, resp: httpx.Response,
                  it: AsyncIterator[bytes], first: bytes) -> None:
@@ -260,6 +294,17 @@ class Relay:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.closed = False
+        # Continuation state: references to the pieces relayed from the current upstream
+        # (parsed only if it breaks), the text and token count of earlier upstreams, the
+        # original stream's `{"id":…,"object":…,"created":N,` head, and the head to swap.
+        self.pieces: list[bytes] = []
+        self.text = ""
+        self.sent_tokens = 0
+        self.head: bytes | None = None
+        self.rewrite: tuple[bytes, bytes] | None = None
+        self.skip_role = False
+        self.failovers = 0
+        self.leased = True  # holds the admission lease on `worker`
 
     async def body(self) -> AsyncIterator[bytes]:
         chunk: bytes | None = self.first
@@ -278,17 +323,23 @@ class Relay:
                             piece, buf = chunk, b""
                         else:
                             piece, buf = chunk[:cut], chunk[cut:]
+                        if self.failovers:  # a continuation: same id/created as before
+                            piece = self._rewritten(piece)
                         self.events += piece.count(b"\n\n")
                         if self.ttft is None and (b'"delta":{"content":' in piece
                                                   or b'"text":"' in piece):
                             self.ttft = time.perf_counter() - self.call.started
                         if b'"usage":' in piece:
                             piece = self._usage(piece)
-                        if piece.endswith(b"data: [DONE]\n\n"):
+                        if piece.endswith(_DONE):
                             self.done = True
+                            if self.failovers:
+                                piece = (piece[:-len(_DONE)] + b": x-corral-worker="
+                                         + self.worker.id.encode() + b"\n\n" + _DONE)
                         elif b'data: {"error"' in piece:
                             self.worker_error = True
                         if piece:
+                            self.pieces.append(piece)
                             yield piece
                     chunk = await it.__anext__()
             except StopAsyncIteration:
@@ -298,24 +349,174 @@ class Relay:
                 self.up.registry.eject(self.worker, f"stream broke: {exc!s:.200}")
             if self.done or self.worker_error:
                 return
+            ending = self._take_stock()
+            if ending is not None:  # the answer was complete: only the tail was lost
+                self.done = True
+                yield ending
+                return
             chunk = await self._continue_elsewhere()
         self.broken = True
         yield sse(error_body("The worker serving this stream failed before finishing it.",
                              "server_error", None, "worker_failed"))
 
-    async def _continue_elsewhere(self) -> bytes | None:
-        """Where mid-stream continuation plugs in (a later issue).
+    # ------------------------------------------------------------------ continuation
+    def _take_stock(self) -> bytes | None:
+        """Parses what the broken upstream sent (once, at the break) into `text` and
+        `sent_tokens`. Returns the stream's missing ending if the answer was complete."""
+        chat = self.call.path.endswith("/chat/completions")
+        finish = None
+        for piece in self.pieces:
+            for ev in piece.split(b"\n\n"):
+                if not ev.startswith(b"data: {"):
+                    continue
+                try:
+                    obj = orjson.loads(ev[6:])
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(obj, dict):
+                    continue
+                if self.head is None and isinstance(obj.get("id"), str):
+                    self.head = _head(ev)
+                for ch in obj.get("choices") or ():
+                    part = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
+                    if part:
+                        self.text += part
+                        self.sent_tokens += 1
+                    finish = ch.get("finish_reason") or finish
+        self.pieces = []
+        if finish is None:
+            return None
+        self.up.metrics.upstream_errors.labels("midstream_tail").inc()
+        return self._usage_event() + _DONE
 
-        It will re-send the request to another worker with the text relayed so far as a
-        final assistant message (`continue_final_message`), swap `resp`, `it` and `worker`
-        (releasing the old lease, taking a new one), and return the new stream's first
-        chunk with the role chunk dropped. Until then the stream ends with an explicit
-        error event: never a silent cut.
+    def _usage_event(self) -> bytes:
+        """The usage chunk the client asked for, from what the gateway knows."""
+        if not self.call.client_usage or self.head is None:
+            return b""
+        use = orjson.dumps({"prompt_tokens": self.prompt_tokens,
+                            "completion_tokens": self.sent_tokens,
+                            "total_tokens": self.prompt_tokens + self.sent_tokens})
+        return (b"data: " + self.head + b'"model":' + orjson.dumps(self.call.model)
+                + b',"choices":[],"usage":' + use + b"}\n\n")
+
+    def _continuation_body(self) -> bytes | None:
+        """The request that continues the answer on another worker; None if it is done."""
+        body = orjson.loads(self.call.body)
+        limit_key = "max_completion_tokens" if body.get("max_completion_tokens") else (
+            "max_tokens")
+        limit = body.get(limit_key)
+        if self.call.path.endswith("/chat/completions"):
+            msgs = list(body["messages"])
+            last = msgs[-1] if msgs else None
+            if body.get("continue_final_message") and isinstance(last, dict):
+                prior = last.get("content") or ""
+                if isinstance(prior, list):
+                    prior = "".join(p.get("text") or "" for p in prior if isinstance(p, dict))
+                msgs[-1] = {**last, "content": prior + self.text}
+            else:
+                msgs.append({"role": "assistant", "content": self.text})
+            body["messages"] = msgs
+            body["continue_final_message"] = True
+        else:
+            if limit is None:
+                limit = 16  # the legacy API's default
+            prompt = body["prompt"]
+            prompt = prompt if isinstance(prompt, str) else prompt[0]
+            text = self.text
+            if body.get("echo"):
+                text = text.removeprefix(prompt)
+                body["echo"] = False
+                limit += 1  # the echoed prompt was one event, not a token
+            body["prompt"] = prompt + text
+        if isinstance(limit, int):
+            left = limit - self.sent_tokens
+            if left <= 0:
+                return None
+            body[limit_key] = left
+        return orjson.dumps(body)
+
+    async def _continue_elsewhere(self) -> bytes | None:
+        """Re-sends the request to another worker with the text relayed so far as an open
+        final assistant message (or a longer prompt), and swaps in the new upstream.
+
+        Returns the new stream's first chunk (rewritten), or None when no worker could
+        continue (the caller then ends the stream with an error event).
         """
+        up, call = self.up, self.call
+        if self.head is None or not self.text:
+            # Nothing of the answer reached the client: start afresh, same id rewritten.
+            body: bytes | None = call.body
+        else:
+            body = self._continuation_body()
+        old = self.worker
+        self.leased = False
+        try:
+            await self.resp.aclose()
+        finally:
+            up.admission.release(old)
+        call.tried.append(old.id)
+        if body is None:  # every token was sent already: finish with "length"
+            self.done = True
+            return self._length_ending()
+        for _ in range(up.cfg.max_attempts):
+            try:
+                w = await up.admission.acquire(call.model, call.tried, call.user)
+            except (Exhausted, APIError):
+                return None
+            up.metrics.retries.labels("midstream").inc()
+            try:
+                opened = await up._send_stream(w, call.path, body)
+            except _Retry:
+                up.admission.release(w)
+                call.tried.append(w.id)
+                continue
+            except BaseException:
+                up.admission.release(w)
+                raise
+            if isinstance(opened, Response):  # the worker refused it (4xx): give up
+                up.admission.release(w)
+                return None
+            self.resp, self.it, first = opened
+            self.worker = w
+            self.leased = True
+            self.failovers += 1
+            self.skip_role = self.head is not None and call.path.endswith("/chat/completions")
+            self.rewrite = None
+            self.pieces = []
+            return first
         return None
 
+    def _length_ending(self) -> bytes:
+        chat = self.call.path.endswith("/chat/completions")
+        assert self.head is not None
+        model = orjson.dumps(self.call.model)
+        choice = (b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"length"}' if chat
+                  else b'{"index":0,"text":"","logprobs":null,"finish_reason":"length"}')
+        out = b"data: " + self.head + b'"model":' + model + b',"choices":[' + choice + b"]}\n\n"
+        return out + self._usage_event() + _DONE
+
+    def _rewritten(self, piece: bytes) -> bytes:
+        if self.rewrite is None:  # the continuation's first event names its own head
+            i = piece.find(b"data: {")
+            new = _head(piece[i:piece.find(b"\n\n", i)]) if i >= 0 else b""
+            if not new:
+                return piece
+            if self.head is None:
+                self.head = new
+            self.rewrite = (new, self.head)
+        new, old = self.rewrite
+        if new != old:
+            piece = piece.replace(new, old)
+        if self.skip_role and _ROLE in piece:
+            self.skip_role = False
+            ev_end = piece.find(b"\n\n", piece.find(_ROLE)) + 2
+            ev_start = piece.rfind(b"data: ", 0, piece.find(_ROLE))
+            piece = piece[:ev_start] + piece[ev_end:]
+        return piece
+
     def _usage(self, piece: bytes) -> bytes:
-        """Reads usage from the usage chunk; drops that chunk if the client did not ask."""
+        """Reads usage from the usage chunk; drops that chunk if the client did not ask.
+        After a failover, the usage counts the whole answer and the original prompt."""
         keep = []
         for ev in piece.split(b"\n\n")[:-1]:
             if b'"usage":' in ev and ev.startswith(b"data: {"):
@@ -327,6 +528,14 @@ class Relay:
                     use = obj.get("usage") or {}
                     self.prompt_tokens = use.get("prompt_tokens", 0) or 0
                     self.completion_tokens = use.get("completion_tokens", 0) or 0
+                    if self.failovers and self.sent_tokens:
+                        self.prompt_tokens = max(0, self.prompt_tokens - self.sent_tokens)
+                        self.completion_tokens += self.sent_tokens
+                        use.update(prompt_tokens=self.prompt_tokens,
+                                   completion_tokens=self.completion_tokens,
+                                   total_tokens=self.prompt_tokens + self.completion_tokens)
+                        use.pop("prompt_tokens_details", None)
+                        ev = b"data: " + orjson.dumps(obj)
                     if not self.call.client_usage and obj.get("choices") == []:
                         continue
             keep.append(ev + b"\n\n")
@@ -337,14 +546,24 @@ class Relay:
             return
         self.closed = True
         try:
-            await self.resp.aclose()  # mid-stream: drops the connection, so the worker aborts
+            if self.leased:  # mid-stream: drops the connection, so the worker aborts
+                await self.resp.aclose()
         finally:
-            self.up.admission.release(self.worker)
+            if self.leased:
+                self.leased = False
+                self.up.admission.release(self.worker)
             status = 200 if self.done or self.worker_error else (502 if self.broken else 499)
             completion = self.completion_tokens or max(0, self.events - 3)
             self.up.metrics.finished(self.call.model, status,
                                      time.perf_counter() - self.call.started, self.ttft,
                                      self.prompt_tokens, completion)
+
+
+def _head(ev: bytes) -> bytes:
+    """`{"id":"…","object":"…","created":N,` of an event as the worker wrote it (orjson
+    keeps the dict's order: id, object, created, model)."""
+    i = ev.find(b'"model":')
+    return ev[6:i] if i > 0 else b""
 
 
 class RelayResponse(StreamingResponse):

@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
+from gateway.affinity import SESSION_HEADER, session_key
 from gateway.limits import Reservation, estimate_tokens
 from gateway.upstream import Call, _error
 from worker import protocol as p
@@ -107,6 +108,8 @@ async def _proxy(request: Request, path: str, model_cls: type[p.SamplingFields])
         else:
             raw = await request.body()  # cached by starlette: forwarded as the client sent it
         call = Call(model, path, raw, stream, req.include_usage, key.user if key else req.user)
+        if gw.cfg.affinity:
+            call.session = session_key(model, request.headers.get(SESSION_HEADER), body)
         call.started = started
     except p.APIError as err:
         gw.metrics.finished(model, err.status, time.perf_counter() - started)
@@ -122,12 +125,40 @@ async def _proxy(request: Request, path: str, model_cls: type[p.SamplingFields])
     return Accounted(resp, gw, res, key.user if key else None)
 
 
-@router.post("/v1/chat/completions")
+# Routes read the raw JSON (validated once, by hand); the OpenAPI document still describes
+# the bodies with the wire models, so clients and fuzzers know their shape.
+_REF = "#/components/schemas/{model}"
+
+
+def _body_schema(model: type[p.SamplingFields]) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template=_REF)
+    schema.pop("$defs", None)
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": schema}}}}
+
+
+def install_openapi(app: Any) -> None:
+    """/openapi.json with the request models' nested schemas under components."""
+    from fastapi.openapi.utils import get_openapi
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version="1", routes=app.routes)
+            defs = schema.setdefault("components", {}).setdefault("schemas", {})
+            for m in (p.ChatCompletionRequest, p.CompletionRequest):
+                defs.update(m.model_json_schema(ref_template=_REF).get("$defs", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = build
+
+
+@router.post("/v1/chat/completions", openapi_extra=_body_schema(p.ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
     return await _proxy(request, "/v1/chat/completions", p.ChatCompletionRequest)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=_body_schema(p.CompletionRequest))
 async def completions(request: Request) -> Response:
     return await _proxy(request, "/v1/completions", p.CompletionRequest)
 

@@ -1,0 +1,242 @@
+"""Never drop a conversation: a worker SIGKILLed mid-answer, the answer still arrives.
+
+Sim workers check the mechanics (same id/created, no second role chunk, the token budget
+kept, usage for the whole answer, the final worker named, an error event when nobody can
+continue, non-streamed requests retried whole); two real llama.cpp workers check that a
+greedy answer continued elsewhere equals the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Callable, Iterator
+
+import httpx
+import orjson
+import pytest
+from conftest import MODEL
+from procs import Gateway, Worker, start_gateway, wait_for
+
+HEADER = "x-corral-worker"
+CHAT = [{"role": "user", "content": "Tell me a long story about a horse."}]
+needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                 reason="llama-cpp-python is not installed")
+
+
+@pytest.fixture
+def gateways() -> Iterator[Callable[..., Gateway]]:
+    started: list[Gateway] = []
+
+    def make(*args: str, **kw) -> Gateway:
+        g = start_gateway(*args, **kw)
+        started.append(g)
+        return g
+
+    yield make
+    for g in started:
+        g.proc.stop()
+
+
+def sim(factory: Callable[..., Worker], rate: float = 40) -> Worker:
+    return factory("--sim-tokens-per-second", str(rate), "--parallel", "4", "--sim-ttft",
+                   "0.01", backend="sim")
+
+
+def ready_gateway(gateways: Callable[..., Gateway], *workers: Worker) -> Gateway:
+    args = [a for w in workers for a in ("--worker", w.url)]
+    g = gateways(*args)
+    wait_for(lambda: sum(w["state"] in ("ready", "busy") for w in
+                         httpx.get(f"{g.url}/cluster", timeout=5).json()["workers"])
+             == len(workers), 30, 0.05, "all workers ready")
+    return g
+
+
+def metric(g: Gateway, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in httpx.get(f"{g.url}/metrics", timeout=5).text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if line.startswith("#") or head.split("{")[0] != name:
+            continue
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+class Stream:
+    """A raw SSE stream read on a thread: events as they come, the serving worker, lines."""
+
+    def __init__(self, url: str, path: str, body: dict, deadline: float = 120) -> None:
+        self.url, self.path, self.body, self.deadline = url, path, body, deadline
+        self.events: list[dict] = []
+        self.comments: list[str] = []
+        self.done = False
+        self.worker = ""
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            with httpx.stream("POST", self.url + self.path, json=self.body,
+                              timeout=self.deadline) as r:
+                assert r.status_code == 200, r.read()
+                self.worker = r.headers[HEADER]
+                for line in r.iter_lines():
+                    if line.startswith(":"):
+                        self.comments.append(line)
+                    elif line == "data: [DONE]":
+                        self.done = True
+                    elif line.startswith("data: "):
+                        self.events.append(orjson.loads(line[6:]))
+        except BaseException as exc:  # reported by join()
+            self.error = exc
+
+    def content(self) -> list[str]:
+        out = []
+        for ev in self.events:
+            for ch in ev.get("choices") or ():
+                part = ch.get("delta", {}).get("content") if "delta" in ch else ch.get("text")
+                if part:
+                    out.append(part)
+        return out
+
+    def join(self) -> None:
+        self.thread.join(self.deadline + 10)
+        assert not self.thread.is_alive(), "the stream hung"
+        if self.error is not None:
+            raise self.error
+
+
+def kill_serving(stream: Stream, workers: list[Worker], after: int) -> Worker:
+    """SIGKILLs the worker serving `stream` once `after` content events arrived."""
+    wait_for(lambda: len(stream.content()) >= after or stream.error is not None, 60, 0.01,
+             f"{after} content events")
+    assert stream.error is None, stream.error
+    victim = next(w for w in workers if w.id == stream.worker)
+    victim.proc.kill()
+    return victim
+
+
+# --------------------------------------------------------------------------- sim workers
+
+
+@pytest.mark.timeout(120)
+def test_chat_stream_continues_on_another_worker(worker_factory, gateways) -> None:
+    ws = [sim(worker_factory), sim(worker_factory)]
+    g = ready_gateway(gateways, *ws)
+    before = metric(g, "corral_retries_total", reason="midstream")
+    s = Stream(g.url, "/v1/chat/completions",
+               {"model": MODEL, "messages": CHAT, "max_tokens": 80, "stream": True,
+                "stream_options": {"include_usage": True}})
+    victim = kill_serving(s, ws, 10)
+    s.join()
+    survivor = next(w for w in ws if w is not victim)
+    assert s.done, s.events[-3:]
+    assert not [e for e in s.events if "error" in e], s.events[-3:]
+    assert len({e["id"] for e in s.events}) == 1
+    assert len({e["created"] for e in s.events}) == 1
+    assert {e["model"] for e in s.events} == {MODEL}
+    roles = [e for e in s.events if e["choices"] and "role" in e["choices"][0]["delta"]]
+    assert len(roles) == 1 and s.events[0] is roles[0]
+    # The token budget holds across the failover: 80 in all, then "length".
+    assert len(s.content()) == 80
+    finishes = [c["finish_reason"] for e in s.events for c in e["choices"]
+                if c["finish_reason"]]
+    assert finishes == ["length"]
+    usage = s.events[-1]["usage"]
+    assert usage["completion_tokens"] == 80 and s.events[-1]["choices"] == []
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 80
+    assert s.comments == [f": {HEADER}={survivor.id}"]
+    assert metric(g, "corral_retries_total", reason="midstream") == before + 1
+
+
+@pytest.mark.timeout(120)
+def test_completion_stream_continues_and_usage_stays_hidden(worker_factory, gateways) -> None:
+    ws = [sim(worker_factory), sim(worker_factory)]
+    g = ready_gateway(gateways, *ws)
+    s = Stream(g.url, "/v1/completions",
+               {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 60,
+                "stream": True})
+    kill_serving(s, ws, 5)
+    s.join()
+    assert s.done and not [e for e in s.events if "error" in e]
+    assert len({(e["id"], e["created"]) for e in s.events}) == 1
+    assert len(s.content()) == 60
+    assert all("usage" not in e for e in s.events)  # the client did not ask for it
+
+
+@pytest.mark.timeout(120)
+def test_no_worker_left_ends_with_an_error_event(worker_factory, gateways) -> None:
+    w = sim(worker_factory)
+    g = ready_gateway(gateways, w)
+    s = Stream(g.url, "/v1/chat/completions",
+               {"model": MODEL, "messages": CHAT, "max_tokens": 200, "stream": True})
+    kill_serving(s, [w], 5)
+    s.join()
+    assert not s.done
+    err = s.events[-1]["error"]
+    assert err["type"] == "server_error" and err["code"] == "worker_failed"
+    assert set(err) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.timeout(120)
+def test_non_streamed_request_fails_over_whole(worker_factory, gateways) -> None:
+    ws = [sim(worker_factory), sim(worker_factory)]
+    g = ready_gateway(gateways, *ws)
+    out: dict = {}
+
+    def call() -> None:
+        r = httpx.post(f"{g.url}/v1/chat/completions", timeout=60,
+                       json={"model": MODEL, "messages": CHAT, "max_tokens": 60})
+        out["r"] = r
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+
+    def serving() -> Worker | None:
+        for w in ws:
+            if httpx.get(f"{w.url}/status", timeout=2).json()["slots_busy"]:
+                return w
+        return None
+
+    wait_for(lambda: serving() is not None, 30, 0.01, "a worker to take the request")
+    victim = serving()
+    assert victim is not None
+    victim.proc.kill()
+    t.join(60)
+    assert not t.is_alive()
+    r = out["r"]
+    assert r.status_code == 200, r.text
+    assert r.headers[HEADER] != victim.id
+    assert r.json()["usage"]["completion_tokens"] == 60
+
+
+# --------------------------------------------------------------------------- real model
+
+
+@needs_llama
+@pytest.mark.timeout(400)
+def test_greedy_answer_continued_elsewhere_equals_the_uninterrupted_one(
+        worker_factory, gateways) -> None:
+    ws = [worker_factory("--parallel", "1", "--threads", "1", "--ctx-size", "2048")
+          for _ in range(2)]
+    g = ready_gateway(gateways, *ws)
+    msgs = [{"role": "system", "content": "You are a storyteller."},
+            {"role": "user", "content": "Write a long story about a brave horse named Star."}]
+    body = {"model": MODEL, "messages": msgs, "max_tokens": 160, "temperature": 0,
+            "seed": 1}
+    ref = httpx.post(f"{ws[0].url}/v1/chat/completions", json=body, timeout=300).json()
+    want = ref["choices"][0]["message"]["content"]
+    assert ref["usage"]["completion_tokens"] > 40, "the reference answer is too short"
+
+    s = Stream(g.url, "/v1/chat/completions", {**body, "stream": True,
+                                                "stream_options": {"include_usage": True}},
+               deadline=300)
+    kill_serving(s, ws, 20)
+    s.join()
+    assert s.done and not [e for e in s.events if "error" in e]
+    assert "".join(s.content()) == want
+    assert len({e["id"] for e in s.events}) == 1
+    assert s.events[-1]["usage"]["completion_tokens"] == ref["usage"]["completion_tokens"]
+    assert metric(g, "corral_retries_total", reason="midstream") == 1

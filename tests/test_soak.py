@@ -1,0 +1,36 @@
+"""A short fault-injection soak in `make test`: mixed traffic through a gateway while sim
+workers are SIGKILLed and restarted at random (bench/soak.py; `make soak` runs the long
+one). Nothing may be lost: every request completes or ends with a clean OpenAI-shaped
+error, and every completed answer has exactly the tokens asked for, failover or not.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SOAK = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
+
+
+@pytest.mark.timeout(240)
+def test_short_soak_loses_nothing() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SOAK), "--duration", "35", "--workers", "3", "--concurrency",
+         "16", "--kill-every", "2.5", "--seed", "7", "--json"],
+        capture_output=True, text=True, timeout=220)
+    lines = proc.stdout.strip().splitlines()
+    assert lines, proc.stderr[-3000:]
+    report = json.loads(lines[-1])
+    assert report["lost"] == 0, report["lost_samples"]
+    assert report["wrong"] == 0, report["wrong_samples"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert report["kills"] >= 5, report
+    assert report["requests"] >= 300, report
+    # Most requests complete despite the kills, and streams were continued mid-way.
+    assert report["completed"] >= 0.8 * report["requests"], report
+    assert report["retries_midstream"] >= 1, report
+    assert set(report["by_kind"]) == {"chat", "chat-stream", "text", "text-stream"}
