@@ -12,7 +12,8 @@ With Redis, the check and the reservation of both limits are one Lua script (ato
 round trip, Redis's clock so replicas on different hosts agree). Settlements are batched:
 they accumulate locally and are flushed in one pipeline every `FLUSH_SECONDS`, off the
 request path. Without Redis, or while it is unreachable, the same arithmetic runs in this
-process: limits then hold per replica only (said once in the log).
+process: limits then hold per replica only (said once in the log). While degraded, requests
+never wait on Redis; a background task pings it and switches back when it answers.
 
 Redis keys are named by a digest of the API key, never the key itself.
 """
@@ -35,8 +36,7 @@ log = logging.getLogger("corral.gateway")
 
 WINDOW_MS = 60_000.0
 DEFAULT_COMPLETION_ESTIMATE = 1024  # tokens reserved when a request names no max_tokens
-FLUSH_SECONDS = 0.25
-RETRY_REDIS_SECONDS = 1.0  # after a Redis failure, stay local this long before retrying
+FLUSH_SECONDS = 0.25  # also how often a degraded limiter checks whether Redis is back
 
 # KEYS: rpm key, tpm key. ARGV: rpm limit, tpm limit (0 = none), tokens.
 # Returns {1, 0, ""} when admitted, else {0, wait_ms, "rpm"|"tpm"}.
@@ -145,7 +145,6 @@ class Limiter:
         self.local = _Gcra()
         self._ids: dict[str, str] = {}
         self._pending: dict[str, tuple[int, int]] = {}  # ident -> (tpm, token delta)
-        self._down_until = 0.0
         self._degraded = False
         self._task: asyncio.Task[None] | None = None
         if redis is not None:
@@ -190,7 +189,7 @@ class Limiter:
 
     async def _check(self, ident: str, rpm: int, tpm: int, tokens: int
                      ) -> tuple[bool, float, str]:
-        if self.redis is not None and time.monotonic() >= self._down_until:
+        if self.redis is not None and not self._degraded:
             try:
                 ok, wait, dim = await self._admit(
                     keys=[f"{self.prefix}{ident}:rpm", f"{self.prefix}{ident}:tpm"],
@@ -219,7 +218,6 @@ class Limiter:
 
     # ------------------------------------------------------------------ Redis health
     def _went_down(self, exc: BaseException) -> None:
-        self._down_until = time.monotonic() + RETRY_REDIS_SECONDS
         if not self._degraded:
             self._degraded = True
             log.warning("rate limits: Redis unreachable (%s); enforcing them per gateway "
@@ -234,6 +232,9 @@ class Limiter:
         while True:
             await asyncio.sleep(FLUSH_SECONDS)
             try:
+                if self._degraded:
+                    await self.redis.ping()
+                    self._came_back()
                 await self._flush()
             except Exception as exc:  # noqa: BLE001
                 self._went_down(exc)

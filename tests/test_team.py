@@ -151,20 +151,23 @@ def test_two_gateways_share_workers_limits_and_usage(worker_factory, gateways, c
         assert e.value.body["type"] == "rate_limit_error"
         assert int(e.value.response.headers["retry-after"]) >= 1
     # bob has no limits and is unaffected by alice's.
-    for g in (g1, g2):
-        assert chat(g, "sk-bob-secret") == w.id
+    assert chat(g1, "sk-bob-secret") == w.id
+    stream = client_for(g2.url, api_key="sk-bob-secret").chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=3, stream=True)
+    assert [c for c in stream if c.choices]  # usage is not asked for, but still counted
 
     # Usage: the same cluster-wide totals from either gateway.
-    def alice_done() -> bool:
-        u = usage(g2)["users"].get("alice", {})
-        return u.get("requests") == 6
-    wait_for(alice_done, 10, 0.05, "alice's usage to reach Redis")
+    def counted() -> bool:
+        return all(usage(g)["users"].get(u, {}).get("requests") == n
+                   for g in (g1, g2) for u, n in (("alice", 6), ("bob", 3)))
+    wait_for(counted, 10, 0.05, "the usage of both gateways to reach Redis")
     for g in (g1, g2):
         a = usage(g)["users"]["alice"]
         assert a["by_status"] == {"200": 4, "429": 2}
         assert a["completion_tokens"] == 4 * 4 and a["prompt_tokens"] > 0
         assert a["total_tokens"] == a["prompt_tokens"] + a["completion_tokens"]
-        assert usage(g)["users"]["bob"]["requests"] == 3
+        bob = usage(g)["users"]["bob"]
+        assert bob["requests"] == 3 and bob["completion_tokens"] == 4 + 4 + 3
     # Metrics: each replica counts its own share; together they are the totals.
     total = sum(metric(g, "corral_user_requests_total", user="alice", status="200")
                 for g in (g1, g2))
@@ -339,8 +342,10 @@ def test_gateways_keep_serving_when_redis_dies(worker_factory, gateways, config)
         port = url.rsplit(":", 1)[1].split("/")[0]
         redis = Proc([redis.args[0], "--port", port, "--bind", HOST, "--save", "",
                       "--appendonly", "no"], name="redis-again").start()
-        wait_for(lambda: "shared state reachable again" in g2.proc.log(), 20, 0.05,
-                 "g2 to reconnect")
+        for g in (g1, g2):
+            wait_for(lambda g=g: "shared state reachable again" in g.proc.log()
+                     and "limits are shared again" in g.proc.log(), 20, 0.05,
+                     "the gateways to reconnect")
         assert chat(g2, "sk-bob-secret") == w.id
         wait_for(lambda: usage(g1)["source"] == "redis"
                  and usage(g1)["users"].get("bob", {}).get("requests", 0) >= 4,
