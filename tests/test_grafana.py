@@ -194,8 +194,13 @@ def test_every_metric_used_is_exported(live: dict[str, str]) -> None:
     for title, ref, expr in queries():
         for n in metric_names(expr):
             used.setdefault(n, f"{title}/{ref}")
+    alerts = yaml.safe_load((ROOT / "deploy" / "prometheus-alerts.yml").read_text())
+    for group in alerts["groups"]:
+        for rule in group["rules"]:
+            for n in metric_names(rule["expr"]):
+                used.setdefault(n, f"alert {rule['alert']}")
     missing = {n: where for n, where in used.items() if n not in names}
-    assert not missing, f"the dashboard reads metrics nothing exports: {missing}"
+    assert not missing, f"the dashboard or alerts read metrics nothing exports: {missing}"
 
 
 PROMETHEUS = shutil.which("prometheus")
