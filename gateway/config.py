@@ -23,7 +23,7 @@ else:  # pragma: no cover
 
 @dataclass(frozen=True)
 class ApiKey:
-    """A client key. `rpm`/`tpm` are parsed and kept; enforcing them is a later issue."""
+    """A client key; `rpm`/`tpm` limits are enforced by limits.py (None: unlimited)."""
 
     key: str
     user: str
