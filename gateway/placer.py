@@ -132,8 +132,11 @@ class Placer:
 
     # ------------------------------------------------------------------ planning
     def managed(self) -> list[Worker]:
+        # A worker joined through another gateway replica (shared through Redis) is placed
+        # by that replica: two placers must not push roles to the same worker.
         return [w for w in self.registry.workers.values()
-                if (w.status.get("placement") or {}).get("managed")]
+                if (w.status.get("placement") or {}).get("managed")
+                and not self.registry.learned_elsewhere(w.id)]
 
     def _alive(self, w: Worker, now: float) -> bool:
         if w.fails == 0 and w.status:

@@ -358,6 +358,10 @@ class Registry:
             elif wid in self._from_shared:
                 w.last_seen = now  # unannounced for join_ttl, housekeeping drops it
 
+    def learned_elsewhere(self, worker_id: str) -> bool:
+        """Whether the worker heartbeats to another gateway replica, not to this one."""
+        return worker_id in self._from_shared
+
     async def withdraw(self, worker_id: str) -> None:
         """A worker left through this replica: other replicas drop it too."""
         try:
