@@ -1,5 +1,6 @@
 """The dashboard in a real browser: headless Debian chromium against a real gateway and sim
-workers. It must list the workers as ready, and show one as down after it is SIGKILLed."""
+workers. It must list the workers as ready, and show one as down after it is SIGKILLed.
+Plus its routes over plain HTTP: the page, its assets, and the metrics summary."""
 
 from __future__ import annotations
 
@@ -16,23 +17,20 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-if not (CHROMIUM and CHROMEDRIVER):
-    if IN_CI:
-        pytest.fail("chromium and chromium-driver must be installed in CI (.ci/run does it)",
-                    pytrace=False)
-    pytest.skip("chromium/chromedriver not installed (apt-get install chromium chromium-driver)",
-                allow_module_level=True)
-
-try:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-except ImportError:  # the `test` extra installs it
-    if IN_CI:
-        raise
-    pytest.skip("selenium is not installed (pip install -e '.[test]')", allow_module_level=True)
-
 @pytest.fixture
-def browser() -> Iterator[webdriver.Chrome]:
+def browser() -> Iterator:
+    if not (CHROMIUM and CHROMEDRIVER):
+        if IN_CI:
+            pytest.fail("chromium and chromium-driver must be installed in CI (.ci/run does it)")
+        pytest.skip("chromium/chromedriver not installed "
+                    "(apt-get install chromium chromium-driver)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:  # the `test` extra installs it
+        if IN_CI:
+            raise
+        pytest.skip("selenium is not installed (pip install -e '.[test]')")
     profile = tempfile.mkdtemp(prefix="corral-chromium-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
@@ -78,7 +76,7 @@ def cluster() -> Iterator[tuple[str, list]]:
             p.stop()
 
 
-def _card_states(driver: webdriver.Chrome) -> dict[str, str]:
+def _card_states(driver) -> dict[str, str]:
     return driver.execute_script(
         "const out = {};"
         "for (const c of document.querySelectorAll('.worker[data-worker-id]')) {"
@@ -88,18 +86,45 @@ def _card_states(driver: webdriver.Chrome) -> dict[str, str]:
     )
 
 
-def test_dashboard_shows_workers_and_a_crash(cluster, browser) -> None:
-    url, workers = cluster
-    ids = [w["id"] for w in httpx.get(f"{url}/cluster", timeout=5).json()["workers"]]
-    assert len(ids) == 2
-
-    # Traffic, so the rate tiles have something to show.
+def send(url: str, n: int) -> None:
     with httpx.Client(timeout=30) as c:
-        for _ in range(3):
+        for _ in range(n):
             r = c.post(f"{url}/v1/chat/completions", json={
                 "model": "smollm2-135m", "max_tokens": 8,
                 "messages": [{"role": "user", "content": "hi"}]})
             assert r.status_code == 200, r.text
+
+
+def test_routes_and_summary(cluster) -> None:
+    url, _ = cluster
+    page = httpx.get(f"{url}/", timeout=5)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<title>Corral</title>" in page.text and "dashboard.js" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing external
+    for name, ctype in (("dashboard.js", "javascript"), ("dashboard.css", "text/css")):
+        r = httpx.get(f"{url}/dashboard/static/{name}", timeout=5)
+        assert r.status_code == 200 and ctype in r.headers["content-type"], name
+        assert "http://" not in r.text and "https://" not in r.text, name
+    for bad in ("app.py", "..%2Fapi%2Fdashboard.py", "dashboard.html.bak"):
+        assert httpx.get(f"{url}/dashboard/static/{bad}", timeout=5).status_code == 404, bad
+
+    send(url, 4)
+    s = httpx.get(f"{url}/dashboard/summary", timeout=5).json()
+    assert s["available"] is True and s["time"] > 0
+    assert s["requests"] == {"200": 4.0}
+    assert s["tokens"]["completion"] >= 4 and s["tokens"]["prompt"] > 0
+    assert s["latency"]["count"] == 4
+    buckets = s["latency"]["buckets"]
+    assert buckets[-1] == [None, 4.0]  # +Inf, as JSON null
+    assert [c for _, c in buckets] == sorted(c for _, c in buckets)  # cumulative
+
+
+def test_dashboard_shows_workers_and_a_crash(browser, cluster) -> None:
+    url, workers = cluster
+    ids = [w["id"] for w in httpx.get(f"{url}/cluster", timeout=5).json()["workers"]]
+    assert len(ids) == 2
+
+    send(url, 3)  # traffic, so the rate tiles have something to show
 
     browser.get(f"{url}/")
     assert browser.title == "Corral"

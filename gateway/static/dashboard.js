@@ -2,6 +2,7 @@
 // (the gateway's cumulative request counters and histograms) about once a second, and turns
 // successive summaries into rates and windowed percentiles. No framework, no build step.
 // Every value from the server reaches the page through textContent, never as HTML.
+// URLs are relative, so the page also works behind a reverse proxy under a sub-path.
 "use strict";
 
 const POLL_MS = 1000;
@@ -418,7 +419,7 @@ function setConn(state, text) {
 async function tick() {
   let ok = true;
   try {
-    const cluster = await getJSON("/cluster");
+    const cluster = await getJSON("cluster");
     renderKpis(cluster);
     renderPlacements(cluster);
     renderWorkers(cluster);
@@ -428,7 +429,7 @@ async function tick() {
     for (const card of document.querySelectorAll(".worker")) card.classList.add("stale");
   }
   try {
-    const s = await getJSON("/dashboard/summary");
+    const s = await getJSON("dashboard/summary");
     history.push(s);
     while (history.length && s.time - history[0].time > HISTORY_S) history.shift();
     renderRates();
