@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--timeout", type=float, default=60.0,
                    help="seconds one request may take in total")
     b.add_argument("--seed", type=int, default=0, help="seed for Poisson arrival times")
+    b.add_argument("--distinct-prompts", action="store_true",
+                   help="number each prompt so no two requests share a prefix")
     b.set_defaults(func=_cmd_bench)
     return parser
 

@@ -37,6 +37,7 @@ def spec_from_args(a: argparse.Namespace) -> LoadSpec:
         rate=a.rate, max_tokens=a.max_tokens, prompt=a.prompt, stream=a.stream,
         api_key=a.api_key if a.api_key and a.api_key != "none" else None,
         timeout=getattr(a, "timeout", 60.0), seed=getattr(a, "seed", 0),
+        distinct_prompts=getattr(a, "distinct_prompts", False),
     )
 
 

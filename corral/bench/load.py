@@ -34,6 +34,9 @@ class LoadSpec:
     api_key: str | None = None
     timeout: float = 60.0
     seed: int = 0
+    # Prefix each prompt with its request number, so no two requests share a prefix (a
+    # gateway with prompt-cache affinity would otherwise pin identical prompts to one worker).
+    distinct_prompts: bool = False
     extra_body: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -77,10 +80,11 @@ def v1_url(base_url: str) -> str:
     return base + "/v1" if urlsplit(base).path in ("", "/") else base
 
 
-def request_body(spec: LoadSpec) -> bytes:
+def request_body(spec: LoadSpec, i: int = 0) -> bytes:
+    prompt = f"Request {i}. {spec.prompt}" if spec.distinct_prompts else spec.prompt
     body: dict[str, Any] = {
         "model": spec.model,
-        "messages": [{"role": "user", "content": spec.prompt}],
+        "messages": [{"role": "user", "content": prompt}],
         "max_tokens": spec.max_tokens,
         "stream": spec.stream,
     }
@@ -215,7 +219,8 @@ class Runner:
             raise ValueError("concurrency must be at least 1")
         self.spec = spec
         self.url = v1_url(spec.base_url) + "/chat/completions"
-        self.body = request_body(spec)
+        self.bodies = ([request_body(spec, i) for i in range(spec.requests)]
+                       if spec.distinct_prompts else [request_body(spec)] * spec.requests)
         self.results: list[Result | None] = [None] * spec.requests
         self.t_start = 0.0
         self.duration = 0.0
@@ -239,7 +244,8 @@ class Runner:
         t0 = time.perf_counter()
         one = _one_stream if self.spec.stream else _one_plain
         try:
-            res = await asyncio.wait_for(one(client, self.url, self.body, t0), self.spec.timeout)
+            res = await asyncio.wait_for(one(client, self.url, self.bodies[i], t0),
+                                         self.spec.timeout)
         except Exception as exc:  # every failure is a counted result, never a crash
             res = Result(ok=False, latency=time.perf_counter() - t0, error=_error_kind(exc),
                          message=str(exc)[:200] or type(exc).__name__)

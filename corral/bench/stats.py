@@ -62,6 +62,7 @@ def summarize(spec: LoadSpec, results: list[Result], duration: float) -> dict[st
         "rate": spec.rate,
         "stream": spec.stream,
         "max_tokens": spec.max_tokens,
+        "distinct_prompts": spec.distinct_prompts,
         "timeout_s": spec.timeout,
         "requests": len(results),
         "completed": len(ok),
