@@ -66,8 +66,9 @@ def test_closed_loop_stream_matches_the_sim(sim: Worker) -> None:
 
 def test_not_streamed_counts_usage_tokens(sim: Worker) -> None:
     code, s = bench("--base-url", f"{sim.url}/v1", "--requests", "8", "--concurrency", "4",
-                    "--max-tokens", "8")
+                    "--max-tokens", "8", "--distinct-prompts")
     assert code == 0
+    assert s["distinct_prompts"] is True and s["stream"] is False
     assert (s["completed"], s["errors"], s["output_tokens"]) == (8, 0, 64), s
     assert s["ttft_ms"] is None and s["itl_ms"] is None  # nothing to time without a stream
     assert s["latency_ms"]["min"] >= (TTFT + 7 / RATE) * 1000
