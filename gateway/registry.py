@@ -30,6 +30,7 @@ from gateway.transport import LeanTransport
 log = logging.getLogger("corral.gateway")
 
 HEALTHY = ("ready", "busy")
+DOWN_MARK_SECONDS = 5.0  # an ejection reported by another replica is applied this long
 
 
 def id_from_url(url: str) -> str:
@@ -115,6 +116,9 @@ class Registry:
         # the last heartbeat), and workers learned from another replica through shared state.
         self._heard: dict[str, float] = {}
         self._from_shared: set[str] = set()
+        # Shared health: ejections seen here, to report; the last one applied per worker.
+        self._ejections: dict[str, float] = {}
+        self._down_applied: dict[str, float] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -189,9 +193,12 @@ class Registry:
         self.workers[new_id] = w
 
     # ------------------------------------------------------------------ health
-    def eject(self, w: Worker, reason: str) -> None:
-        """Passive ejection: a real request saw this worker fail."""
+    def eject(self, w: Worker, reason: str, share: bool = True) -> None:
+        """Passive ejection: a real request saw this worker fail (here, or at another
+        replica). The next probe sent after it re-admits the worker if it answers."""
         w.ejected_at = time.monotonic()
+        if share:
+            self._ejections[w.id] = self._down_applied[w.id] = time.time()
         if w.state != "down":
             self._set_state(w, "down", reason)
 
@@ -357,6 +364,21 @@ class Registry:
                 self._from_shared.add(wid)
             elif wid in self._from_shared:
                 w.last_seen = now  # unannounced for join_ttl, housekeeping drops it
+        # Health: a worker that failed a real request at one replica is ejected at all.
+        ejected, self._ejections = self._ejections, {}
+        try:
+            await self.shared.mark_down(ejected)
+        except Exception:
+            for k, t in ejected.items():
+                self._ejections.setdefault(k, t)
+            raise
+        wall = time.time()
+        for wid, t in (await self.shared.down_marks(wall - DOWN_MARK_SECONDS)).items():
+            w = self.workers.get(wid)
+            if w is not None and t > self._down_applied.get(wid, 0.0):
+                self._down_applied[wid] = t
+                if w.healthy:
+                    self.eject(w, "failed a request at another gateway replica", share=False)
 
     def learned_elsewhere(self, worker_id: str) -> bool:
         """Whether the worker heartbeats to another gateway replica, not to this one."""

@@ -59,6 +59,13 @@ class SharedState(ABC):
     async def withdraw_worker(self, worker_id: str, ttl: float = 15.0) -> None:  # noqa: B027
         """A worker left (DELETE /cluster/workers/{id}): a tombstone for `ttl` seconds."""
 
+    async def mark_down(self, ejected: dict[str, float]) -> None:  # noqa: B027
+        """Workers a real request saw fail here: id -> wall-clock time of the ejection."""
+
+    async def down_marks(self, newer_than: float) -> dict[str, float]:
+        """Ejections any replica reported after `newer_than` (wall clock): id -> time."""
+        return {}
+
     @property
     def redis_client(self) -> object | None:
         """The Redis client rate limits and usage share, or None when state is local."""
@@ -173,6 +180,26 @@ class RedisState(SharedState):
 
     async def withdraw_worker(self, worker_id: str, ttl: float = 15.0) -> None:
         await self.redis.set(self._worker_key(worker_id), "", px=max(1, int(ttl * 1000)))
+
+    def _down_key(self) -> str:
+        return f"{self.prefix[:-len('inflight:')]}down"
+
+    async def mark_down(self, ejected: dict[str, float]) -> None:
+        if not ejected:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self._down_key(), mapping={k: repr(v) for k, v in ejected.items()})
+            pipe.expire(self._down_key(), 60)
+            await pipe.execute()
+
+    async def down_marks(self, newer_than: float) -> dict[str, float]:
+        raw = await self.redis.hgetall(self._down_key())
+        out: dict[str, float] = {}
+        for k, v in raw.items():
+            t = float(v)
+            if t > newer_than:
+                out[k.decode() if isinstance(k, bytes) else k] = t
+        return out
 
     def _affinity_key(self, key: str) -> str:
         return f"{self.prefix[:-len('inflight:')]}affinity:{key}"

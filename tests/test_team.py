@@ -235,6 +235,38 @@ def test_token_reservations_settle_to_real_usage(redis_url) -> None:
     asyncio.run(scenario(Limiter()))
 
 
+def test_replicas_share_passive_ejections(redis_url) -> None:
+    """A worker that failed a real request at one replica is ejected at the others."""
+    from gateway.config import GatewayConfig
+    from gateway.registry import Registry
+    from gateway.registry import Worker as W
+    from gateway.state import RedisState
+
+    async def scenario() -> None:
+        states_ = [RedisState(redis_url), RedisState(redis_url)]
+        regs = [Registry(GatewayConfig(), s) for s in states_]
+        ws = []
+        for r in regs:
+            w = W("w1", "http://127.0.0.1:9", "static")
+            w.state = "ready"
+            r.workers[w.id] = w
+            ws.append(w)
+        try:
+            regs[0].eject(ws[0], "connect: refused")
+            await regs[0]._share_registry()
+            await regs[1]._share_registry()
+            assert ws[1].state == "down"
+            assert ws[1].last_error == "failed a request at another gateway replica"
+            ws[1].state = "ready"  # re-admitted by its next probe: the mark is not re-applied
+            await regs[1]._share_registry()
+            assert ws[1].state == "ready"
+        finally:
+            for s in states_:
+                await s.close()
+
+    asyncio.run(scenario())
+
+
 # --------------------------------------------------------------------------- fair share
 
 
