@@ -157,10 +157,12 @@ def main() -> int:
         for name, url in targets:
             load(url, 6, concurrency=3, max_tokens=2)  # warm up connections
             wait_for(lambda: all(_idle(w.url) for w in workers), 30, 0.1, "idle workers")
+            before = [_generated(w.url) for w in workers]
             s, res = load(url, a.requests, rate=rate, max_tokens=a.max_tokens, seed=a.seed,
                           timeout=120)
-            by_worker = s["workers"]
-            share = " / ".join(str(by_worker.get(w.id, 0)) for w in workers)
+            # Counted by the workers themselves, so a proxy need not say who served.
+            share = " / ".join(f"{(_generated(w.url) - b) / a.max_tokens:.0f}"
+                               for w, b in zip(workers, before, strict=True))
             row = {"target": name, "p50": s["latency_ms"]["p50"], "p90": s["latency_ms"]["p90"],
                    "p99": s["latency_ms"]["p99"], "ttft_p50": s["ttft_ms"]["p50"],
                    "ttft_p99": s["ttft_ms"]["p99"], "rps": s["requests_per_second"],
@@ -173,12 +175,22 @@ def main() -> int:
             p.stop()
 
     lines = ["| router | latency p50 ms | p90 ms | p99 ms | TTFT p50 / p99 ms | req/s | "
-             "requests on 1x / 2x / 4x | errors |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+             "requests on 1x / 2x / 4x (worker metrics) | errors |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
-        share = r["share"] if "LiteLLM" not in r["target"] else "(not reported)"
+        share = r["share"]
         lines.append(f"| {r['target']} | {r['p50']:.0f} | {r['p90']:.0f} | {r['p99']:.0f} | "
                      f"{r['ttft_p50']:.0f} / {r['ttft_p99']:.0f} | {r['rps']:.2f} | {share} | "
                      f"{r['errors']} |")
+    by = {r["target"]: r for r in rows}
+    verdict = ""
+    if "Corral gateway" in by and "round robin" in by:
+        g, rr = by["Corral gateway"], by["round robin"]
+        o = by.get("oracle (least expected completion)")
+        verdict = (f"Corral's p99 is {rr['p99'] / g['p99']:.1f}x lower than round robin's"
+                   + (f" and {g['p99'] / o['p99']:.2f}x the oracle's" if o else "")
+                   + f"; its p50 is {g['p50'] / rr['p50']:.2f}x round robin's"
+                   + (f", {g['p50'] / o['p50']:.2f}x the oracle's." if o else "."))
     plot_line = ""
     if not a.no_plot:
         try:
@@ -219,11 +231,22 @@ def main() -> int:
         "in-flight counts, and sends each request where it is expected to finish first.",
         "",
         *lines,
+        "",
+        verdict,
         plot_line,
         f"LiteLLM: {litellm_note or 'LiteLLM proxy from .bench-venv, least-busy routing.'}",
     ])
     write_section("balancing", body)
     return 0
+
+
+def _generated(url: str) -> float:
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("corral_worker_generated_tokens_total"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def _idle(url: str) -> bool:

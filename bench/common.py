@@ -220,10 +220,18 @@ def start_litellm(workers: list[Worker], strategy: str = "simple-shuffle",
     fd, path = tempfile.mkstemp(prefix="corral-litellm-", suffix=".yaml")  # JSON is YAML
     with os.fdopen(fd, "w") as f:
         json.dump(config, f)
+    # Quiet access logs, as Corral's gateway runs by default: per-request log lines would
+    # be charged to LiteLLM's CPU per request otherwise.
+    fd, log_config = tempfile.mkstemp(prefix="corral-litellm-log-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"version": 1, "disable_existing_loggers": False,
+                   "loggers": {"uvicorn.access": {"level": "WARNING"},
+                               "uvicorn.error": {"level": "WARNING"}}}, f)
     env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
            "LITELLM_LOG": "ERROR", "NO_PROXY": "*", "HTTP_PROXY": "", "HTTPS_PROXY": ""}
     proc = Proc([str(LITELLM_VENV / "bin" / "litellm"), "--config", path, "--host", HOST,
-                 "--port", str(port), "--num_workers", "1"], env, f"litellm-{port}").start()
+                 "--port", str(port), "--num_workers", "1", "--log_config", log_config],
+                env, f"litellm-{port}").start()
     proc.url = f"http://{HOST}:{port}"  # type: ignore[attr-defined]
     try:
         proc.wait_http(f"{proc.url}/health/liveliness", timeout=timeout)  # type: ignore[attr-defined]

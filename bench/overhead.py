@@ -1,6 +1,6 @@
 """What one hop through Corral costs: a sim worker direct vs through the gateway (vs LiteLLM).
 
-    .venv/bin/python bench/overhead.py [--requests 1000] [--no-litellm]
+    .venv/bin/python bench/overhead.py [--requests 500] [--no-litellm]
 
 One fast sim worker (1000 tokens/s per slot, no TTFT, 64 slots, so it is never the
 bottleneck) and one gateway in front of it, real processes on 127.0.0.1. Each target gets
@@ -56,8 +56,8 @@ def hey(url: str, n: int, c: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=1000, help="requests per hey run")
-    ap.add_argument("--stream-requests", type=int, default=400)
+    ap.add_argument("--requests", type=int, default=500, help="requests per hey run")
+    ap.add_argument("--stream-requests", type=int, default=200)
     ap.add_argument("--no-litellm", action="store_true")
     a = ap.parse_args()
 
@@ -129,10 +129,16 @@ def main() -> int:
     cg = [r for r in rows if r["target"] == "Corral gateway" and r["cpu_ms_per_req"]]
     cl = [r for r in rows if r["target"] == "LiteLLM proxy" and r["cpu_ms_per_req"]]
     verdict = []
+    c1 = [r for r in rows if r["load"].startswith("hey -c 1,")]
+    d1 = next((r for r in c1 if r["target"] == "direct to worker"), None)
+    g1 = next((r for r in c1 if r["target"] == "Corral gateway"), None)
+    if d1 and g1 and d1["p50"] is not None and g1["p50"] is not None:
+        verdict.append(f"Added p50 at concurrency 1: {g1['p50'] - d1['p50']:+.2f} ms "
+                       "(goal < 1 ms).  ")
     if cg and cl:
         ratios = [lr["cpu_ms_per_req"] / g["cpu_ms_per_req"] for g, lr in zip(cg, cl, strict=False)]
         verdict.append("LiteLLM / Corral CPU per request: "
-                       + ", ".join(f"{x:.1f}x" for x in ratios) + " (goal >= 5x).")
+                       + ", ".join(f"{x:.1f}x" for x in ratios) + " (goal >= 5x).  ")
     body = "\n".join([
         "## Overhead: one sim worker direct vs through the gateway",
         "",

@@ -105,6 +105,13 @@ def main() -> int:
             f"{r['p50']:.0f} / {r['p99']:.0f} | "
             f"{r['ttft_p50']:.0f} | {r['spread']} | {r['cores']:.2f} | "
             f"{r['cpu_ms_per_req']:.2f} | {r['errors']} |")
+    met = [str(r["n"]) for r in rows if r["eff"] >= 0.9]
+    missed = [str(r["n"]) for r in rows if r["eff"] < 0.9]
+    verdict = (f"Goal (>= 0.9 N) met at N = {', '.join(met) or 'none'}"
+               + (f"; missed at N = {', '.join(missed)}." if missed else "."))
+    verdict += (" Gateway CPU-ms/req here includes its background work (worker probes) "
+                "spread over few, long requests; see the overhead section for the "
+                "per-request cost.")
     plot_line = ""
     if not a.no_plot:
         try:
@@ -147,6 +154,8 @@ def main() -> int:
         "than another runs one more round alone).",
         "",
         *lines,
+        "",
+        verdict,
         plot_line,
     ])
     write_section("scaling", body)
