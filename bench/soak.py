@@ -241,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also one real llama.cpp worker (token counts are then not checked)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--write", action="store_true",
+                    help="also write the report into docs/BENCHMARKS.md (its own section)")
     args = ap.parse_args(argv)
+    load_at_start = os.getloadavg()[0]
 
     rng = random.Random(args.seed)
     sim_args = ["--sim-tokens-per-second", str(args.rate), "--parallel", "4",
@@ -307,6 +310,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  lost          {report['lost']}  {tally.lost[:5]}")
         print(f"  wrong         {report['wrong']}  {tally.wrong[:5]}")
         print(f"  retries       {retries:g} ({midstream:g} mid-stream continuations)")
+    if args.write:
+        from affinity import write_section  # bench/ is on sys.path when run as a script
+
+        write_section("soak", "\n".join([
+            "## Fault-injection soak: workers SIGKILLed under load",
+            "",
+            f"Command: `.venv/bin/python {' '.join(sys.argv)}` (`make soak`)  ",
+            f"Machine: {os.cpu_count()} CPU, load average {load_at_start:.1f} at start, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+            "",
+            f"{args.workers} sim workers ({args.rate:g} tokens/s per slot, 4 slots), "
+            f"{args.concurrency} clients in closed loop, 70% chat / 30% legacy completions, "
+            f"60% streamed, 4-48 tokens; a random ready worker SIGKILLed every "
+            f"{args.kill_every:g} s on average and restarted 0.3-2.5 s later.",
+            "",
+            "| requests | completed | clean errors | lost | wrong | kills | mid-stream "
+            "continuations |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {total} | {report['completed']} | {report['clean_errors']} | "
+            f"{report['lost']} | {report['wrong']} | {report['kills']} | {midstream:g} |",
+            "",
+            f"Clean errors by kind: {report['errors'] or 'none'}.",
+        ]))
     return 1 if report["lost"] or report["wrong"] else 0
 
 

@@ -1,11 +1,13 @@
 """Session affinity: the turns of one conversation go to the worker that holds its KV cache.
 
 A conversation is named by a key, computed once per request at the edge (`session_key`):
-the client's `x-session-id` header, else its `user` field, else a hash of the leading
-messages (the system prompt and the first user message: the same for every turn of one
-chat) or of the prompt's first KiB for legacy completions. Routing prefers the worker
-the key last went to, unless that worker is much busier than the least-loaded one
-(routing.py's load guard, `affinity_slack`).
+the client's `x-session-id` header, else its `user` field, else (chat only) a hash of the
+leading messages — the system prompt and the first user message, the same for every turn
+of one chat. Every request records where its key went; routing *prefers* that worker for
+requests that continue something: an explicit session/user, or a chat that already holds
+an assistant turn. So identical one-shot requests still spread over the workers, while a
+conversation's later turns go back to its cache — unless that worker is much busier than
+the least-loaded one (routing.py's load guard, `affinity_slack`).
 
 The map lives in shared state (state.py: memory, or Redis for several replicas) with a
 TTL. A local dict in front of it answers the hot path without a round trip; only a key
@@ -35,25 +37,23 @@ LOCAL_MAX = 100_000  # keys cached in this process (oldest dropped first)
 LOOKUP_TIMEOUT = 0.05  # seconds a shared-state lookup may add to a request
 
 
-def session_key(model: str, header: str | None, body: dict[str, Any]) -> str:
-    """The conversation's affinity key (model-scoped)."""
+def session_key(model: str, header: str | None, body: dict[str, Any]
+                ) -> tuple[str, bool] | None:
+    """(the conversation's affinity key, whether to prefer its worker), or None."""
     if header:
-        return f"{model}\x00s\x00{header[:256]}"
+        return f"{model}\x00s\x00{header[:256]}", True
     user = body.get("user")
     if isinstance(user, str) and user:
-        return f"{model}\x00u\x00{user[:256]}"
+        return f"{model}\x00u\x00{user[:256]}", True
     msgs = body.get("messages")
-    if isinstance(msgs, list) and msgs:
-        first = msgs[0]
-        lead = msgs[:2] if isinstance(first, dict) and first.get("role") in (
-            "system", "developer") else msgs[:1]
-        raw = orjson.dumps(lead)
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list):
-            prompt = prompt[0] if prompt else ""
-        raw = str(prompt)[:1024].encode()
-    return f"{model}\x00h\x00{hashlib.blake2b(raw, digest_size=12).hexdigest()}"
+    if not isinstance(msgs, list) or not msgs:
+        return None  # legacy completions: no turns to follow without an explicit id
+    first = msgs[0]
+    lead = msgs[:2] if isinstance(first, dict) and first.get("role") in (
+        "system", "developer") else msgs[:1]
+    digest = hashlib.blake2b(orjson.dumps(lead), digest_size=12).hexdigest()
+    later_turn = any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs)
+    return f"{model}\x00h\x00{digest}", later_turn
 
 
 class Affinity:

@@ -16,6 +16,7 @@ so it cannot block other clients.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import orjson
@@ -82,18 +83,10 @@ class BodyGuard:
                     body_done = True
             return msg
 
-        started = False
-
-        async def tracked(msg: Message) -> None:
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
-
-        try:
-            await self.app(scope, guarded, tracked)
-        except _Refused as err:  # raised where the app read the body without catching it
-            if not started:
+        try:  # `send` is passed as is: nothing added per streamed chunk
+            await self.app(scope, guarded, send)
+        except _Refused as err:  # the app read the body without catching it (rare: the
+            with contextlib.suppress(RuntimeError):  # APIError handler normally answers)
                 await _reply(send, err)
 
 

@@ -52,7 +52,7 @@ class Call:
     """One client request on its way through the gateway."""
 
     __slots__ = ("model", "path", "body", "stream", "client_usage", "user", "started",
-                 "tried", "session")
+                 "tried", "session", "affine")
 
     def __init__(self, model: str, path: str, body: bytes, stream: bool, client_usage: bool,
                  user: str | None = None, session: str | None = None) -> None:
@@ -65,6 +65,7 @@ class Call:
         self.started = time.perf_counter()
         self.tried: list[str] = []
         self.session = session  # affinity key (affinity.py), None when there is none
+        self.affine = False  # prefer the worker the session went to last
 
 
 class _Retry(Exception):
@@ -149,7 +150,7 @@ class Upstream:
         attempts = self.cfg.max_attempts
         session = call.session or ""
         aff = self.affinity if session else None
-        prefer = await aff.lookup(session) if aff is not None else None
+        prefer = await aff.lookup(session) if aff is not None and call.affine else None
         for attempt in range(attempts):
             try:
                 w = await self.admission.acquire(call.model, call.tried, call.user, prefer)

@@ -81,6 +81,14 @@ def test_turns_of_a_conversation_stay_on_one_worker(worker_factory, gateways) ->
         assert turn(g, [{"role": "user", "content": f"b{i}"}], **{"x-session-id": "s1"}) == first
 
 
+def test_identical_one_shot_requests_still_spread(worker_factory, gateways) -> None:
+    g = ready(gateways, sims(worker_factory, 3))
+    # No assistant turn, no session id: nothing to go back to. 12 on one worker of 3 by
+    # chance has a probability of 3**-11.
+    assert len({turn(g, [SYSTEM, {"role": "user", "content": "same"}])
+                for _ in range(12)}) > 1
+
+
 def test_affinity_off_spreads_turns(worker_factory, gateways, tmp_path: Path) -> None:
     cfg = tmp_path / "corral.toml"
     cfg.write_text("[gateway]\naffinity = false\n")
@@ -114,12 +122,15 @@ def test_affinity_is_shared_by_replicas_through_redis(worker_factory, gateways,
     try:
         for k in range(4):
             msgs = [SYSTEM, {"role": "user", "content": f"shared {k}"}]
-            key = "corral:affinity:" + session_key(MODEL, None, {"messages": msgs})
+            key = "corral:affinity:" + session_key(MODEL, None, {"messages": msgs})[0]
             first = turn(a, msgs)
             # Replica a writes through in the background: wait until Redis has it.
             wait_for(lambda k=key: r.get(k) is not None, 10, 0.02, "the write-through")
             assert r.get(key).decode() == first
-            assert {turn(b, msgs) for _ in range(3)} == {first}
+            # The conversation's next turns, at replica b, go to the same worker.
+            later = [*msgs, {"role": "assistant", "content": "ok"},
+                     {"role": "user", "content": "more"}]
+            assert {turn(b, later) for _ in range(3)} == {first}
     finally:
         r.close()
 
@@ -133,17 +144,22 @@ def test_session_key_names_a_conversation() -> None:
     t2 = {"messages": [*t1["messages"], {"role": "assistant", "content": "a1"},
                        {"role": "user", "content": "q2"}]}
     other = {"messages": [sys_msg, {"role": "user", "content": "another"}]}
-    assert session_key("m", None, t1) == session_key("m", None, t2)
-    assert session_key("m", None, t1) != session_key("m", None, other)
-    assert session_key("m", None, t1) != session_key("m2", None, t1)  # per model
+    k1, k2 = session_key("m", None, t1), session_key("m", None, t2)
+    # One key for every turn; only a later turn (an assistant message exists) prefers it.
+    assert k1 is not None and k2 is not None and k1[0] == k2[0]
+    assert (k1[1], k2[1]) == (False, True)
+    assert session_key("m", None, other)[0] != k1[0]
+    assert session_key("m2", None, t1)[0] != k1[0]  # per model
     # Without a system prompt the first user message names it; header and user win.
-    assert session_key("m", None, {"messages": t2["messages"][1:]}) == session_key(
-        "m", None, {"messages": t1["messages"][1:]})
+    assert session_key("m", None, {"messages": t2["messages"][1:]})[0] == session_key(
+        "m", None, {"messages": t1["messages"][1:]})[0]
     assert session_key("m", "abc", t1) == session_key("m", "abc", other)
+    assert session_key("m", "abc", t1)[1] is True
     assert session_key("m", None, {**t1, "user": "u"}) == session_key("m", None,
                                                                       {**other, "user": "u"})
-    assert session_key("m", None, {"prompt": "x" * 2000}) == session_key(
-        "m", None, {"prompt": "x" * 1024 + "y"})
+    # Legacy completions follow only an explicit id.
+    assert session_key("m", None, {"prompt": "x"}) is None
+    assert session_key("m", "abc", {"prompt": "x"}) == session_key("m", "abc", t1)
 
 
 def test_router_prefers_the_affine_worker_within_the_slack() -> None:

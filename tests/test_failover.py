@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import threading
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import httpx
 import orjson
@@ -240,3 +241,98 @@ def test_greedy_answer_continued_elsewhere_equals_the_uninterrupted_one(
     assert len({e["id"] for e in s.events}) == 1
     assert s.events[-1]["usage"]["completion_tokens"] == ref["usage"]["completion_tokens"]
     assert metric(g, "corral_retries_total", reason="midstream") == 1
+
+
+# --------------------------------------------------------------------------- in process
+
+
+def _relay(path: str, body: dict, client_usage: bool = False):
+    from gateway.upstream import Call, Relay
+
+    call = Call(MODEL, path, orjson.dumps(body), True, client_usage)
+    return Relay(None, call, None, None, None, b"")  # type: ignore[arg-type]
+
+
+def _ev(obj: dict) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _chat_chunk(delta: dict, finish: str | None = None, cid: str = "chatcmpl-a",
+                created: int = 1) -> dict:
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": MODEL,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                         "finish_reason": finish}]}
+
+
+def test_continuation_request_for_chat() -> None:
+    r = _relay("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "max_tokens": 10,
+                                        "stream": True})
+    r.pieces = [_ev(_chat_chunk({"role": "assistant", "content": ""}))
+                + _ev(_chat_chunk({"content": "Once"})),
+                _ev(_chat_chunk({"content": " upon"})) + _ev(_chat_chunk({"content": " a"}))]
+    assert r._take_stock() is None  # not finished: continue elsewhere
+    assert (r.text, r.sent_tokens) == ("Once upon a", 3)
+    assert r.head == b'{"id":"chatcmpl-a","object":"chat.completion.chunk","created":1,'
+    body = orjson.loads(r._continuation_body())
+    assert body["messages"] == [*CHAT, {"role": "assistant", "content": "Once upon a"}]
+    assert body["continue_final_message"] is True and body["max_tokens"] == 7
+
+    # A client that continues a message itself: the text extends its final message, and
+    # max_completion_tokens is what gets reduced.
+    own = [*CHAT, {"role": "assistant", "content": "Hi"}]
+    r = _relay("/v1/chat/completions", {"model": MODEL, "messages": own, "stream": True,
+                                        "continue_final_message": True,
+                                        "max_completion_tokens": 3})
+    r.pieces = [_ev(_chat_chunk({"content": " there"}))]
+    assert r._take_stock() is None
+    body = orjson.loads(r._continuation_body())
+    assert body["messages"][-1] == {"role": "assistant", "content": "Hi there"}
+    assert body["max_completion_tokens"] == 2 and len(body["messages"]) == 2
+    # Every token sent already: nothing to continue (the stream ends with "length").
+    r.sent_tokens = 3
+    assert r._continuation_body() is None
+    end = r._length_ending()
+    assert b'"finish_reason":"length"' in end and end.endswith(b"data: [DONE]\n\n")
+
+
+def test_continuation_request_for_completions_with_echo() -> None:
+    r = _relay("/v1/completions", {"model": MODEL, "prompt": "Say", "echo": True,
+                                   "stream": True})
+    chunk = {"id": "cmpl-a", "object": "text_completion", "created": 1, "model": MODEL}
+    r.pieces = [_ev({**chunk, "choices": [{"index": 0, "text": t, "finish_reason": None}]})
+                for t in ("Say", " one", " two")]
+    assert r._take_stock() is None
+    body = orjson.loads(r._continuation_body())
+    # The echoed prompt is not generated text: 16 (the default) - 2 tokens left.
+    assert body["prompt"] == "Say one two" and body["echo"] is False
+    assert body["max_tokens"] == 14
+
+
+def test_a_finished_answer_only_misses_its_tail() -> None:
+    r = _relay("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "stream": True},
+               client_usage=True)
+    r.prompt_tokens = 5
+    counted: list[str] = []
+    counter = SimpleNamespace(labels=lambda kind: SimpleNamespace(
+        inc=lambda: counted.append(kind)))
+    r.up = SimpleNamespace(metrics=SimpleNamespace(upstream_errors=counter))
+    r.pieces = [_ev(_chat_chunk({"content": "Done"})), _ev(_chat_chunk({}, "stop"))]
+    tail = r._take_stock()
+    assert counted == ["midstream_tail"]
+    assert tail is not None and tail.endswith(b"data: [DONE]\n\n")
+    usage = orjson.loads(tail.split(b"\n\n")[0][6:])
+    assert usage["usage"] == {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+    assert usage["id"] == "chatcmpl-a" and usage["choices"] == []
+
+
+def test_continuation_chunks_get_the_original_head_and_lose_their_role_chunk() -> None:
+    r = _relay("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "stream": True})
+    r.head = b'{"id":"chatcmpl-a","object":"chat.completion.chunk","created":1,'
+    r.failovers, r.skip_role = 1, True
+    first = (_ev(_chat_chunk({"role": "assistant", "content": ""}, cid="chatcmpl-b",
+                             created=2))
+             + _ev(_chat_chunk({"content": "x"}, cid="chatcmpl-b", created=2)))
+    out = r._rewritten(first)
+    assert out == _ev(_chat_chunk({"content": "x"}))
+    nxt = _ev(_chat_chunk({"content": "y"}, cid="chatcmpl-b", created=2))
+    assert r._rewritten(nxt) == _ev(_chat_chunk({"content": "y"}))

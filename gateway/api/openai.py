@@ -109,7 +109,9 @@ async def _proxy(request: Request, path: str, model_cls: type[p.SamplingFields])
             raw = await request.body()  # cached by starlette: forwarded as the client sent it
         call = Call(model, path, raw, stream, req.include_usage, key.user if key else req.user)
         if gw.cfg.affinity:
-            call.session = session_key(model, request.headers.get(SESSION_HEADER), body)
+            sk = session_key(model, request.headers.get(SESSION_HEADER), body)
+            if sk is not None:
+                call.session, call.affine = sk
         call.started = started
     except p.APIError as err:
         gw.metrics.finished(model, err.status, time.perf_counter() - started)
