@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a request without an answer after this long is lost")
     ap.add_argument("--rate", type=float, default=150.0, help="sim tokens/s per slot")
     ap.add_argument("--llama", action="store_true",
-                    help="also one real llama.cpp worker (token counts are then not checked)")
+                    help="also one real llama.cpp worker, never killed (token counts are then not "
+                    "checked: its answers may stop early)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--write", action="store_true",
