@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -50,3 +54,131 @@ def redis_url() -> Iterator[str]:
     proc, url = start_redis()
     yield url
     proc.stop()
+
+
+# --------------------------------------------------------------------------- backend API suite
+# tests/test_worker_api.py runs every test against each real backend through `api`; the
+# per-backend files (test_worker_llama.py, test_worker_openvino.py) share the same workers.
+
+#: The package each real backend needs, for the skip rule in `require_backend`.
+BACKEND_PACKAGES = {"llama": "llama_cpp", "openvino": "openvino_genai"}
+#: The worker behind `api`: four slots for batching and queueing; the context is the
+#: default (not passed), so the suite checks the default too.
+API_SLOTS = 4
+API_CTX = 2048
+#: Chat prompts and the SmolLM2 chat template (from the GGUF), rendered by hand.
+SYSTEM = "You are a concise assistant."
+CHATML = "<|im_start|>system\n{sys}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n" \
+         "<|im_start|>assistant\n"
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy continues counting: never stops early
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_backend(name: str) -> None:
+    """Skips when the backend's package is missing, except in CI, where it must run."""
+    pkg = BACKEND_PACKAGES[name]
+    if importlib.util.find_spec(pkg) is None and not in_ci():
+        pytest.skip(f"{pkg} is not installed (the {name} backend runs whenever CI=true)")
+
+
+def chat(user: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def status(w: Worker) -> dict:
+    return httpx.get(f"{w.url}/status", timeout=5).json()
+
+
+def _tokenizer(name: str) -> Callable[[str], list[int]]:
+    """The model's own tokenizer, in this process, to check the worker's counts."""
+    from worker.models import resolve
+
+    path = str(resolve(MODEL)[1])
+    if name == "llama":
+        import llama_cpp
+
+        llm = llama_cpp.Llama(path, vocab_only=True, verbose=False)
+        return lambda text: llm.tokenize(text.encode(), add_bos=False, special=True)
+    import openvino_genai as ovg  # OpenVINO's own tokenizer, read from the GGUF
+
+    tok = ovg.Tokenizer(path)
+    return lambda text: tok.encode(text, add_special_tokens=True).input_ids.data[0].tolist()
+
+
+@dataclass
+class Caps:
+    """What a backend is expected to do where backends legitimately differ.
+
+    Declared here, never read from the worker, so that a backend drifting from its
+    declaration fails a test instead of silently changing what is tested."""
+
+    name: str
+    #: presence/frequency penalties honoured (True) or refused with a 400
+    #: `unsupported_parameter` before any response starts (False).
+    penalties: bool
+    #: prompt-cache reuse visible as hit counters in /status and `cached_tokens` in usage
+    #: (True), or only as a faster time to first token (False).
+    cache_counters: bool
+    #: greedy text is the same alone and in a batch.
+    batch_invariant: bool
+    _tokenize: Callable[[str], list[int]] | None = field(default=None, repr=False)
+
+    def tokenize(self, text: str) -> list[int]:
+        if self._tokenize is None:
+            self._tokenize = _tokenizer(self.name)
+        return self._tokenize(text)
+
+
+def caps_for(name: str) -> Caps:
+    if name == "llama":
+        return Caps("llama", penalties=True, cache_counters=True, batch_invariant=True)
+    flag = os.environ.get("CORRAL_OPENVINO_BATCH_INVARIANT", "1").strip().lower()
+    return Caps("openvino", penalties=False, cache_counters=False,
+                batch_invariant=flag not in ("0", "false", "no", "off"))
+
+
+@dataclass
+class ApiTarget:
+    """What `api` yields: one worker, its client, and what its backend is expected to do."""
+
+    worker: Worker
+    caps: Caps
+    client: openai.OpenAI
+
+    @property
+    def url(self) -> str:
+        return self.worker.url
+
+
+def _api_worker(backend: str, *args: str) -> Iterator[Worker]:
+    require_backend(backend)
+    w = start_worker("--parallel", str(API_SLOTS), "--max-queue", "8", *args,
+                     backend=backend, wait=False)
+    try:
+        w.proc.wait_http(f"{w.url}/status",
+                         ok=lambda r: r.json().get("state") in ("ready", "busy"))
+        yield w
+    finally:
+        w.proc.stop()  # also when it never came up
+
+
+@pytest.fixture(scope="session")
+def llama_api_worker() -> Iterator[Worker]:
+    """The llama.cpp worker behind `api`, shared with test_worker_llama.py (one load)."""
+    yield from _api_worker("llama", "--threads", "2")
+
+
+@pytest.fixture(scope="session")
+def openvino_api_worker() -> Iterator[Worker]:
+    """The OpenVINO worker behind `api`, shared with test_worker_openvino.py (one load)."""
+    yield from _api_worker("openvino", "--device", "CPU")
+
+
+@pytest.fixture(scope="module", params=["llama", "openvino"])
+def api(request: pytest.FixtureRequest) -> ApiTarget:
+    """Each real backend in turn: pytest runs a module's tests for one before the other."""
+    worker = request.getfixturevalue(f"{request.param}_api_worker")
+    return ApiTarget(worker, caps_for(request.param), client_for(worker.url, timeout=120))
