@@ -305,10 +305,9 @@ class Control:
         return await fetch(url, self.download, self.cfg.cluster_token)
 
     async def _load_replica(self, req: PlacementRequest, path: Path) -> None:
-        from worker.backends.llama import LlamaBackend
+        from worker.app import make_backend  # here: worker.app imports this module
 
-        cfg = self.cfg
-        backend = LlamaBackend(str(path), cfg.parallel, cfg.ctx_size, cfg.threads)
+        backend = make_backend(self.cfg, path)  # the worker's --backend, not always llama
         await asyncio.to_thread(backend.load)
         st = self.state
         st.backend = st.engine.backend = backend
@@ -316,7 +315,8 @@ class Control:
         st.model_bytes = os.stat(path).st_size
         st.model_names.clear()
         st.model_names.add(st.model_id)
-        st.engine.stats.tokens_per_second = backend.calibrated_tokens_per_second
+        st.engine.stats.tokens_per_second = getattr(backend, "calibrated_tokens_per_second",
+                                                    0.0)
         st.load_error = None
         st.engine.ready = True
 
