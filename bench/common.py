@@ -130,13 +130,15 @@ class CpuMeter:
     @contextlib.contextmanager
     def measure(self) -> Iterator[dict[str, float]]:
         out: dict[str, float] = {}
-        c0, t0 = self.read(), time.perf_counter()
+        c0, t0, idle0 = self.read(), time.perf_counter(), psutil.cpu_times().idle
         try:
             yield out
         finally:
             out["cpu_s"] = self.read() - c0
             out["wall_s"] = time.perf_counter() - t0
             out["cores"] = out["cpu_s"] / max(out["wall_s"], 1e-9)
+            # Idle CPU on the whole box meanwhile: near 0 means the run was CPU-starved.
+            out["box_idle_cores"] = (psutil.cpu_times().idle - idle0) / max(out["wall_s"], 1e-9)
 
 
 def fmt_ms(d: dict[str, float] | None, key: str) -> str:

@@ -82,22 +82,16 @@ def main() -> int:
         for name, url, pid in targets:
             load(url, 50, concurrency=4, max_tokens=MAX_TOKENS, stream=False)  # warm up
             runs = []
+            # Direct runs meter the worker, only for the box's idle CPU; proxies meter
+            # themselves, which is the CPU per request reported.
+            meter = CpuMeter(pid or worker.proc.pid)
             if have_hey:
                 for c in (1, 16):
-                    meter = CpuMeter(pid) if pid else None
-                    if meter:
-                        with meter.measure() as cpu:
-                            r = hey(url, a.requests, c)
-                    else:
-                        cpu, r = {}, hey(url, a.requests, c)
+                    with meter.measure() as cpu:
+                        r = hey(url, a.requests, c)
                     runs.append((f"hey -c {c}, not streamed", r["rps"], r["p50"], r["p99"],
                                  r["n"] - r["ok"], cpu, r["n"]))
-            meter = CpuMeter(pid) if pid else None
-            if meter:
-                with meter.measure() as cpu:
-                    s, _ = load(url, a.stream_requests, concurrency=8, max_tokens=16)
-            else:
-                cpu = {}
+            with meter.measure() as cpu:
                 s, _ = load(url, a.stream_requests, concurrency=8, max_tokens=16)
             runs.append(("corral bench -c 8, streamed 16 tok", s["requests_per_second"],
                          s["latency_ms"]["p50"] if s["latency_ms"] else None,
@@ -106,8 +100,9 @@ def main() -> int:
             for load_name, rps, p50, p99, errs, cpu, n in runs:
                 rows.append({"target": name, "load": load_name, "rps": rps, "p50": p50,
                              "p99": p99, "errors": errs,
-                             "cpu_ms_per_req": (cpu["cpu_s"] * 1000 / n) if cpu else None,
-                             "cores": cpu.get("cores")})
+                             "cpu_ms_per_req": cpu["cpu_s"] * 1000 / n if pid else None,
+                             "cores": cpu["cores"] if pid else None,
+                             "idle": cpu["box_idle_cores"]})
                 print(json.dumps(rows[-1]))
     finally:
         for p in reversed(procs):
@@ -115,17 +110,19 @@ def main() -> int:
 
     direct = {r["load"]: r for r in rows if r["target"] == "direct to worker"}
     lines = ["| target | load | req/s | p50 ms | p99 ms | p50 added ms | proxy CPU-ms/req "
-             "| proxy cores busy | errors |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| proxy cores busy | box idle cores | errors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         d = direct.get(r["load"])
         added = (f"{r['p50'] - d['p50']:+.2f}" if d and r["target"] != "direct to worker"
                  and r["p50"] is not None and d["p50"] is not None else "-")
         cpu = "-" if r["cpu_ms_per_req"] is None else f"{r['cpu_ms_per_req']:.2f}"
         cores = "-" if r["cores"] is None else f"{r['cores']:.2f}"
+        idle = "-" if r["idle"] is None else f"{r['idle']:.2f}"
         p50 = "-" if r["p50"] is None else f"{r['p50']:.2f}"
         p99 = "-" if r["p99"] is None else f"{r['p99']:.2f}"
         lines.append(f"| {r['target']} | {r['load']} | {r['rps']:.0f} | {p50} | {p99} | "
-                     f"{added} | {cpu} | {cores} | {r['errors']} |")
+                     f"{added} | {cpu} | {cores} | {idle} | {r['errors']} |")
     cg = [r for r in rows if r["target"] == "Corral gateway" and r["cpu_ms_per_req"]]
     cl = [r for r in rows if r["target"] == "LiteLLM proxy" and r["cpu_ms_per_req"]]
     verdict = []
@@ -149,7 +146,9 @@ def main() -> int:
         f"Sim worker: 1000 tokens/s per slot, TTFT 0, 64 slots; hey sends `max_tokens` "
         f"{MAX_TOKENS}, not streamed. *p50 added* is the target's p50 minus the direct p50 "
         "under the same load; *proxy CPU-ms/req* is the proxy process's user+system CPU "
-        "over the load divided by its requests (psutil).",
+        "over the load divided by its requests (psutil); *box idle cores* is the whole "
+        "machine's idle CPU meanwhile (near 0: the run was CPU-starved, so its latencies "
+        "measure the scheduler as much as the proxy).",
         "",
         *lines,
         "",

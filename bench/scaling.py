@@ -86,6 +86,7 @@ def main() -> int:
                    "ttft_p50": s["ttft_ms"]["p50"] if s["ttft_ms"] else None,
                    "errors": s["errors"], "cores": cpu["cores"],
                    "cpu_ms_per_req": cpu["cpu_s"] * 1000 / s["requests"],
+                   "idle": cpu["box_idle_cores"],
                    "spread": f"{spread[0]}-{spread[-1]}" if spread else "-"}
             rows.append(row)
             print(json.dumps(row))
@@ -96,15 +97,15 @@ def main() -> int:
     lines = ["| workers | concurrency | tokens/s via gateway | N x direct | efficiency | "
              "whole-run efficiency | req/s | latency p50 / p99 ms | TTFT p50 ms | "
              "requests per worker (min-max) | gateway CPU (cores) | gateway CPU-ms/req | "
-             "errors |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "box idle cores | errors |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['n']} | {r['concurrency']} | {r['tok_s']:.0f} | {r['ideal']:.0f} | "
             f"**{r['eff']:.2f}** | {r['run_eff']:.2f} | {r['rps']:.1f} | "
             f"{r['p50']:.0f} / {r['p99']:.0f} | "
             f"{r['ttft_p50']:.0f} | {r['spread']} | {r['cores']:.2f} | "
-            f"{r['cpu_ms_per_req']:.2f} | {r['errors']} |")
+            f"{r['cpu_ms_per_req']:.2f} | {r['idle']:.2f} | {r['errors']} |")
     met = [str(r["n"]) for r in rows if r["eff"] >= 0.9]
     missed = [str(r["n"]) for r in rows if r["eff"] < 0.9]
     verdict = (f"Goal (>= 0.9 N) met at N = {', '.join(met) or 'none'}"
