@@ -125,3 +125,89 @@ def test_table_output(sim: Worker) -> None:
     assert "4 ok / 4 sent" in out.stdout
     assert "TTFT" in out.stdout and "p99" in out.stdout
 
+
+
+# ----------------------------------------------------------------- in-process, no server
+
+
+def _run_mock(handler, **spec_kw):
+    import httpx
+
+    from corral.bench import LoadSpec, Runner, summarize
+
+    spec = LoadSpec(base_url="http://bench.test", model="m", requests=spec_kw.pop("requests", 3),
+                    concurrency=1, stream=True, timeout=spec_kw.pop("timeout", 5), **spec_kw)
+    runner = Runner(spec, transport=httpx.MockTransport(handler))
+    results = runner.run()
+    return summarize(spec, results, runner.duration), results
+
+
+def _sse_response(parts: list[bytes]):
+    import httpx
+
+    class Body(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            for part in parts:
+                yield part
+
+    return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Body())
+
+
+def test_sse_events_split_across_reads_with_crlf_and_comments() -> None:
+    events = (
+        b": keep-alive\r\n\r\n"
+        b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\r\n\r\n'
+        b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\r\n\r\n'
+        b'data: {"choices":[{"index":0,"delta":{"content":"b"}}]}\r\n\r\n'
+        b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"length"}]}\r\n\r\n'
+        b'data: {"choices":[],"usage":{"completion_tokens":7}}\r\n\r\n'
+        b"data: [DONE]\r\n\r\n"
+    )
+    # Cut every 7 bytes: events and even "\r\n" pairs straddle reads.
+    parts = [events[i:i + 7] for i in range(0, len(events), 7)]
+    seen = []
+
+    def handler(request):
+        seen.append(request)
+        return _sse_response(parts)
+
+    s, results = _run_mock(handler)
+    assert (s["completed"], s["errors"]) == (3, 0), s
+    assert [len(r.chunk_times) for r in results] == [2, 2, 2]  # the empty role chunk is no text
+    assert s["output_tokens"] == 21 and s["tokens_source"] == "usage"
+    body = seen[0].read()
+    assert b'"include_usage":true' in body and seen[0].url.path == "/v1/chat/completions"
+
+
+def test_sse_without_usage_counts_chunks_and_without_done_is_incomplete() -> None:
+    good = (b'data: {"choices":[{"index":0,"text":"x"}]}\n\n' * 4) + b"data: [DONE]\n\n"
+    cut = b'data: {"choices":[{"index":0,"text":"x"}]}\n\n'
+    calls = []
+
+    def handler(request):
+        calls.append(1)
+        return _sse_response([good if len(calls) < 3 else cut])
+
+    s, _ = _run_mock(handler)
+    assert s["completed"] == 2 and s["errors_by_kind"] == {"incomplete": 1}, s
+    assert s["output_tokens"] == 8 and s["tokens_source"] == "chunks"
+
+
+def test_error_event_mid_stream_is_a_stream_error() -> None:
+    parts = [b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n',
+             b'data: {"error":{"message":"worker died","type":"server_error"}}\n\n']
+    s, _ = _run_mock(lambda request: _sse_response(parts), requests=2)
+    assert s["errors_by_kind"] == {"stream_error": 2}
+    assert s["error_examples"]["stream_error"] == "worker died"
+
+
+def test_percentiles_interpolate() -> None:
+    from corral.bench.stats import distribution, percentile
+
+    v = [float(x) for x in range(1, 101)]  # 1..100
+    assert percentile(v, 50) == 50.5
+    assert percentile(v, 99) == 99.01
+    assert percentile([3.0], 99) == 3.0
+    d = distribution([0.001, 0.002, 0.003])  # seconds in, ms out
+    assert (d["min"], d["p50"], d["max"], d["count"]) == (1.0, 2.0, 3.0, 3)
+    assert distribution([]) is None

@@ -210,7 +210,8 @@ async def _one_plain(client: httpx.AsyncClient, url: str, body: bytes, t0: float
 class Runner:
     """Sends `spec.requests` requests and returns their results in issue order."""
 
-    def __init__(self, spec: LoadSpec) -> None:
+    def __init__(self, spec: LoadSpec, transport: httpx.AsyncBaseTransport | None = None
+                 ) -> None:
         if spec.requests < 1:
             raise ValueError("requests must be at least 1")
         if spec.rate is not None and spec.rate <= 0:
@@ -218,6 +219,7 @@ class Runner:
         if spec.rate is None and (spec.concurrency or 1) < 1:
             raise ValueError("concurrency must be at least 1")
         self.spec = spec
+        self.transport = transport  # tests pass an httpx.MockTransport
         self.url = v1_url(spec.base_url) + "/chat/completions"
         self.bodies = ([request_body(spec, i) for i in range(spec.requests)]
                        if spec.distinct_prompts else [request_body(spec)] * spec.requests)
@@ -238,6 +240,7 @@ class Runner:
             timeout=httpx.Timeout(s.timeout, connect=min(10.0, s.timeout)),
             limits=httpx.Limits(max_connections=conns, max_keepalive_connections=conns),
             trust_env=False,  # loopback benchmarks must not detour through a proxy
+            transport=self.transport,
         )
 
     async def _send(self, client: httpx.AsyncClient, i: int, scheduled: float) -> None:
