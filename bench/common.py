@@ -241,4 +241,8 @@ def start_litellm(workers: list[Worker], strategy: str = "simple-shuffle",
         log = proc.log()[-2000:]
         proc.stop()
         raise RuntimeError(f"LiteLLM's proxy did not come up: {log}") from None
+    finally:
+        for p in (path, log_config):  # read at startup; not needed once it answers
+            with contextlib.suppress(OSError):
+                os.unlink(p)
     return proc
