@@ -65,8 +65,7 @@ def sim_workers(count: int, rate: float, slots: int, ttft: float = 0.05,
                        backend="sim", wait=False) for _ in range(count)]
     try:
         for w in ws:
-            w.proc.wait_http(f"{w.url}/status",
-                             ok=lambda r: r.json().get("state") in ("ready", "busy"))
+            w.wait_ready()
     except Exception:
         for w in ws:
             w.proc.stop()

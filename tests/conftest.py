@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import openai
@@ -15,9 +16,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from procs import Proc, Worker, start_redis, start_worker  # noqa: E402
+from procs import Gateway, Proc, Worker, start_gateway, start_redis, start_worker  # noqa: E402
 
 MODEL = "smollm2-135m"
+
+P = TypeVar("P", Worker, Gateway)
 
 
 def client_for(url: str, **kw) -> openai.OpenAI:
@@ -33,18 +36,39 @@ def llama_worker() -> Iterator[Worker]:
     w.proc.stop()
 
 
+def _factory(start: Callable[..., P]) -> Iterator[Callable[..., P]]:
+    """Yields `start`, remembering what it started, then stops all of it."""
+    started: list[P] = []
+
+    def make(*args: str, **kw) -> P:
+        p = start(*args, **kw)
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.proc.stop()
+
+
 @pytest.fixture
 def worker_factory() -> Iterator[Callable[..., Worker]]:
     """Starts workers for one test and stops them all afterwards."""
-    started: list[Worker] = []
+    yield from _factory(start_worker)
 
-    def make(*args: str, **kw) -> Worker:
-        w = start_worker(*args, **kw)
-        started.append(w)
-        return w
 
-    yield make
-    for w in started:
+@pytest.fixture
+def gateway_factory() -> Iterator[Callable[..., Gateway]]:
+    """Starts gateways for one test and stops them all afterwards."""
+    yield from _factory(start_gateway)
+
+
+def serve_worker(*args: str, **kw) -> Iterator[Worker]:
+    """For a fixture: yields a worker once it is up, and stops it, also when it never came up."""
+    w = start_worker(*args, wait=False, **kw)
+    try:
+        w.wait_ready()
+        yield w
+    finally:
         w.proc.stop()
 
 
@@ -155,14 +179,8 @@ class ApiTarget:
 
 def _api_worker(backend: str, *args: str) -> Iterator[Worker]:
     require_backend(backend)
-    w = start_worker("--parallel", str(API_SLOTS), "--max-queue", "8", *args,
-                     backend=backend, wait=False)
-    try:
-        w.proc.wait_http(f"{w.url}/status",
-                         ok=lambda r: r.json().get("state") in ("ready", "busy"))
-        yield w
-    finally:
-        w.proc.stop()  # also when it never came up
+    yield from serve_worker("--parallel", str(API_SLOTS), "--max-queue", "8", *args,
+                            backend=backend)
 
 
 @pytest.fixture(scope="session")

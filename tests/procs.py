@@ -124,6 +124,11 @@ class Worker:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    def wait_ready(self) -> None:
+        """Polls /status until the worker serves (ready or busy); fails if it exits first."""
+        self.proc.wait_http(f"{self.url}/status",
+                            ok=lambda r: r.json().get("state") in ("ready", "busy"))
+
 
 def start_worker(*extra: str, port: int | None = None, backend: str = "llama",
                  env: dict[str, str] | None = None, wait: bool = True) -> Worker:
@@ -132,7 +137,7 @@ def start_worker(*extra: str, port: int | None = None, backend: str = "llama",
                   *extra, env=env, name=f"worker-{port}")
     w = Worker(proc, port, f"{HOST}:{port}")
     if wait:
-        proc.wait_http(f"{w.url}/status", ok=lambda r: r.json().get("state") in ("ready", "busy"))
+        w.wait_ready()
     return w
 
 

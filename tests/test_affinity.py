@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
 import redis
 from conftest import MODEL
-from procs import Gateway, Worker, start_gateway, wait_for
+from procs import Gateway, Worker, wait_for
 
 from gateway.affinity import session_key
 from gateway.config import GatewayConfig
@@ -26,27 +25,13 @@ HEADER = "x-corral-worker"
 SYSTEM = {"role": "system", "content": "You are terse."}
 
 
-@pytest.fixture
-def gateways() -> Iterator[Callable[..., Gateway]]:
-    started: list[Gateway] = []
-
-    def make(*args: str, **kw) -> Gateway:
-        g = start_gateway(*args, **kw)
-        started.append(g)
-        return g
-
-    yield make
-    for g in started:
-        g.proc.stop()
-
-
 def sims(factory: Callable[..., Worker], n: int) -> list[Worker]:
     return [factory("--sim-tokens-per-second", "200", "--parallel", "4", "--sim-ttft", "0",
                     backend="sim") for _ in range(n)]
 
 
-def ready(gateways: Callable[..., Gateway], ws: list[Worker], *extra: str) -> Gateway:
-    g = gateways(*extra, *[a for w in ws for a in ("--worker", w.url)])
+def ready(gateway_factory: Callable[..., Gateway], ws: list[Worker], *extra: str) -> Gateway:
+    g = gateway_factory(*extra, *[a for w in ws for a in ("--worker", w.url)])
     wait_for(lambda: sum(w["state"] == "ready" for w in
                          httpx.get(f"{g.url}/cluster", timeout=5).json()["workers"])
              == len(ws), 30, 0.05, "all workers ready")
@@ -71,8 +56,8 @@ def conversation(g: Gateway, opening: str, turns: int) -> list[str]:
     return served
 
 
-def test_turns_of_a_conversation_stay_on_one_worker(worker_factory, gateways) -> None:
-    g = ready(gateways, sims(worker_factory, 3))
+def test_turns_of_a_conversation_stay_on_one_worker(worker_factory, gateway_factory) -> None:
+    g = ready(gateway_factory, sims(worker_factory, 3))
     for k in range(4):
         assert len(set(conversation(g, f"conversation {k}", 6))) == 1
     # An explicit session id outweighs the messages: different chats, one worker.
@@ -81,25 +66,25 @@ def test_turns_of_a_conversation_stay_on_one_worker(worker_factory, gateways) ->
         assert turn(g, [{"role": "user", "content": f"b{i}"}], **{"x-session-id": "s1"}) == first
 
 
-def test_identical_one_shot_requests_still_spread(worker_factory, gateways) -> None:
-    g = ready(gateways, sims(worker_factory, 3))
+def test_identical_one_shot_requests_still_spread(worker_factory, gateway_factory) -> None:
+    g = ready(gateway_factory, sims(worker_factory, 3))
     # No assistant turn, no session id: nothing to go back to. 12 on one worker of 3 by
     # chance has a probability of 3**-11.
     assert len({turn(g, [SYSTEM, {"role": "user", "content": "same"}])
                 for _ in range(12)}) > 1
 
 
-def test_affinity_off_spreads_turns(worker_factory, gateways, tmp_path: Path) -> None:
+def test_affinity_off_spreads_turns(worker_factory, gateway_factory, tmp_path: Path) -> None:
     cfg = tmp_path / "corral.toml"
     cfg.write_text("[gateway]\naffinity = false\n")
-    g = ready(gateways, sims(worker_factory, 3), "--config", str(cfg))
+    g = ready(gateway_factory, sims(worker_factory, 3), "--config", str(cfg))
     # Idle workers tie, and ties break at random: 12 turns on one of 3 workers by chance
     # has a probability of 3**-11.
     assert len(set(conversation(g, "hello", 12))) > 1
 
 
-def test_load_guard_leaves_a_much_busier_preferred_worker(worker_factory, gateways) -> None:
-    g = ready(gateways, sims(worker_factory, 3))  # affinity_slack = 2 by default
+def test_load_guard_leaves_a_much_busier_preferred_worker(worker_factory, gateway_factory) -> None:
+    g = ready(gateway_factory, sims(worker_factory, 3))  # affinity_slack = 2 by default
     body = {"model": MODEL, "messages": [{"role": "user", "content": "long"}],
             "max_tokens": 2000, "stream": True}
     with httpx.Client(timeout=30) as http, contextlib.ExitStack() as streams:
@@ -113,11 +98,11 @@ def test_load_guard_leaves_a_much_busier_preferred_worker(worker_factory, gatewa
         assert served[0] == served[1] == served[2] != served[3], served
 
 
-def test_affinity_is_shared_by_replicas_through_redis(worker_factory, gateways,
+def test_affinity_is_shared_by_replicas_through_redis(worker_factory, gateway_factory,
                                                       redis_url) -> None:
     ws = sims(worker_factory, 3)
-    a = ready(gateways, ws, "--redis-url", redis_url)
-    b = ready(gateways, ws, "--redis-url", redis_url)
+    a = ready(gateway_factory, ws, "--redis-url", redis_url)
+    b = ready(gateway_factory, ws, "--redis-url", redis_url)
     r = redis.Redis.from_url(redis_url)
     try:
         for k in range(4):

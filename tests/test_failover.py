@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import httpx
 import orjson
 import pytest
 from conftest import MODEL
-from procs import Gateway, Worker, start_gateway, wait_for
+from procs import Gateway, Worker, wait_for
 
 HEADER = "x-corral-worker"
 CHAT = [{"role": "user", "content": "Tell me a long story about a horse."}]
@@ -25,28 +25,14 @@ needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                  reason="llama-cpp-python is not installed")
 
 
-@pytest.fixture
-def gateways() -> Iterator[Callable[..., Gateway]]:
-    started: list[Gateway] = []
-
-    def make(*args: str, **kw) -> Gateway:
-        g = start_gateway(*args, **kw)
-        started.append(g)
-        return g
-
-    yield make
-    for g in started:
-        g.proc.stop()
-
-
 def sim(factory: Callable[..., Worker], rate: float = 40) -> Worker:
     return factory("--sim-tokens-per-second", str(rate), "--parallel", "4", "--sim-ttft",
                    "0.01", backend="sim")
 
 
-def ready_gateway(gateways: Callable[..., Gateway], *workers: Worker) -> Gateway:
+def ready_gateway(gateway_factory: Callable[..., Gateway], *workers: Worker) -> Gateway:
     args = [a for w in workers for a in ("--worker", w.url)]
-    g = gateways(*args)
+    g = gateway_factory(*args)
     wait_for(lambda: sum(w["state"] in ("ready", "busy") for w in
                          httpx.get(f"{g.url}/cluster", timeout=5).json()["workers"])
              == len(workers), 30, 0.05, "all workers ready")
@@ -123,9 +109,9 @@ def kill_serving(stream: Stream, workers: list[Worker], after: int) -> Worker:
 
 
 @pytest.mark.timeout(120)
-def test_chat_stream_continues_on_another_worker(worker_factory, gateways) -> None:
+def test_chat_stream_continues_on_another_worker(worker_factory, gateway_factory) -> None:
     ws = [sim(worker_factory), sim(worker_factory)]
-    g = ready_gateway(gateways, *ws)
+    g = ready_gateway(gateway_factory, *ws)
     before = metric(g, "corral_retries_total", reason="midstream")
     s = Stream(g.url, "/v1/chat/completions",
                {"model": MODEL, "messages": CHAT, "max_tokens": 80, "stream": True,
@@ -153,9 +139,10 @@ def test_chat_stream_continues_on_another_worker(worker_factory, gateways) -> No
 
 
 @pytest.mark.timeout(120)
-def test_completion_stream_continues_and_usage_stays_hidden(worker_factory, gateways) -> None:
+def test_completion_stream_continues_and_usage_stays_hidden(worker_factory,
+                                                            gateway_factory) -> None:
     ws = [sim(worker_factory), sim(worker_factory)]
-    g = ready_gateway(gateways, *ws)
+    g = ready_gateway(gateway_factory, *ws)
     s = Stream(g.url, "/v1/completions",
                {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 60,
                 "stream": True})
@@ -168,9 +155,9 @@ def test_completion_stream_continues_and_usage_stays_hidden(worker_factory, gate
 
 
 @pytest.mark.timeout(120)
-def test_no_worker_left_ends_with_an_error_event(worker_factory, gateways) -> None:
+def test_no_worker_left_ends_with_an_error_event(worker_factory, gateway_factory) -> None:
     w = sim(worker_factory)
-    g = ready_gateway(gateways, w)
+    g = ready_gateway(gateway_factory, w)
     s = Stream(g.url, "/v1/chat/completions",
                {"model": MODEL, "messages": CHAT, "max_tokens": 200, "stream": True})
     kill_serving(s, [w], 5)
@@ -182,9 +169,9 @@ def test_no_worker_left_ends_with_an_error_event(worker_factory, gateways) -> No
 
 
 @pytest.mark.timeout(120)
-def test_non_streamed_request_fails_over_whole(worker_factory, gateways) -> None:
+def test_non_streamed_request_fails_over_whole(worker_factory, gateway_factory) -> None:
     ws = [sim(worker_factory), sim(worker_factory)]
-    g = ready_gateway(gateways, *ws)
+    g = ready_gateway(gateway_factory, *ws)
     out: dict = {}
 
     def call() -> None:
@@ -219,10 +206,10 @@ def test_non_streamed_request_fails_over_whole(worker_factory, gateways) -> None
 @needs_llama
 @pytest.mark.timeout(400)
 def test_greedy_answer_continued_elsewhere_equals_the_uninterrupted_one(
-        worker_factory, gateways) -> None:
+        worker_factory, gateway_factory) -> None:
     ws = [worker_factory("--parallel", "1", "--threads", "1", "--ctx-size", "2048")
           for _ in range(2)]
-    g = ready_gateway(gateways, *ws)
+    g = ready_gateway(gateway_factory, *ws)
     msgs = [{"role": "system", "content": "You are a storyteller."},
             {"role": "user", "content": "Write a long story about a brave horse named Star."}]
     body = {"model": MODEL, "messages": msgs, "max_tokens": 160, "temperature": 0,

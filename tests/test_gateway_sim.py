@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 from conftest import client_for
-from procs import HOST, Gateway, Worker, free_port, start_gateway, wait_for
+from procs import HOST, Gateway, Worker, free_port, wait_for
 
 MODEL = "smollm2-135m"  # what a sim worker calls its model by default
 HEADER = "x-corral-worker"
@@ -27,20 +27,6 @@ CHAT = [{"role": "user", "content": "Say something."}]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def gateways() -> Iterator[Callable[..., Gateway]]:
-    started: list[Gateway] = []
-
-    def make(*args: str, **kw) -> Gateway:
-        g = start_gateway(*args, **kw)
-        started.append(g)
-        return g
-
-    yield make
-    for g in started:
-        g.proc.stop()
 
 
 def sim(factory: Callable[..., Worker], *extra: str, rate: float = 100, parallel: int = 4,
@@ -85,9 +71,9 @@ def chat(client: openai.OpenAI, max_tokens: int = 8, **kw) -> tuple[str, str]:
 # --------------------------------------------------------------------------- basics
 
 
-def test_proxy_basics_and_error_shapes(worker_factory, gateways) -> None:
+def test_proxy_basics_and_error_shapes(worker_factory, gateway_factory) -> None:
     w = sim(worker_factory)
-    g = gateways("--worker", w.url)
+    g = gateway_factory("--worker", w.url)
     wait_state(g, w.id, "ready")
     client = client_for(g.url)
 
@@ -160,10 +146,10 @@ def test_proxy_basics_and_error_shapes(worker_factory, gateways) -> None:
 # --------------------------------------------------------------------------- routing
 
 
-def test_faster_worker_gets_proportionally_more(worker_factory, gateways) -> None:
+def test_faster_worker_gets_proportionally_more(worker_factory, gateway_factory) -> None:
     slow = sim(worker_factory, rate=20, parallel=2)
     fast = sim(worker_factory, rate=80, parallel=2)
-    g = gateways("--worker", slow.url, "--worker", fast.url)
+    g = gateway_factory("--worker", slow.url, "--worker", fast.url)
     wait_state(g, slow.id, "ready")
     wait_state(g, fast.id, "ready")
     client = client_for(g.url)
@@ -183,12 +169,12 @@ def test_faster_worker_gets_proportionally_more(worker_factory, gateways) -> Non
 # --------------------------------------------------------------------------- admission
 
 
-def test_queue_full_and_queue_timeout_are_429(worker_factory, gateways, tmp_path) -> None:
+def test_queue_full_and_queue_timeout_are_429(worker_factory, gateway_factory, tmp_path) -> None:
     w = sim(worker_factory, rate=10, parallel=1)
     conf = tmp_path / "corral.toml"
     conf.write_text("[gateway]\nqueue_size = 2\nqueue_timeout = 2.0\n"
                     "worker_queue_allowance = 1\n")
-    g = gateways("--worker", w.url, "--config", str(conf))
+    g = gateway_factory("--worker", w.url, "--config", str(conf))
     wait_state(g, w.id, "ready")
     client = client_for(g.url)
     # 2 in flight on the worker (1 slot + 1 allowed queued), 2 waiting in the gateway.
@@ -222,9 +208,9 @@ def test_queue_full_and_queue_timeout_are_429(worker_factory, gateways, tmp_path
     assert metric(g, "corral_rejected_total", reason="queue_timeout") == 2
 
 
-def test_queued_requests_are_served_when_capacity_frees(worker_factory, gateways) -> None:
+def test_queued_requests_are_served_when_capacity_frees(worker_factory, gateway_factory) -> None:
     w = sim(worker_factory, rate=200, parallel=1)
-    g = gateways("--worker", w.url)
+    g = gateway_factory("--worker", w.url)
     wait_state(g, w.id, "ready")
     client = client_for(g.url)
     with ThreadPoolExecutor(12) as pool:  # 12 at once on 1 slot + 2 allowed at the worker
@@ -237,10 +223,10 @@ def test_queued_requests_are_served_when_capacity_frees(worker_factory, gateways
 # --------------------------------------------------------------------------- health
 
 
-def test_dead_worker_is_ejected_and_readmitted(worker_factory, gateways) -> None:
+def test_dead_worker_is_ejected_and_readmitted(worker_factory, gateway_factory) -> None:
     a = sim(worker_factory)
     b = sim(worker_factory)
-    g = gateways("--worker", a.url, "--worker", b.url)
+    g = gateway_factory("--worker", a.url, "--worker", b.url)
     wait_state(g, a.id, "ready")
     wait_state(g, b.id, "ready")
     client = client_for(g.url)
@@ -268,9 +254,9 @@ def test_dead_worker_is_ejected_and_readmitted(worker_factory, gateways) -> None
              "the restarted worker to get traffic again")
 
 
-def test_no_healthy_worker_is_503(worker_factory, gateways) -> None:
+def test_no_healthy_worker_is_503(worker_factory, gateway_factory) -> None:
     w = sim(worker_factory)
-    g = gateways("--worker", w.url)
+    g = gateway_factory("--worker", w.url)
     wait_state(g, w.id, "ready")
     w.proc.kill()
     wait_state(g, w.id, "down", timeout=5)
@@ -332,10 +318,10 @@ def flaky() -> Iterator[Callable[[int], str]]:
 
 
 @pytest.mark.parametrize("code,reason", [(500, "http_5xx"), (429, "worker_busy")])
-def test_retry_before_first_byte(worker_factory, gateways, flaky, code, reason) -> None:
+def test_retry_before_first_byte(worker_factory, gateway_factory, flaky, code, reason) -> None:
     good = sim(worker_factory)
     bad_url = flaky(code)
-    g = gateways("--worker", bad_url, "--worker", good.url)
+    g = gateway_factory("--worker", bad_url, "--worker", good.url)
     bad_id = f"flaky:{bad_url.rsplit(':', 1)[1]}"
     wait_state(g, bad_id, "ready")
     wait_state(g, good.id, "ready")
@@ -352,9 +338,9 @@ def test_retry_before_first_byte(worker_factory, gateways, flaky, code, reason) 
         assert metric(g, "corral_upstream_errors_total", kind="http_5xx") >= 1
 
 
-def test_broken_stream_ends_with_error_event(worker_factory, gateways) -> None:
+def test_broken_stream_ends_with_error_event(worker_factory, gateway_factory) -> None:
     w = sim(worker_factory, rate=20)
-    g = gateways("--worker", w.url)
+    g = gateway_factory("--worker", w.url)
     wait_state(g, w.id, "ready")
     client = client_for(g.url)
     got: list[str] = []
@@ -371,9 +357,9 @@ def test_broken_stream_ends_with_error_event(worker_factory, gateways) -> None:
              "the broken stream to be counted")
 
 
-def test_client_disconnect_aborts_the_worker(worker_factory, gateways) -> None:
+def test_client_disconnect_aborts_the_worker(worker_factory, gateway_factory) -> None:
     w = sim(worker_factory, rate=20)
-    g = gateways("--worker", w.url)
+    g = gateway_factory("--worker", w.url)
     wait_state(g, w.id, "ready")
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 2000, "stream": True}
     with httpx.Client(timeout=10) as http, \
@@ -391,8 +377,8 @@ def test_client_disconnect_aborts_the_worker(worker_factory, gateways) -> None:
 # --------------------------------------------------------------------------- membership
 
 
-def test_join_leave_and_cluster_token(worker_factory, gateways) -> None:
-    g = gateways()
+def test_join_leave_and_cluster_token(worker_factory, gateway_factory) -> None:
+    g = gateway_factory()
     assert cluster(g)["workers"] == []
     assert httpx.get(f"{g.url}/readyz").status_code == 503
     client = client_for(g.url)
@@ -426,12 +412,12 @@ def test_join_leave_and_cluster_token(worker_factory, gateways) -> None:
     assert httpx.delete(f"{g.url}/cluster/workers/x", headers=auth).status_code == 404
 
 
-def test_api_keys_from_config(worker_factory, gateways, tmp_path: Path) -> None:
+def test_api_keys_from_config(worker_factory, gateway_factory, tmp_path: Path) -> None:
     conf = tmp_path / "corral.toml"
     conf.write_text('cluster_token = "from-the-file"\n'
                     '[[api_keys]]\nkey = "sk-alice"\nuser = "alice"\nrpm = 60\ntpm = 1000\n'
                     '[[api_keys]]\nkey = "sk-bob"\nuser = "bob"\n')
-    g = gateways("--config", str(conf), token="")
+    g = gateway_factory("--config", str(conf), token="")
     w = sim(worker_factory, "--join", g.url, env={"CORRAL_CLUSTER_TOKEN": "from-the-file"})
     wait_state(g, w.id, "ready", timeout=20)
     for key in ("none", "sk-alicex", "sk-alic"):
@@ -445,10 +431,10 @@ def test_api_keys_from_config(worker_factory, gateways, tmp_path: Path) -> None:
     assert "sk-alice" not in g.proc.log() and "sk-bob" not in g.proc.log()
 
 
-def test_joined_worker_that_stops_heartbeating_is_dropped(gateways, tmp_path) -> None:
+def test_joined_worker_that_stops_heartbeating_is_dropped(gateway_factory, tmp_path) -> None:
     conf = tmp_path / "corral.toml"
     conf.write_text("[gateway]\njoin_ttl = 1.0\n")
-    g = gateways("--config", str(conf))
+    g = gateway_factory("--config", str(conf))
     auth = {"Authorization": f"Bearer {g.token}"}
     r = httpx.post(f"{g.url}/cluster/workers", json={"url": "http://127.0.0.1:9", "id": "gone"},
                    headers=auth)
@@ -458,11 +444,11 @@ def test_joined_worker_that_stops_heartbeating_is_dropped(gateways, tmp_path) ->
     assert time.monotonic() - t0 >= 0.5
 
 
-def test_gateway_replicas_share_inflight_counts_through_redis(worker_factory, gateways,
+def test_gateway_replicas_share_inflight_counts_through_redis(worker_factory, gateway_factory,
                                                               redis_url) -> None:
     w = sim(worker_factory, rate=10, parallel=4)
-    a = gateways("--worker", w.url, "--redis-url", redis_url)
-    b = gateways("--worker", w.url, "--redis-url", redis_url)
+    a = gateway_factory("--worker", w.url, "--redis-url", redis_url)
+    b = gateway_factory("--worker", w.url, "--redis-url", redis_url)
     wait_state(a, w.id, "ready")
     wait_state(b, w.id, "ready")
     client = client_for(a.url)
@@ -478,9 +464,9 @@ def test_gateway_replicas_share_inflight_counts_through_redis(worker_factory, ga
     wait_for(lambda: inflight_seen_by(b) == 0, 5, 0.05, "b to see them finish")
 
 
-def test_unreachable_redis_degrades_to_local_counts(worker_factory, gateways) -> None:
+def test_unreachable_redis_degrades_to_local_counts(worker_factory, gateway_factory) -> None:
     w = sim(worker_factory)
-    g = gateways("--worker", w.url, "--redis-url", f"redis://{HOST}:{free_port()}/0")
+    g = gateway_factory("--worker", w.url, "--redis-url", f"redis://{HOST}:{free_port()}/0")
     wait_state(g, w.id, "ready")
     assert chat(client_for(g.url))[0] == w.id
     wait_for(lambda: "shared state unreachable" in g.proc.log(), 5, 0.05, "a warning")

@@ -1,6 +1,6 @@
 """A team backend: API keys, per-key limits across gateway replicas, usage, fair share, Redis.
 
-Real processes on 127.0.0.1 (redis-server, gateways, sim workers); the official `openai`
+Real processes on 127.0.0.1 (redis-server, gateway_factory, sim workers); the official `openai`
 SDK is the client. Waits are polls with deadlines; processes are stopped in fixtures.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 from conftest import client_for
-from procs import HOST, Gateway, Proc, Worker, start_gateway, start_redis, wait_for
+from procs import HOST, Gateway, Proc, Worker, start_redis, wait_for
 
 MODEL = "smollm2-135m"
 HEADER = "x-corral-worker"
@@ -38,20 +38,6 @@ key = "sk-carol-secret"
 user = "carol"
 tpm = 100
 """
-
-
-@pytest.fixture
-def gateways() -> Iterator[Callable[..., Gateway]]:
-    started: list[Gateway] = []
-
-    def make(*args: str, **kw) -> Gateway:
-        g = start_gateway(*args, **kw)
-        started.append(g)
-        return g
-
-    yield make
-    for g in started:
-        g.proc.stop()
 
 
 @pytest.fixture
@@ -109,9 +95,9 @@ def usage(g: Gateway) -> dict:
 # --------------------------------------------------------------------------- keys
 
 
-def test_missing_or_unknown_key_is_401(worker_factory, gateways, config) -> None:
+def test_missing_or_unknown_key_is_401(worker_factory, gateway_factory, config) -> None:
     w = sim(worker_factory)
-    g = gateways("--worker", w.url, "--config", config())
+    g = gateway_factory("--worker", w.url, "--config", config())
     wait_ready(g, w.id)
     client = openai.OpenAI(base_url=f"{g.url}/v1", api_key="sk-nobody", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as e:
@@ -131,11 +117,11 @@ def test_missing_or_unknown_key_is_401(worker_factory, gateways, config) -> None
 # --------------------------------------------------------------------------- two gateways
 
 
-def test_two_gateways_share_workers_limits_and_usage(worker_factory, gateways, config,
+def test_two_gateways_share_workers_limits_and_usage(worker_factory, gateway_factory, config,
                                                      redis_url) -> None:
     conf = config()
-    g1 = gateways("--config", conf, "--redis", redis_url)
-    g2 = gateways("--config", conf, "--redis", redis_url)
+    g1 = gateway_factory("--config", conf, "--redis", redis_url)
+    g2 = gateway_factory("--config", conf, "--redis", redis_url)
     w = sim(worker_factory, "--join", g1.url, env={"CORRAL_CLUSTER_TOKEN": TOKEN})
     wait_ready(g1, w.id)
     wait_ready(g2, w.id)  # joined on g1, learned by g2 through Redis
@@ -185,9 +171,9 @@ def test_two_gateways_share_workers_limits_and_usage(worker_factory, gateways, c
         assert "secret" not in g.proc.log()
 
 
-def test_tokens_per_minute(worker_factory, gateways, config, redis_url) -> None:
+def test_tokens_per_minute(worker_factory, gateway_factory, config, redis_url) -> None:
     w = sim(worker_factory)
-    g = gateways("--worker", w.url, "--config", config(), "--redis", redis_url)
+    g = gateway_factory("--worker", w.url, "--config", config(), "--redis", redis_url)
     wait_ready(g, w.id)
     # carol: tpm = 100. ~13 prompt tokens + 60 reserved, then settled to the real usage.
     assert chat(g, "sk-carol-secret", max_tokens=60) == w.id
@@ -299,11 +285,11 @@ def test_fair_queue_order_is_round_robin_across_users() -> None:
     asyncio.run(scenario())
 
 
-def test_fair_share_under_flood(worker_factory, gateways, config) -> None:
+def test_fair_share_under_flood(worker_factory, gateway_factory, config) -> None:
     """alice floods 40 requests; bob's one is served after about one request, not 40."""
     w = sim(worker_factory, rate=10, parallel=2)  # 5 tokens: ~0.5 s per request, 2 at once
     conf = config("[gateway]\nworker_queue_allowance = 0\n", KEYS.replace("rpm = 4", "rpm = 1000"))
-    g = gateways("--worker", w.url, "--config", conf)
+    g = gateway_factory("--worker", w.url, "--config", conf)
     wait_ready(g, w.id)
     clients = {k: client_for(g.url, api_key=k) for k in ("sk-alice-secret", "sk-bob-secret")}
     done: list[str] = []
@@ -340,12 +326,12 @@ def test_fair_share_under_flood(worker_factory, gateways, config) -> None:
 # --------------------------------------------------------------------------- Redis outage
 
 
-def test_gateways_keep_serving_when_redis_dies(worker_factory, gateways, config) -> None:
+def test_gateways_keep_serving_when_redis_dies(worker_factory, gateway_factory, config) -> None:
     redis, url = start_redis()
     try:
         conf = config("[gateway]\njoin_ttl = 4.0\n")  # workers heartbeat every 3 s
-        g1 = gateways("--config", conf, "--redis", url)
-        g2 = gateways("--config", conf, "--redis", url)
+        g1 = gateway_factory("--config", conf, "--redis", url)
+        g2 = gateway_factory("--config", conf, "--redis", url)
         w = sim(worker_factory, "--join", g1.url, env={"CORRAL_CLUSTER_TOKEN": TOKEN})
         wait_ready(g2, w.id)
         assert chat(g2, "sk-alice-secret") == w.id

@@ -15,8 +15,16 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from conftest import COUNTING, MODEL, caps_for, client_for, require_backend, status
-from procs import Worker, start_worker, wait_for
+from conftest import (
+    COUNTING,
+    MODEL,
+    caps_for,
+    client_for,
+    require_backend,
+    serve_worker,
+    status,
+)
+from procs import Worker, wait_for
 
 SMALL_CTX = 256
 
@@ -30,14 +38,7 @@ def worker(llama_api_worker: Worker) -> Worker:
 def small_worker() -> Iterator[Worker]:
     """Four slots of 256 tokens each (the KV cache is split per slot), for the exact fit."""
     require_backend("llama")
-    w = start_worker("--parallel", "4", "--threads", "2", "--ctx-size", str(SMALL_CTX),
-                     wait=False)
-    try:
-        w.proc.wait_http(f"{w.url}/status",
-                         ok=lambda r: r.json().get("state") in ("ready", "busy"))
-        yield w
-    finally:
-        w.proc.stop()  # also when it never came up
+    yield from serve_worker("--parallel", "4", "--threads", "2", "--ctx-size", str(SMALL_CTX))
 
 
 @pytest.fixture(scope="module")
