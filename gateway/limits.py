@@ -20,8 +20,6 @@ Redis keys are named by a digest of the API key, never the key itself.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 import math
@@ -30,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import ApiKey
+from gateway.flush import PeriodicFlush
 from worker.protocol import APIError
 
 log = logging.getLogger("corral.gateway")
@@ -146,7 +145,7 @@ class Limiter:
         self._ids: dict[str, str] = {}
         self._pending: dict[str, tuple[int, int]] = {}  # ident -> (tpm, token delta)
         self._degraded = False
-        self._task: asyncio.Task[None] | None = None
+        self._flusher = PeriodicFlush(self._tick, self._flush, FLUSH_SECONDS)
         if redis is not None:
             self._admit = redis.register_script(_ADMIT)
             self._settle = redis.register_script(_SETTLE)
@@ -160,15 +159,10 @@ class Limiter:
 
     async def start(self) -> None:
         if self.redis is not None:
-            self._task = asyncio.create_task(self._flusher())
+            self._flusher.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
-            with contextlib.suppress(Exception):
-                await self._flush()
+        await self._flusher.stop()
 
     # ------------------------------------------------------------------ admission
     async def admit(self, key: ApiKey | None, tokens: int) -> Reservation:
@@ -228,16 +222,14 @@ class Limiter:
             self._degraded = False
             log.warning("rate limits: Redis reachable again; limits are shared again")
 
-    async def _flusher(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_SECONDS)
-            try:
-                if self._degraded:
-                    await self.redis.ping()
-                    self._came_back()
-                await self._flush()
-            except Exception as exc:  # noqa: BLE001
-                self._went_down(exc)
+    async def _tick(self) -> None:
+        try:
+            if self._degraded:
+                await self.redis.ping()
+                self._came_back()
+            await self._flush()
+        except Exception as exc:  # noqa: BLE001
+            self._went_down(exc)
 
     async def _flush(self) -> None:
         if not self._pending:

@@ -13,13 +13,13 @@ configured): a bounded label set, never a key and never a client-supplied string
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
+
+from gateway.flush import PeriodicFlush
 
 log = logging.getLogger("corral.gateway")
 
@@ -36,7 +36,7 @@ class Usage:
         self.users = list(dict.fromkeys([*users, ANONYMOUS]))
         self.totals: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._pending: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self._task: asyncio.Task[None] | None = None
+        self._flusher = PeriodicFlush(self._tick, self._flush, FLUSH_SECONDS)
         self._failing = False
         self.requests = Counter("corral_user_requests", "Requests answered, by user and HTTP "
                                 "status.", ["user", "status"], registry=prom)
@@ -93,30 +93,23 @@ class Usage:
     # ------------------------------------------------------------------ Redis
     async def start(self) -> None:
         if self.redis is not None:
-            self._task = asyncio.create_task(self._flusher())
+            self._flusher.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
-            with contextlib.suppress(Exception):
-                await self._flush()
+        await self._flusher.stop()
 
-    async def _flusher(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_SECONDS)
-            try:
-                await self._flush()
-            except Exception as exc:  # noqa: BLE001
-                if not self._failing:
-                    log.warning("usage: Redis unreachable (%s); keeping counts in memory "
-                                "until it is back", type(exc).__name__)
-                self._failing = True
-            else:
-                if self._failing:
-                    log.warning("usage: Redis reachable again; counts flushed")
-                self._failing = False
+    async def _tick(self) -> None:
+        try:
+            await self._flush()
+        except Exception as exc:  # noqa: BLE001
+            if not self._failing:
+                log.warning("usage: Redis unreachable (%s); keeping counts in memory "
+                            "until it is back", type(exc).__name__)
+            self._failing = True
+        else:
+            if self._failing:
+                log.warning("usage: Redis reachable again; counts flushed")
+            self._failing = False
 
     async def _flush(self) -> None:
         if not self._pending:
