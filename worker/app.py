@@ -64,7 +64,7 @@ class WorkerState:
         elif self.model_id:
             self.backend = make_backend(cfg, path)
         else:  # no --model: wait for the gateway to place one (worker.control)
-            self.backend = IdleBackend(cfg.parallel, cfg.ctx_size)
+            self.backend = IdleBackend(cfg.parallel, cfg.ctx_size, cfg.backend)
         self.engine = Engine(self.backend, cfg.max_queue)
         self.registry = registry_for(self.engine)
         self.load_error: str | None = None

@@ -352,7 +352,8 @@ class Control:
             st.engine.ready = False
             st.model_names.clear()
             old = st.backend
-            st.backend = st.engine.backend = IdleBackend(self.cfg.parallel, self.cfg.ctx_size)
+            st.backend = st.engine.backend = IdleBackend(self.cfg.parallel, self.cfg.ctx_size,
+                                                      self.cfg.backend)
             await asyncio.to_thread(old.close)
         st.model_bytes = 0
 
@@ -368,14 +369,15 @@ class Control:
 class IdleBackend:
     """Stands in for a backend until the gateway places a model here."""
 
-    name = "llama"
     model_path = None
     default_max_tokens = None
 
-    def __init__(self, slots: int = 1, n_ctx: int = 2048) -> None:
-        # What a placed model will get: the planner sizes its KV cache from these.
+    def __init__(self, slots: int = 1, n_ctx: int = 2048, name: str = "llama") -> None:
+        # What a placed model will get: the planner sizes its KV cache from these. The name
+        # is the backend the worker will load, so placement sees what it is placing on.
         self.slots = max(1, slots)
         self.n_ctx = n_ctx
+        self.name = name
 
     def load(self) -> None:
         pass
