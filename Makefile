@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip
 # llama.cpp is built from source with the RPC backend (for layer splitting) and
 # tuned for this box. pip caches the built wheel, so only the first build is slow.
 CMAKE_ARGS ?= -DGGML_RPC=ON -DGGML_NATIVE=ON
-EXTRAS ?= llama,openvino,test,dev
+EXTRAS ?= llama,openvino,test,dev,bench
 STAMP  := $(VENV)/.corral-installed
 
 .PHONY: install run test lint soak bench clean
