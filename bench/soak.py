@@ -41,6 +41,7 @@ from procs import (  # noqa: E402
     Gateway,
     Worker,
     free_port,
+    metric,
     start_gateway,
     start_worker,
     wait_for,
@@ -202,17 +203,6 @@ class Chaos:
 def _ready_ids(gateway: str) -> set[str]:
     workers = httpx.get(f"{gateway}/cluster", timeout=5).json()["workers"]
     return {w["id"] for w in workers if w["state"] in ("ready", "busy")}
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        head, _, value = line.rpartition(" ")
-        if line.startswith("#") or head.split("{")[0] != name:
-            continue
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 async def load(url: str, args: argparse.Namespace, tally: Tally, until: float) -> None:

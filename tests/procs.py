@@ -44,6 +44,18 @@ def wait_for(pred: Callable[[], bool], timeout: float = 60.0, interval: float = 
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of metric `name` at `url`/metrics whose labels include `labels`."""
+    total = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if line.startswith("#") or head.split("{")[0] != name:
+            continue
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
 @dataclass
 class Proc:
     """A child process with its log file; `stop()` ends it and its process group."""

@@ -17,7 +17,7 @@ import httpx
 import orjson
 import pytest
 from conftest import MODEL
-from procs import Gateway, Worker, wait_for
+from procs import Gateway, Worker, metric, wait_for
 
 HEADER = "x-corral-worker"
 CHAT = [{"role": "user", "content": "Tell me a long story about a horse."}]
@@ -37,17 +37,6 @@ def ready_gateway(gateway_factory: Callable[..., Gateway], *workers: Worker) -> 
                          httpx.get(f"{g.url}/cluster", timeout=5).json()["workers"])
              == len(workers), 30, 0.05, "all workers ready")
     return g
-
-
-def metric(g: Gateway, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in httpx.get(f"{g.url}/metrics", timeout=5).text.splitlines():
-        head, _, value = line.rpartition(" ")
-        if line.startswith("#") or head.split("{")[0] != name:
-            continue
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 class Stream:
@@ -112,7 +101,7 @@ def kill_serving(stream: Stream, workers: list[Worker], after: int) -> Worker:
 def test_chat_stream_continues_on_another_worker(worker_factory, gateway_factory) -> None:
     ws = [sim(worker_factory), sim(worker_factory)]
     g = ready_gateway(gateway_factory, *ws)
-    before = metric(g, "corral_retries_total", reason="midstream")
+    before = metric(g.url, "corral_retries_total", reason="midstream")
     s = Stream(g.url, "/v1/chat/completions",
                {"model": MODEL, "messages": CHAT, "max_tokens": 80, "stream": True,
                 "stream_options": {"include_usage": True}})
@@ -135,7 +124,7 @@ def test_chat_stream_continues_on_another_worker(worker_factory, gateway_factory
     assert usage["completion_tokens"] == 80 and s.events[-1]["choices"] == []
     assert usage["total_tokens"] == usage["prompt_tokens"] + 80
     assert s.comments == [f": {HEADER}={survivor.id}"]
-    assert metric(g, "corral_retries_total", reason="midstream") == before + 1
+    assert metric(g.url, "corral_retries_total", reason="midstream") == before + 1
 
 
 @pytest.mark.timeout(120)
@@ -227,7 +216,7 @@ def test_greedy_answer_continued_elsewhere_equals_the_uninterrupted_one(
     assert "".join(s.content()) == want
     assert len({e["id"] for e in s.events}) == 1
     assert s.events[-1]["usage"]["completion_tokens"] == ref["usage"]["completion_tokens"]
-    assert metric(g, "corral_retries_total", reason="midstream") == 1
+    assert metric(g.url, "corral_retries_total", reason="midstream") == 1
 
 
 # --------------------------------------------------------------------------- in process

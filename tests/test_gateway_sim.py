@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 from conftest import client_for
-from procs import HOST, Gateway, Worker, free_port, wait_for
+from procs import HOST, Gateway, Worker, free_port, metric, wait_for
 
 MODEL = "smollm2-135m"  # what a sim worker calls its model by default
 HEADER = "x-corral-worker"
@@ -45,20 +45,6 @@ def states(g: Gateway) -> dict[str, str]:
 
 def wait_state(g: Gateway, wid: str, *want: str, timeout: float = 20) -> None:
     wait_for(lambda: states(g).get(wid) in want, timeout, 0.05, f"{wid} in {want}")
-
-
-def metric(g: Gateway, name: str, **labels: str) -> float:
-    """Sum of a metric's samples whose labels include `labels`."""
-    total = 0.0
-    for line in httpx.get(f"{g.url}/metrics", timeout=5).text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        head, _, value = line.rpartition(" ")
-        if head.split("{")[0] != name:
-            continue
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def chat(client: openai.OpenAI, max_tokens: int = 8, **kw) -> tuple[str, str]:
@@ -125,9 +111,9 @@ def test_proxy_basics_and_error_shapes(worker_factory, gateway_factory) -> None:
     assert c["placements"] == [{"model": MODEL, "mode": "replica", "workers": [w.id],
                                 "head": None}]
     assert httpx.get(f"{g.url}/readyz").status_code == 200
-    assert metric(g, "corral_requests_total", model=MODEL, status="200") >= 3
-    assert metric(g, "corral_tokens_total", model=MODEL, kind="completion") >= 13
-    assert metric(g, "corral_worker_up", worker=w.id) == 1
+    assert metric(g.url, "corral_requests_total", model=MODEL, status="200") >= 3
+    assert metric(g.url, "corral_tokens_total", model=MODEL, kind="completion") >= 13
+    assert metric(g.url, "corral_worker_up", worker=w.id) == 1
     text = httpx.get(f"{g.url}/metrics").text
     for name in ("corral_requests_total", "corral_request_duration_seconds_bucket",
                  "corral_time_to_first_token_seconds_bucket", "corral_tokens_total",
@@ -137,10 +123,10 @@ def test_proxy_basics_and_error_shapes(worker_factory, gateway_factory) -> None:
                  "# TYPE corral_queue_wait_seconds histogram",
                  "# TYPE corral_upstream_errors_total counter"):
         assert name in text, name
-    assert metric(g, "corral_time_to_first_token_seconds_count", model=MODEL) == 2
+    assert metric(g.url, "corral_time_to_first_token_seconds_count", model=MODEL) == 2
     # Unknown models do not mint new label values.
-    assert metric(g, "corral_requests_total", model="no-such-model") == 0
-    assert metric(g, "corral_requests_total", model="other", status="404") == 1
+    assert metric(g.url, "corral_requests_total", model="no-such-model") == 0
+    assert metric(g.url, "corral_requests_total", model="other", status="404") == 1
 
 
 # --------------------------------------------------------------------------- routing
@@ -190,7 +176,7 @@ def test_queue_full_and_queue_timeout_are_429(worker_factory, gateway_factory, t
     for t in threads:
         t.start()
     try:
-        wait_for(lambda: metric(g, "corral_queue_length") == 2, 10, 0.05, "2 queued")
+        wait_for(lambda: metric(g.url, "corral_queue_length") == 2, 10, 0.05, "2 queued")
         with pytest.raises(openai.RateLimitError) as full:
             chat(client)
         assert full.value.body["code"] == "queue_full"
@@ -204,8 +190,8 @@ def test_queue_full_and_queue_timeout_are_429(worker_factory, gateway_factory, t
     for e in errors:
         assert e.status_code == 429 and e.body["code"] == "queue_timeout"
         assert e.response.headers.get("retry-after")
-    assert metric(g, "corral_rejected_total", reason="queue_full") == 1
-    assert metric(g, "corral_rejected_total", reason="queue_timeout") == 2
+    assert metric(g.url, "corral_rejected_total", reason="queue_full") == 1
+    assert metric(g.url, "corral_rejected_total", reason="queue_timeout") == 2
 
 
 def test_queued_requests_are_served_when_capacity_frees(worker_factory, gateway_factory) -> None:
@@ -216,8 +202,8 @@ def test_queued_requests_are_served_when_capacity_frees(worker_factory, gateway_
     with ThreadPoolExecutor(12) as pool:  # 12 at once on 1 slot + 2 allowed at the worker
         served = list(pool.map(lambda _: chat(client, max_tokens=10)[0], range(24)))
     assert served == [w.id] * 24
-    assert metric(g, "corral_queue_wait_seconds_count") > 0  # some really waited
-    assert metric(g, "corral_inflight", worker=w.id) == 0  # every reservation given back
+    assert metric(g.url, "corral_queue_wait_seconds_count") > 0  # some really waited
+    assert metric(g.url, "corral_inflight", worker=w.id) == 0  # every reservation given back
 
 
 # --------------------------------------------------------------------------- health
@@ -241,11 +227,11 @@ def test_dead_worker_is_ejected_and_readmitted(worker_factory, gateway_factory) 
         a.proc.kill()  # SIGKILL: no goodbye
         served = [f.result(timeout=30)[0] for f in pending]
     assert b.id in served and a.id not in served
-    assert metric(g, "corral_retries_total") >= 1
+    assert metric(g.url, "corral_retries_total") >= 1
     # Requests right after the crash are served by b too.
     assert {chat(client)[0] for _ in range(10)} == {b.id}
     wait_state(g, a.id, "down", timeout=5)
-    assert metric(g, "corral_worker_up", worker=a.id) == 0
+    assert metric(g.url, "corral_worker_up", worker=a.id) == 0
 
     a2 = sim(worker_factory, port=a.port)  # restarted on the same port
     wait_state(g, a2.id, "ready", timeout=20)
@@ -332,10 +318,10 @@ def test_retry_before_first_byte(worker_factory, gateway_factory, flaky, code, r
             model=MODEL, messages=CHAT, max_tokens=3, stream=True) as resp:
         assert resp.headers[HEADER] == good.id
         assert [c for c in resp.parse() if c.choices]
-    assert metric(g, "corral_retries_total", reason=reason) >= 1
+    assert metric(g.url, "corral_retries_total", reason=reason) >= 1
     if code == 500:
         assert states(g)[bad_id] in ("down", "ready")  # ejected, then re-admitted by probes
-        assert metric(g, "corral_upstream_errors_total", kind="http_5xx") >= 1
+        assert metric(g.url, "corral_upstream_errors_total", kind="http_5xx") >= 1
 
 
 def test_broken_stream_ends_with_error_event(worker_factory, gateway_factory) -> None:
@@ -353,7 +339,7 @@ def test_broken_stream_ends_with_error_event(worker_factory, gateway_factory) ->
                     w.proc.kill()
     assert len(got) >= 3
     assert "failed" in str(e.value.message)
-    wait_for(lambda: metric(g, "corral_requests_total", status="502") == 1, 5, 0.05,
+    wait_for(lambda: metric(g.url, "corral_requests_total", status="502") == 1, 5, 0.05,
              "the broken stream to be counted")
 
 
@@ -371,7 +357,7 @@ def test_client_disconnect_aborts_the_worker(worker_factory, gateway_factory) ->
     # 2000 tokens at 20/s would take 100 s; the worker must let go at once instead.
     wait_for(lambda: httpx.get(f"{w.url}/status").json()["slots_busy"] == 0, 5, 0.05,
              "the worker to abort the abandoned stream")
-    wait_for(lambda: metric(g, "corral_inflight", worker=w.id) == 0, 5, 0.05, "release")
+    wait_for(lambda: metric(g.url, "corral_inflight", worker=w.id) == 0, 5, 0.05, "release")
 
 
 # --------------------------------------------------------------------------- membership
@@ -459,7 +445,7 @@ def test_gateway_replicas_share_inflight_counts_through_redis(worker_factory, ga
     with ThreadPoolExecutor(3) as pool:  # 3 requests of 3 s, all through gateway a
         pending = [pool.submit(chat, client, 30) for _ in range(3)]
         wait_for(lambda: inflight_seen_by(b) == 3, 5, 0.05, "b to count a's requests")
-        assert metric(b, "corral_inflight", worker=w.id) == 0  # none of them are b's own
+        assert metric(b.url, "corral_inflight", worker=w.id) == 0  # none of them are b's own
         assert [f.result(timeout=30)[0] for f in pending] == [w.id] * 3
     wait_for(lambda: inflight_seen_by(b) == 0, 5, 0.05, "b to see them finish")
 

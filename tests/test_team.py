@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 from conftest import client_for
-from procs import HOST, Gateway, Proc, Worker, start_redis, wait_for
+from procs import HOST, Gateway, Proc, Worker, metric, start_redis, wait_for
 
 MODEL = "smollm2-135m"
 HEADER = "x-corral-worker"
@@ -64,17 +64,6 @@ def states(g: Gateway) -> dict[str, str]:
 def wait_ready(g: Gateway, wid: str, timeout: float = 20) -> None:
     wait_for(lambda: states(g).get(wid) in ("ready", "busy"), timeout, 0.05,
              f"{wid} ready at {g.url}")
-
-
-def metric(g: Gateway, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in httpx.get(f"{g.url}/metrics", timeout=5).text.splitlines():
-        if line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        if head.split("{")[0] == name and all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def chat(g: Gateway, key: str, max_tokens: int = 4) -> str:
@@ -155,12 +144,12 @@ def test_two_gateways_share_workers_limits_and_usage(worker_factory, gateway_fac
         bob = usage(g)["users"]["bob"]
         assert bob["requests"] == 3 and bob["completion_tokens"] == 4 + 4 + 3
     # Metrics: each replica counts its own share; together they are the totals.
-    total = sum(metric(g, "corral_user_requests_total", user="alice", status="200")
+    total = sum(metric(g.url, "corral_user_requests_total", user="alice", status="200")
                 for g in (g1, g2))
     assert total == 4
-    assert sum(metric(g, "corral_user_tokens_total", user="alice", kind="completion")
+    assert sum(metric(g.url, "corral_user_tokens_total", user="alice", kind="completion")
                for g in (g1, g2)) == 16
-    assert metric(g1, "corral_rejected_total", reason="rate_limited") == 1
+    assert metric(g1.url, "corral_rejected_total", reason="rate_limited") == 1
     # The worker leaving through g1 leaves g2 as well.
     r = httpx.delete(f"{g1.url}/cluster/workers/{w.id}",
                      headers={"Authorization": f"Bearer {TOKEN}"})
@@ -301,8 +290,8 @@ def test_fair_share_under_flood(worker_factory, gateway_factory, config) -> None
             done.append(tag)
 
     def all_arrived() -> bool:  # every one of alice's requests is in flight, queued or done
-        queued = metric(g, "corral_queue_length")
-        return queued + metric(g, "corral_inflight") + len(done) >= 40 and queued >= 10
+        queued = metric(g.url, "corral_queue_length")
+        return queued + metric(g.url, "corral_inflight") + len(done) >= 40 and queued >= 10
 
     with ThreadPoolExecutor(41) as pool:
         flood = [pool.submit(one, "sk-alice-secret", "a") for _ in range(40)]
