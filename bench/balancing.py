@@ -22,12 +22,12 @@ import itertools
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     HOST,
-    IMG,
     Proc,
     command_line,
     free_port,
@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     litellm_missing,
     load,
     machine,
+    plot,
     sim_workers,
     start_litellm,
     wait_for,
@@ -191,30 +192,18 @@ def main() -> int:
                    + (f" and {g['p99'] / o['p99']:.2f}x the oracle's" if o else "")
                    + f"; its p50 is {g['p50'] / rr['p50']:.2f}x round robin's"
                    + (f", {g['p50'] / o['p50']:.2f}x the oracle's." if o else "."))
-    plot_line = ""
-    if not a.no_plot:
-        try:
-            import matplotlib
+    def draw(ax: Any) -> None:
+        for name, v in results.items():
+            v = sorted(v)
+            ax.step(v, [(i + 1) / len(v) for i in range(len(v))], where="post", label=name)
+        ax.set_xlabel("end-to-end latency, ms")
+        ax.set_ylabel("fraction of requests ≤ x")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            IMG.mkdir(parents=True, exist_ok=True)
-            fig, ax = plt.subplots(figsize=(6, 3.8))
-            for name, v in results.items():
-                v = sorted(v)
-                ax.step(v, [(i + 1) / len(v) for i in range(len(v))], where="post", label=name)
-            ax.set_xlabel("end-to-end latency, ms")
-            ax.set_ylabel("fraction of requests ≤ x")
-            ax.set_xscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            fig.savefig(IMG / "balancing.png", dpi=110)
-            plt.close(fig)
-            plot_line = "\n![latency CDF per router](img/balancing.png)\n"
-        except ImportError:
-            plot_line = "\n(no plot: matplotlib is not installed; `pip install -e '.[bench]'`)\n"
+    plot_line = ("" if a.no_plot
+                 else plot("balancing.png", "latency CDF per router", (6, 3.8), draw))
     body = "\n".join([
         "## Balancing: heterogeneous workers under Poisson load",
         "",

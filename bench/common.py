@@ -13,7 +13,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,8 @@ IMG = ROOT / "docs" / "img"
 
 __all__ = [
     "HOST", "MODEL", "Gateway", "Proc", "Worker", "CpuMeter", "LoadSpec", "bench",
-    "command_line", "fmt_ms", "free_port", "gateway_for", "load", "machine", "sim_worker",
+    "command_line", "fmt_ms", "free_port", "gateway_for", "load", "machine", "plot",
+    "sim_worker",
     "sim_workers",
     "started", "start_gateway", "start_worker", "wait_for", "write_section",
 ]
@@ -142,6 +143,25 @@ class CpuMeter:
 
 def fmt_ms(d: dict[str, float] | None, key: str) -> str:
     return "-" if not d else f"{d[key]:.1f}"
+
+
+def plot(file: str, alt: str, figsize: tuple[float, float], draw: Callable[[Any], None]) -> str:
+    """Draws one figure (`draw(ax)`) into docs/img/`file`; returns the Markdown line that
+    shows it in a section, or says why there is no plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "\n(no plot: matplotlib is not installed; `pip install -e '.[bench]'`)\n"
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=figsize)
+    draw(ax)
+    fig.tight_layout()
+    fig.savefig(IMG / file, dpi=110)
+    plt.close(fig)
+    return f"\n![{alt}](img/{file})\n"
 
 
 def command_line() -> str:

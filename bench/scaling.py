@@ -15,16 +15,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    IMG,
     CpuMeter,
     command_line,
     gateway_for,
     load,
     machine,
+    plot,
     sim_workers,
     write_section,
 )
@@ -113,31 +114,18 @@ def main() -> int:
     verdict += (" Gateway CPU-ms/req here includes its background work (worker probes) "
                 "spread over few, long requests; see the overhead section for the "
                 "per-request cost.")
-    plot_line = ""
-    if not a.no_plot:
-        try:
-            import matplotlib
+    def draw(ax: Any) -> None:
+        ns = [r["n"] for r in rows]
+        ax.plot(ns, [r["ideal"] for r in rows], "--", color="grey", label="N x one worker")
+        ax.plot(ns, [0.9 * r["ideal"] for r in rows], ":", color="grey", label="goal 0.9 N")
+        ax.plot(ns, [r["tok_s"] for r in rows], "o-", label="through the gateway")
+        ax.set_xlabel("sim workers")
+        ax.set_ylabel("output tokens/s")
+        ax.set_xticks(ns)
+        ax.legend()
+        ax.grid(alpha=0.3)
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            IMG.mkdir(parents=True, exist_ok=True)
-            fig, ax = plt.subplots(figsize=(5.5, 3.6))
-            ns = [r["n"] for r in rows]
-            ax.plot(ns, [r["ideal"] for r in rows], "--", color="grey", label="N x one worker")
-            ax.plot(ns, [0.9 * r["ideal"] for r in rows], ":", color="grey", label="goal 0.9 N")
-            ax.plot(ns, [r["tok_s"] for r in rows], "o-", label="through the gateway")
-            ax.set_xlabel("sim workers")
-            ax.set_ylabel("output tokens/s")
-            ax.set_xticks(ns)
-            ax.legend()
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(IMG / "scaling.png", dpi=110)
-            plt.close(fig)
-            plot_line = "\n![throughput vs workers](img/scaling.png)\n"
-        except ImportError:
-            plot_line = "\n(no plot: matplotlib is not installed; `pip install -e '.[bench]'`)\n"
+    plot_line = "" if a.no_plot else plot("scaling.png", "throughput vs workers", (5.5, 3.6), draw)
     body = "\n".join([
         "## Scaling: N sim workers behind one gateway",
         "",
