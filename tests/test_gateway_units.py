@@ -202,3 +202,17 @@ def test_lean_transport_streams_reuses_and_survives_stale_connections() -> None:
         await server.wait_closed()
 
     asyncio.run(scenario())
+
+
+def test_generated_cluster_token_goes_to_an_owner_only_file(tmp_path, monkeypatch) -> None:
+    import stat
+
+    from gateway.serve import save_token
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    path = save_token("s3cret-token")
+    assert path.read_text().strip() == "s3cret-token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.chmod(0o644)
+    save_token("another")  # rewriting tightens the mode again
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text().strip() == "another"
