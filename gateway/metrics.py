@@ -51,7 +51,7 @@ class Metrics:
         self.registry = registry
         self.prom = CollectorRegistry(auto_describe=True)
         r = self.prom
-        self.requests = Counter("corral_requests", "Requests answered, by HTTP status.",
+        self.requests = Counter("corral_requests_total", "Requests answered, by HTTP status.",
                                 ["model", "status"], registry=r)
         self.duration = Histogram("corral_request_duration_seconds",
                                   "Seconds from request to the last byte.", ["model"],
@@ -59,16 +59,16 @@ class Metrics:
         self.ttft = Histogram("corral_time_to_first_token_seconds",
                               "Seconds from request to the first generated token.", ["model"],
                               buckets=_TTFT, registry=r)
-        self.tokens = Counter("corral_tokens", "Tokens processed.", ["model", "kind"],
+        self.tokens = Counter("corral_tokens_total", "Tokens processed.", ["model", "kind"],
                               registry=r)
-        self.retries = Counter("corral_retries", "Requests retried on another worker.",
+        self.retries = Counter("corral_retries_total", "Requests retried on another worker.",
                                ["reason"], registry=r)
-        self.rejected = Counter("corral_rejected", "Requests refused by the gateway.",
+        self.rejected = Counter("corral_rejected_total", "Requests refused by the gateway.",
                                 ["reason"], registry=r)
         self.queue_wait = Histogram("corral_queue_wait_seconds",
                                     "Seconds a request waited in the gateway queue.",
                                     buckets=_WAIT, registry=r)
-        self.upstream_errors = Counter("corral_upstream_errors",
+        self.upstream_errors = Counter("corral_upstream_errors_total",
                                        "Failures talking to workers.", ["kind"], registry=r)
         self.collector = _WorkerCollector(registry)
         r.register(self.collector)

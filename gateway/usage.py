@@ -38,9 +38,9 @@ class Usage:
         self._pending: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self._flusher = PeriodicFlush(self._tick, self._flush, FLUSH_SECONDS)
         self._failing = False
-        self.requests = Counter("corral_user_requests", "Requests answered, by user and HTTP "
+        self.requests = Counter("corral_user_requests_total", "Requests answered, by user and HTTP "
                                 "status.", ["user", "status"], registry=prom)
-        self.tokens = Counter("corral_user_tokens", "Tokens processed, by user.",
+        self.tokens = Counter("corral_user_tokens_total", "Tokens processed, by user.",
                               ["user", "kind"], registry=prom)
 
     def record(self, user: str | None, status: int, prompt: int, completion: int) -> None:
