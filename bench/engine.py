@@ -76,7 +76,9 @@ def main() -> None:
     ap.add_argument("--levels", default="1,2,4,8")
     ap.add_argument("--rounds", type=int, default=3, help="requests per client per level")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="llama_cpp.server's --n_threads")
+    ap.add_argument("--corral-threads", type=int, default=None,
+                    help="Corral llama --threads (default: the worker's own default)")
     ap.add_argument("--ttft-runs", type=int, default=5)
     ap.add_argument("--notes", type=int, default=40, help="history size (~25 tokens each)")
     ap.add_argument("--write", action="store_true")
@@ -85,7 +87,8 @@ def main() -> None:
     where = machine()
     procs: list[Proc] = []
     try:
-        llama = start_worker("--parallel", "8", "--threads", str(a.threads), "--ctx-size", "2048",
+        threads = ["--threads", str(a.corral_threads)] if a.corral_threads else []
+        llama = start_worker("--parallel", "8", *threads, "--ctx-size", "2048",
                              backend="llama", wait=False)
         procs.append(llama.proc)
         ov = start_worker("--parallel", "8", "--device", "CPU", "--ctx-size", "2048",
@@ -148,8 +151,9 @@ Machine: {out['machine']}.
 
 SmolLM2-135M-Instruct Q4_1 (the bundled GGUF) on three servers, all up at once and measured
 in turn at each level (round robin, so background load weighs on each alike): Corral's
-llama backend (`--parallel 8 --threads {a.threads}`), Corral's openvino backend
-(`--parallel 8 --device CPU`), and llama-cpp-python's own server (`python -m
+llama backend (`--parallel 8{f" --threads {a.corral_threads}" if a.corral_threads else ""}`;
+without --threads it decodes single tokens on cores - 1 threads, batches on all), Corral's
+openvino backend (`--parallel 8 --device CPU`), and llama-cpp-python's own server (`python -m
 llama_cpp.server --n_threads {a.threads} --interrupt_requests False`, one request at a time).
 Load: `corral bench` closed loop at concurrency c, {a.rounds} x c streamed chat completions of
 {a.max_tokens} greedy tokens, distinct prompts (`Request i. {PROMPT}`, which runs to the
