@@ -16,12 +16,12 @@ import pytest
 SOAK = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
 
 
-# Known open bug (issue 8 stays open): in about 1 of 4 runs one legacy-completion stream is
+# Known open bug (issue 8 stays open): in 2 of 6 recent runs one legacy-completion stream is
 # cut during a failover (the client sees a ReadError, never an error event). The soak still
 # runs and reports in every `make test`; strict=False so that run's outcome is shown (XFAIL /
 # XPASS) without blocking CI until the relay is fixed.
 @pytest.mark.xfail(strict=False, reason="known: a /v1/completions stream can be cut during "
-                   "mid-stream failover (seen once in 4 CI runs: 'text-stream: ReadError')")
+                   "mid-stream failover (2 of 6 recent runs: 'text-stream: ReadError')")
 @pytest.mark.timeout(240)
 def test_short_soak_loses_nothing() -> None:
     proc = subprocess.run(
