@@ -6,6 +6,9 @@ Everything runs on 127.0.0.1: one gateway, N sim workers on fixed ports (optiona
 real llama.cpp worker too, `--llama`), a load of streamed and non-streamed chat and legacy
 completions, and a chaos loop that SIGKILLs a random worker every `--kill-every` seconds
 on average (never the last one alive) and restarts it on the same port a moment later.
+Every `--freeze-every`-th fault is a freeze instead: SIGSTOP, so the worker stays alive
+with its sockets open but silent, for longer than the gateway's `stall_timeout`, then
+SIGCONT.
 
 Every request ends in exactly one bucket:
 - completed: 200 with a whole answer (a stream ends with `[DONE]` and no error event);
@@ -25,6 +28,7 @@ import collections
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -154,15 +158,21 @@ async def _request(http: httpx.AsyncClient, url: str, body: dict[str, Any], kind
 
 
 class Chaos:
-    """SIGKILLs a random live worker now and then; restarts it on its port shortly after."""
+    """SIGKILLs a random live worker now and then and restarts it on its port shortly after;
+    every `freeze_every`-th fault SIGSTOPs it instead (alive, sockets open, silent) and
+    SIGCONTs it a few seconds later, past the gateway's stall timeout."""
 
     def __init__(self, workers: list[Worker], every: float, rng: random.Random,
-                 sim_args: list[str]) -> None:
+                 sim_args: list[str], freeze_every: int, freeze_for: tuple[float, float]
+                 ) -> None:
         self.workers = workers
         self.every = every
         self.rng = rng
         self.sim_args = sim_args
+        self.freeze_every = freeze_every
+        self.freeze_for = freeze_for
         self.kills = 0
+        self.freezes = 0
         self.restarts = 0
         self.down: set[int] = set()
 
@@ -183,12 +193,25 @@ class Chaos:
                     continue
                 i = self.rng.choice(live)
                 self.down.add(i)
-                await asyncio.to_thread(self.workers[i].proc.kill)
-                self.kills += 1
-                pending.append(asyncio.create_task(self._restart(i)))
+                faults = self.kills + self.freezes + 1
+                if self.freeze_every and faults % self.freeze_every == 0:
+                    self.workers[i].proc.freeze()
+                    self.freezes += 1
+                    pending.append(asyncio.create_task(self._thaw(i)))
+                else:
+                    await asyncio.to_thread(self.workers[i].proc.kill)
+                    self.kills += 1
+                    pending.append(asyncio.create_task(self._restart(i)))
         finally:
             for t in pending:
                 await t
+
+    async def _thaw(self, i: int) -> None:
+        try:
+            await asyncio.sleep(self.rng.uniform(*self.freeze_for))
+        finally:
+            self.workers[i].proc.thaw()
+            self.down.discard(i)
 
     async def _restart(self, i: int) -> None:
         await asyncio.sleep(self.rng.uniform(0.3, 2.5))
@@ -198,6 +221,13 @@ class Chaos:
             start_worker, *self.sim_args, port=old.port, backend="sim", wait=False)
         self.restarts += 1
         self.down.discard(i)
+
+
+def _log_tail(log: str, keep: int = 60) -> list[str]:
+    """The gateway's warnings and tracebacks (not its routine lines), last `keep` lines."""
+    lines = [ln for ln in log.splitlines()
+             if not ln.startswith("INFO") and "ejected" not in ln and "back in" not in ln]
+    return lines[-keep:]
 
 
 def _ready_ids(gateway: str) -> set[str]:
@@ -224,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=24)
     ap.add_argument("--kill-every", type=float, default=3.0,
                     help="mean seconds between two SIGKILLs")
+    ap.add_argument("--freeze-every", type=int, default=4,
+                    help="every Nth fault SIGSTOPs the worker instead (0: never)")
+    ap.add_argument("--stall-timeout", type=float, default=2.0,
+                    help="the gateway's stall_timeout; a freeze lasts 1-4 s longer")
     ap.add_argument("--deadline", type=float, default=60.0,
                     help="a request without an answer after this long is lost")
     ap.add_argument("--rate", type=float, default=150.0, help="sim tokens/s per slot")
@@ -236,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also write the report into docs/BENCHMARKS.md (its own section)")
     args = ap.parse_args(argv)
     load_at_start = os.getloadavg()[0]
+    # A SIGTERM (a CI timeout, a `kill`) still runs the cleanup below: no stray workers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     rng = random.Random(args.seed)
     sim_args = ["--sim-tokens-per-second", str(args.rate), "--parallel", "4",
@@ -245,9 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     g: Gateway | None = None
     chaos: Chaos | None = None
     cfg = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)  # noqa: SIM115
-    cfg.write("[gateway]\nqueue_timeout = 10.0\nprobe_interval = 0.25\n")
+    cfg.write("[gateway]\nqueue_timeout = 10.0\nprobe_interval = 0.25\nprobe_timeout = 1.0\n"
+              f"stall_timeout = {args.stall_timeout}\n")
     cfg.close()
     tally = Tally()
+    gateway_log: list[str] = []
     started = time.monotonic()
     try:
         for _ in range(args.workers):
@@ -259,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         n = len(workers) + len(extra)
         wait_for(lambda: sum(w["state"] in ("ready", "busy") for w in httpx.get(
             f"{g.url}/cluster", timeout=5).json()["workers"]) == n, 60, 0.1, "workers ready")
-        chaos = Chaos(workers, args.kill_every, rng, sim_args)
+        freeze_for = (args.stall_timeout + 1, args.stall_timeout + 4)
+        chaos = Chaos(workers, args.kill_every, rng, sim_args, args.freeze_every, freeze_for)
         until = time.monotonic() + args.duration
 
         async def both() -> None:
@@ -268,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(both())
         midstream = metric(g.url, "corral_retries_total", reason="midstream")
         retries = metric(g.url, "corral_retries_total")
+        if tally.lost or tally.wrong:  # what the gateway said about it, for the report
+            gateway_log = _log_tail(g.proc.log())
     finally:
         if g is not None:
             g.proc.stop()
@@ -285,17 +326,20 @@ def main(argv: list[str] | None = None) -> int:
         "by_kind": dict(tally.kinds),
         "errors": dict(tally.errors),
         "kills": chaos.kills if chaos else 0,
+        "freezes": chaos.freezes if chaos else 0,
         "restarts": chaos.restarts if chaos else 0,
         "retries_midstream": midstream,
         "retries_total": retries,
         "lost_samples": tally.lost,
         "wrong_samples": tally.wrong,
+        "gateway_log": gateway_log,
     }
     if args.json:
         print(json.dumps(report))
     else:
         print(f"soak: {total} requests in {args.duration:g}s of load, {report['kills']} "
-              f"workers SIGKILLed ({report['restarts']} restarted)")
+              f"workers SIGKILLed ({report['restarts']} restarted), {report['freezes']} "
+              "SIGSTOPped for a while")
         print(f"  completed     {report['completed']}")
         print(f"  clean errors  {report['clean_errors']}  {report['errors']}")
         print(f"  lost          {report['lost']}  {tally.lost[:5]}")
@@ -314,13 +358,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.workers} sim workers ({args.rate:g} tokens/s per slot, 4 slots), "
             f"{args.concurrency} clients in closed loop, 70% chat / 30% legacy completions, "
             f"60% streamed, 4-48 tokens; a random ready worker SIGKILLed every "
-            f"{args.kill_every:g} s on average and restarted 0.3-2.5 s later.",
+            f"{args.kill_every:g} s on average and restarted 0.3-2.5 s later; every "
+            f"{args.freeze_every}th fault a SIGSTOP instead, for {freeze_for[0]:g}-"
+            f"{freeze_for[1]:g} s (gateway stall_timeout {args.stall_timeout:g} s).",
             "",
-            "| requests | completed | clean errors | lost | wrong | kills | mid-stream "
-            "continuations |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
+            "| requests | completed | clean errors | lost | wrong | kills | freezes | "
+            "mid-stream continuations |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
             f"| {total} | {report['completed']} | {report['clean_errors']} | "
-            f"{report['lost']} | {report['wrong']} | {report['kills']} | {midstream:g} |",
+            f"{report['lost']} | {report['wrong']} | {report['kills']} | "
+            f"{report['freezes']} | {midstream:g} |",
             "",
             f"Clean errors by kind: {report['errors'] or 'none'}.",
         ]))

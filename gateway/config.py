@@ -57,6 +57,9 @@ class GatewayConfig:
     max_attempts: int = 3  # one try plus retries on other workers, before the first byte
     connect_timeout: float = 2.0
     read_timeout: float = 300.0  # between two bytes from a worker
+    # A worker holding our requests that fails every probe for this long is frozen, not
+    # slow (SIGSTOP, hung driver, cut cable): its requests move elsewhere. 0 turns it off.
+    stall_timeout: float = 15.0
     max_connections: int = 1024
     lean_transport: bool = True  # httptools-based transport for worker traffic (transport.py)
     # Session affinity (affinity.py): a conversation goes back to the worker holding its KV.
@@ -125,7 +128,7 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
     gw = file.get("gateway", {})  # optional [gateway] table for tuning knobs
     for name in ("probe_interval", "probe_timeout", "join_ttl", "queue_size", "queue_timeout",
                  "worker_queue_allowance", "max_attempts", "connect_timeout", "read_timeout",
-                 "max_connections", "lean_transport", "affinity", "affinity_ttl",
+                 "stall_timeout", "max_connections", "lean_transport", "affinity", "affinity_ttl",
                  "affinity_slack", "max_body_bytes", "head_timeout", "body_timeout"):
         if name in gw:
             setattr(cfg, name, type(getattr(cfg, name))(gw[name]))

@@ -6,6 +6,10 @@ that. States: `loading` (known, not serving yet), `ready`, `busy` (every slot ta
 `down` (unreachable or failing). A worker is ejected at once on a connect error, a 5xx or a
 timeout seen by a real request (passive), and re-admitted by the next probe that succeeds
 after the ejection. A joined worker that stops heartbeating for `join_ttl` is dropped.
+
+A worker that fails every probe for `stall_timeout` seconds while requests are on it is
+declared stalled: a frozen process keeps its sockets open, so those requests would
+otherwise wait out the read timeout. The `stall_listeners` (upstream.py) move them.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class Worker:
     __slots__ = ("id", "url", "source", "state", "models", "slots_total", "slots_busy",
                  "queue_depth", "tokens_per_second", "status", "inflight", "others",
                  "external", "capacity", "last_seen", "ejected_at", "fails", "last_error",
-                 "task", "base")
+                 "task", "base", "answered", "stalled", "watched")
 
     def __init__(self, id: str, url: str, source: str) -> None:
         self.id = id
@@ -67,6 +71,9 @@ class Worker:
         self.fails = 0
         self.last_error = ""
         self.task: asyncio.Task[None] | None = None
+        self.answered = time.monotonic()  # the last probe it answered (or when it was added)
+        self.stalled = False  # declared frozen; cleared by the next probe it answers
+        self.watched: set[Any] = set()  # the in-flight calls on it (upstream.py), to move
 
     @property
     def healthy(self) -> bool:
@@ -110,6 +117,7 @@ class Registry:
         self.by_model: dict[str, list[Worker]] = {}
         self.known_models: set[str] = set(cfg.models)
         self.listeners: list[Callable[[], None]] = []  # called when capacity may have freed
+        self.stall_listeners: list[Callable[[Worker], None]] = []  # a worker froze
         self._client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         # Shared registry: workers that heartbeat to this replica (id -> monotonic time of
@@ -272,8 +280,18 @@ class Registry:
         w.fails += 1
         if hard or w.fails >= 2:
             self._set_state(w, "down", why)
+        limit = self.cfg.stall_timeout
+        silent = time.monotonic() - w.answered
+        if limit > 0 and silent >= limit and w.watched and not w.stalled:
+            w.stalled = True
+            log.warning("worker %s: no answer for %.0f s, moving its %d requests elsewhere",
+                        w.id, silent, len(w.watched))
+            for fn in self.stall_listeners:
+                fn(w)
 
     def _probe_ok(self, w: Worker, st: dict[str, Any], sent: float, inflight_sent: int) -> None:
+        w.answered = time.monotonic()
+        w.stalled = False
         if sent < w.ejected_at:
             return  # this probe left before the ejection: it proves nothing
         w.fails = 0

@@ -115,9 +115,9 @@ class _Conn(asyncio.Protocol):
                     data = b"".join(self.chunks)
                     self.chunks.clear()
                 self.buffered = 0
-                if self.paused and self.transport:
+                if self.paused and self.usable:
                     self.paused = False
-                    self.transport.resume_reading()
+                    self.transport.resume_reading()  # type: ignore[union-attr]
                 yield data
                 continue
             if self.complete:
@@ -126,6 +126,23 @@ class _Conn(asyncio.Protocol):
                 raise self.error
             await self._wait(timeout)
 
+    def send(self, data: bytes) -> None:
+        # uvloop raises RuntimeError when writing to a transport that closed (the worker
+        # hung up) before `connection_lost` ran; that is a failed write, not a gateway bug.
+        if not self.usable:
+            raise httpx.WriteError("connection to the worker is closed")
+        try:
+            self.transport.write(data)  # type: ignore[union-attr]
+        except (RuntimeError, OSError) as exc:
+            self._close()
+            raise httpx.WriteError(f"writing to the worker failed: {exc}") from None
+
+    @property
+    def usable(self) -> bool:
+        """Open as far as the event loop knows (the `closed` flag trails the transport)."""
+        t = self.transport
+        return not self.closed and t is not None and not t.is_closing()
+
     def _close(self) -> None:
         self.closed = True
         if self.transport is not None:
@@ -133,7 +150,7 @@ class _Conn(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed and self.error is None
+        return self.complete and self.keep_alive and self.usable and self.error is None
 
 
 class _Body(httpx.AsyncByteStream):
@@ -177,10 +194,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
             conn, reused = await self._get(key, timeouts.get("connect"))
             conn._reset()
             try:
-                assert conn.transport is not None
-                conn.transport.write(wire)
+                conn.send(wire)
                 await conn.read_head(timeouts.get("read"))
-            except (httpx.ReadError, httpx.RemoteProtocolError):
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
                 self._discard(conn)
                 if reused and attempt == 0 and not conn.got_bytes:
                     continue  # the worker closed this idle connection: try a fresh one
@@ -197,9 +213,9 @@ class LeanTransport(httpx.AsyncBaseTransport):
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
-            if not conn.closed:
+            if conn.usable:
                 return conn, True
-            self._all.discard(conn)
+            self._discard(conn)
         loop = asyncio.get_running_loop()
         conn = _Conn(key)
         try:

@@ -19,12 +19,19 @@ no worker can continue, the stream ends with an OpenAI-shaped error event, never
 cut. A failed-over stream names its final worker in an SSE comment before `[DONE]`
 (`: x-corral-worker=<id>`; the `x-corral-worker` header names the first one, as headers
 left before the break).
+
+A frozen worker (alive but silent: SIGSTOP, a hung driver) keeps its sockets open, so a
+read would wait out `read_timeout`. Every call on a worker is registered in its `watched`
+set; when the registry declares the worker stalled, waits for a response are cancelled
+(and retried elsewhere) and relays have their upstream connection closed, which the
+relay sees as a broken stream and continues elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -43,6 +50,7 @@ from gateway.registry import Registry, Worker
 from gateway.transport import LeanTransport
 from worker.protocol import WORKER_HEADER, APIError, error_body, sse, unavailable
 
+log = logging.getLogger("corral.gateway")
 RETRYABLE = frozenset((429, 500, 502, 503, 504))
 _JSON = {"content-type": "application/json"}
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -133,6 +141,8 @@ class Upstream:
             trust_env=False,  # worker traffic never goes through an HTTP(S)_PROXY
             transport=LeanTransport(cfg.max_connections) if cfg.lean_transport else None,
         )
+        self._abandoning: set[asyncio.Task[None]] = set()
+        registry.stall_listeners.append(self._stalled)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -204,10 +214,41 @@ class Upstream:
             reason = "http_5xx"
         return _Retry(reason, _relayed(r, body, w.id))
 
+    # ------------------------------------------------------------------ frozen workers
+    def _stalled(self, w: Worker) -> None:
+        """The registry gave up on `w`: move every call still waiting on it."""
+        for call in list(w.watched):
+            if isinstance(call, Relay):
+                t = asyncio.ensure_future(call.abandon(w))
+                self._abandoning.add(t)
+                t.add_done_callback(self._abandoning.discard)
+            else:
+                call.cancel()
+
+    async def _watched(self, w: Worker, work: Awaitable[Any]) -> Any:
+        """Awaits `work` on `w`; if `w` is declared stalled meanwhile, gives up on it and
+        raises _Retry so that another worker gets the request."""
+        task = asyncio.ensure_future(work)
+        w.watched.add(task)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if not task.cancelled() or (me is not None and me.cancelling()):
+                task.add_done_callback(_close_result)  # a response that came anyway
+                raise
+            self.metrics.upstream_errors.labels("stall").inc()
+            self.registry.eject(w, "stalled: no answer to probes")
+            err = unavailable("The worker stopped answering.", retry_after=1)
+            raise _Retry("stall", _error(err, w.id)) from None
+        finally:
+            w.watched.discard(task)
+
     # ------------------------------------------------------------------ whole responses
     async def _complete(self, call: Call, w: Worker) -> Response:
         try:
-            r = await self.client.post(w.base + call.path, content=call.body, headers=_JSON)
+            r = await self._watched(w, self.client.post(w.base + call.path, content=call.body,
+                                                       headers=_JSON))
         except httpx.HTTPError as exc:
             raise self._failed(w, exc) from None
         body = r.content
@@ -230,6 +271,10 @@ class Upstream:
                            ) -> tuple[httpx.Response, AsyncIterator[bytes], bytes] | Response:
         """Opens a stream on `w`: (response, its byte iterator, first chunk), or a final
         non-200 response to relay as is. Raises _Retry when another worker should try."""
+        return await self._watched(w, self._open(w, path, body))
+
+    async def _open(self, w: Worker, path: str, body: bytes
+                    ) -> tuple[httpx.Response, AsyncIterator[bytes], bytes] | Response:
         req = self.client.build_request("POST", w.base + path, content=body, headers=_JSON)
         try:
             r = await self.client.send(req, stream=True)
@@ -264,6 +309,7 @@ class Upstream:
             return opened
         r, it, first = opened
         relay = Relay(self, call, w, r, it, first)
+        w.watched.add(relay)
         return RelayResponse(relay, {WORKER_HEADER: w.id, **_SSE_HEADERS})
 
 
@@ -278,6 +324,8 @@ class Relay:
                  "worker_error", "broken", "prompt_tokens", "completion_tokens", "closed",
                  "pieces", "text", "sent_tokens", "head", "rewrite", "skip_role",
                  "failovers", "leased")
+
+    # `watched` by its worker (Upstream._stalled) from creation to close.
 
     def __init__(self, up: Upstream, call: Call, worker: Worker, resp: httpx.Response,
                  it: AsyncIterator[bytes], first: bytes) -> None:
@@ -306,6 +354,13 @@ class Relay:
         self.skip_role = False
         self.failovers = 0
         self.leased = True  # holds the admission lease on `worker`
+
+    async def abandon(self, frozen: Worker) -> None:
+        """`frozen` stopped answering: drop the connection to it; `body` then sees a broken
+        stream and continues elsewhere. (No-op if the relay moved on meanwhile.)"""
+        if self.worker is frozen and not self.closed and not self.resp.is_closed:
+            self.up.metrics.upstream_errors.labels("stall").inc()
+            await self.resp.aclose()
 
     async def body(self) -> AsyncIterator[bytes]:
         chunk: bytes | None = self.first
@@ -348,14 +403,22 @@ class Relay:
             except httpx.HTTPError as exc:
                 self.up.metrics.upstream_errors.labels("midstream").inc()
                 self.up.registry.eject(self.worker, f"stream broke: {exc!s:.200}")
+            except Exception as exc:  # a bug, not a worker failure: still never a silent cut
+                log.exception("relaying a stream from %s failed", self.worker.id)
+                self.up.metrics.upstream_errors.labels("midstream").inc()
+                self.up.registry.eject(self.worker, f"stream broke: {exc!r:.200}")
             if self.done or self.worker_error:
                 return
-            ending = self._take_stock()
-            if ending is not None:  # the answer was complete: only the tail was lost
-                self.done = True
-                yield ending
-                return
-            chunk = await self._continue_elsewhere()
+            try:
+                ending = self._take_stock()
+                if ending is not None:  # the answer was complete: only the tail was lost
+                    self.done = True
+                    yield ending
+                    return
+                chunk = await self._continue_elsewhere()
+            except Exception:
+                log.exception("continuing a broken stream failed")
+                chunk = None
         self.broken = True
         yield sse(error_body("The worker serving this stream failed before finishing it.",
                              "server_error", None, "worker_failed"))
@@ -451,6 +514,7 @@ class Relay:
             body = self._continuation_body()
         old = self.worker
         self.leased = False
+        old.watched.discard(self)
         try:
             await self.resp.aclose()
         finally:
@@ -479,6 +543,7 @@ class Relay:
                 return None
             self.resp, self.it, first = opened
             self.worker = w
+            w.watched.add(self)
             self.leased = True
             self.failovers += 1
             self.skip_role = self.head is not None and call.path.endswith("/chat/completions")
@@ -546,6 +611,7 @@ class Relay:
         if self.closed:
             return
         self.closed = True
+        self.worker.watched.discard(self)
         try:
             if self.leased:  # mid-stream: drops the connection, so the worker aborts
                 await self.resp.aclose()
@@ -558,6 +624,21 @@ class Relay:
             self.up.metrics.finished(self.call.model, status,
                                      time.perf_counter() - self.call.started, self.ttft,
                                      self.prompt_tokens, completion)
+
+
+def _close_result(task: asyncio.Task[Any]) -> None:
+    """Closes a streamed response nobody will read (its waiter was cancelled)."""
+    if task.cancelled() or task.exception() is not None:
+        return
+    result = task.result()
+    resp = result[0] if isinstance(result, tuple) else result
+    if isinstance(resp, httpx.Response) and not resp.is_closed:
+        t = asyncio.ensure_future(resp.aclose())
+        _closing.add(t)
+        t.add_done_callback(_closing.discard)
+
+
+_closing: set[asyncio.Future[None]] = set()
 
 
 def _head(ev: bytes) -> bytes:

@@ -93,11 +93,21 @@ class Proc:
             os.killpg(self.pid, signal.SIGKILL)
             self.popen.wait(10)
 
+    def freeze(self) -> None:
+        """SIGSTOP the group: alive, sockets open, but silent (a hung box, as the gateway
+        sees it)."""
+        os.killpg(self.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGCONT)
+
     def stop(self, timeout: float = 15.0) -> None:
         if self.popen is None:
             return
         if self.alive():
             try:
+                os.killpg(self.pid, signal.SIGCONT)  # a frozen process must see the TERM
                 os.killpg(self.pid, signal.SIGTERM)
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -30,8 +30,9 @@ def sim(factory: Callable[..., Worker], rate: float = 40) -> Worker:
                    "0.01", backend="sim")
 
 
-def ready_gateway(gateway_factory: Callable[..., Gateway], *workers: Worker) -> Gateway:
-    args = [a for w in workers for a in ("--worker", w.url)]
+def ready_gateway(gateway_factory: Callable[..., Gateway], *workers: Worker,
+                  extra: tuple[str, ...] = ()) -> Gateway:
+    args = [*extra, *(a for w in workers for a in ("--worker", w.url))]
     g = gateway_factory(*args)
     wait_for(lambda: sum(w["state"] in ("ready", "busy") for w in
                          httpx.get(f"{g.url}/cluster", timeout=5).json()["workers"])
@@ -157,16 +158,15 @@ def test_no_worker_left_ends_with_an_error_event(worker_factory, gateway_factory
     assert set(err) == {"message", "type", "param", "code"}
 
 
-@pytest.mark.timeout(120)
-def test_non_streamed_request_fails_over_whole(worker_factory, gateway_factory) -> None:
-    ws = [sim(worker_factory), sim(worker_factory)]
-    g = ready_gateway(gateway_factory, *ws)
+def fail_non_streamed(g: Gateway, ws: list[Worker], fault: Callable[[Worker], None]
+                      ) -> tuple[httpx.Response, Worker]:
+    """Sends a non-streamed request, applies `fault` to the worker serving it, and returns
+    the response the client got and that worker."""
     out: dict = {}
 
     def call() -> None:
-        r = httpx.post(f"{g.url}/v1/chat/completions", timeout=60,
-                       json={"model": MODEL, "messages": CHAT, "max_tokens": 60})
-        out["r"] = r
+        out["r"] = httpx.post(f"{g.url}/v1/chat/completions", timeout=60,
+                              json={"model": MODEL, "messages": CHAT, "max_tokens": 60})
 
     t = threading.Thread(target=call, daemon=True)
     t.start()
@@ -180,13 +180,72 @@ def test_non_streamed_request_fails_over_whole(worker_factory, gateway_factory) 
     wait_for(lambda: serving() is not None, 30, 0.01, "a worker to take the request")
     victim = serving()
     assert victim is not None
-    victim.proc.kill()
-    t.join(60)
+    try:
+        fault(victim)
+        t.join(60)
+    finally:
+        victim.proc.thaw()
     assert not t.is_alive()
-    r = out["r"]
+    return out["r"], victim
+
+
+@pytest.mark.timeout(120)
+def test_non_streamed_request_fails_over_whole(worker_factory, gateway_factory) -> None:
+    ws = [sim(worker_factory), sim(worker_factory)]
+    g = ready_gateway(gateway_factory, *ws)
+    r, victim = fail_non_streamed(g, ws, lambda w: w.proc.kill())
     assert r.status_code == 200, r.text
     assert r.headers[HEADER] != victim.id
     assert r.json()["usage"]["completion_tokens"] == 60
+
+
+# --------------------------------------------------------------------------- frozen workers
+# A SIGSTOPped worker keeps its sockets open: nothing breaks, it just goes silent. The
+# gateway must notice through its probes (stall_timeout) and move the requests, long before
+# the read timeout.
+
+
+def stall_gateway(gateway_factory: Callable[..., Gateway], tmp_path, *workers: Worker
+                  ) -> Gateway:
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text("[gateway]\nprobe_interval = 0.2\nprobe_timeout = 0.5\n"
+                   "stall_timeout = 2.0\n")
+    return ready_gateway(gateway_factory, *workers, extra=("--config", str(cfg)))
+
+
+@pytest.mark.timeout(120)
+def test_frozen_worker_mid_stream_is_left_for_another(worker_factory, gateway_factory,
+                                                       tmp_path) -> None:
+    ws = [sim(worker_factory), sim(worker_factory)]
+    g = stall_gateway(gateway_factory, tmp_path, *ws)
+    before = metric(g.url, "corral_upstream_errors_total", kind="stall")
+    s = Stream(g.url, "/v1/chat/completions",
+               {"model": MODEL, "messages": CHAT, "max_tokens": 80, "stream": True},
+               deadline=60)  # far below the 300 s read timeout
+    wait_for(lambda: len(s.content()) >= 10 or s.error is not None, 60, 0.01, "10 tokens")
+    victim = next(w for w in ws if w.id == s.worker)
+    victim.proc.freeze()
+    try:
+        s.join()
+    finally:
+        victim.proc.thaw()
+    assert s.done and not [e for e in s.events if "error" in e], s.events[-3:]
+    assert len(s.content()) == 80
+    survivor = next(w for w in ws if w is not victim)
+    assert s.comments == [f": {HEADER}={survivor.id}"]
+    assert metric(g.url, "corral_upstream_errors_total", kind="stall") == before + 1
+
+
+@pytest.mark.timeout(120)
+def test_frozen_worker_non_streamed_request_is_retried(worker_factory, gateway_factory,
+                                                        tmp_path) -> None:
+    ws = [sim(worker_factory), sim(worker_factory)]
+    g = stall_gateway(gateway_factory, tmp_path, *ws)
+    r, victim = fail_non_streamed(g, ws, lambda w: w.proc.freeze())
+    assert r.status_code == 200, r.text
+    assert r.headers[HEADER] != victim.id
+    assert r.json()["usage"]["completion_tokens"] == 60
+    assert metric(g.url, "corral_retries_total", reason="stall") == 1
 
 
 # --------------------------------------------------------------------------- real model

@@ -151,7 +151,8 @@ def test_config_file_and_env(tmp_path, monkeypatch) -> None:
     assert cfg.cluster_token_generated and len(cfg.cluster_token) >= 24 and not cfg.api_keys
 
 
-def test_lean_transport_streams_reuses_and_survives_stale_connections() -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_lean_transport_streams_reuses_and_survives_stale_connections(loop: str) -> None:
     import httpx
 
     from gateway.transport import LeanTransport
@@ -196,12 +197,46 @@ def test_lean_transport_streams_reuses_and_survives_stale_connections() -> None:
             for _ in range(3):  # each response is followed by a silent close
                 r = await c.post(f"{base}/close", content=b"ok")
                 assert r.content == b"ok"
+            # The socket closed but the event loop has not yet told the protocol (uvloop
+            # then raises on write): the request must still go out, on a fresh connection.
+            await c.post(f"{base}/echo", content=b"")
+            before = connections
+            idle = next(iter(c._transport._idle.values()))
+            assert idle and not idle[-1].closed
+            idle[-1].transport.close()
+            r = await c.post(f"{base}/echo", content=b"fresh")
+            assert r.content == b"fresh" and connections == before + 1
+            # Worse: the handle is gone and nothing says so until a write raises (seen
+            # with uvloop under load): still a stale socket, not a failed request.
+            idle = next(iter(c._transport._idle.values()))
+            conn = idle[-1]
+            real = conn.transport
+
+            class Gone:
+                def is_closing(self) -> bool:
+                    return False
+
+                def write(self, data: bytes) -> None:
+                    raise RuntimeError("unable to perform operation; the handler is closed")
+
+                def close(self) -> None:
+                    real.close()
+
+            conn.transport = Gone()
+            r = await c.post(f"{base}/echo", content=b"again")
+            assert r.content == b"again" and connections == before + 2
             with pytest.raises(httpx.ConnectError):
                 await c.get("http://127.0.0.1:9/")
         server.close()
         await server.wait_closed()
 
-    asyncio.run(scenario())
+    if loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(scenario())
+    else:
+        asyncio.run(scenario())
 
 
 def test_generated_cluster_token_goes_to_an_owner_only_file(tmp_path, monkeypatch) -> None:

@@ -1,8 +1,8 @@
 """A short fault-injection soak in `make test`: mixed traffic through a gateway while sim
-workers are SIGKILLed and restarted at random (bench/soak.py; `make soak` runs the long
-one). Nothing may be lost: every request completes or ends with a clean OpenAI-shaped
-error, and every completed answer has exactly the tokens asked for, failover or not.
-"""
+workers are SIGKILLed and restarted, or SIGSTOPped for a while, at random (bench/soak.py;
+`make soak` runs the long one). Nothing may be lost: every request completes or ends with
+a clean OpenAI-shaped error, and every completed answer has exactly the tokens asked for,
+failover or not. The gateway's log (warnings, tracebacks) is in the report when it fails."""
 
 from __future__ import annotations
 
@@ -16,12 +16,6 @@ import pytest
 SOAK = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
 
 
-# Known open bug (issue 8 stays open): in 2 of 6 recent runs one legacy-completion stream is
-# cut during a failover (the client sees a ReadError, never an error event). The soak still
-# runs and reports in every `make test`; strict=False so that run's outcome is shown (XFAIL /
-# XPASS) without blocking CI until the relay is fixed.
-@pytest.mark.xfail(strict=False, reason="known: a /v1/completions stream can be cut during "
-                   "mid-stream failover (2 of 6 recent runs: 'text-stream: ReadError')")
 @pytest.mark.timeout(240)
 def test_short_soak_loses_nothing() -> None:
     proc = subprocess.run(
@@ -31,10 +25,10 @@ def test_short_soak_loses_nothing() -> None:
     lines = proc.stdout.strip().splitlines()
     assert lines, proc.stderr[-3000:]
     report = json.loads(lines[-1])
-    assert report["lost"] == 0, report["lost_samples"]
-    assert report["wrong"] == 0, report["wrong_samples"]
+    assert report["lost"] == 0, (report["lost_samples"], report["gateway_log"])
+    assert report["wrong"] == 0, (report["wrong_samples"], report["gateway_log"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert report["kills"] >= 5, report
+    assert report["kills"] >= 4 and report["freezes"] >= 1, report
     assert report["requests"] >= 300, report
     # Most requests complete despite the kills, and streams were continued mid-way.
     assert report["completed"] >= 0.8 * report["requests"], report
