@@ -152,7 +152,7 @@ Machine: {out['machine']}.
 SmolLM2-135M-Instruct Q4_1 (the bundled GGUF) on three servers, all up at once and measured
 in turn at each level (round robin, so background load weighs on each alike): Corral's
 llama backend (`--parallel 8{f" --threads {a.corral_threads}" if a.corral_threads else ""}`;
-without --threads it decodes single tokens on cores - 1 threads, batches on all), Corral's
+without --threads it uses every core), Corral's
 openvino backend (`--parallel 8 --device CPU`), and llama-cpp-python's own server (`python -m
 llama_cpp.server --n_threads {a.threads} --interrupt_requests False`, one request at a time).
 Load: `corral bench` closed loop at concurrency c, {a.rounds} x c streamed chat completions of

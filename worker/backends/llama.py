@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import statistics
+import threading
 import time
 from typing import Any
 
@@ -68,12 +69,9 @@ class LlamaBackend(Backend):
         self.ctx_size = max(16, int(ctx_size))
         self.n_ctx = self.ctx_size
         cores = os.cpu_count() or 1
+        # Decode and prefill on every core. (A thread fewer for one-token steps looked
+        # better once, but only because of the calibration-thread bug fixed in load().)
         self.threads = threads or cores
-        # One-token steps (a single stream decoding) are memory-bound: a thread fewer than
-        # the cores loses little there and leaves a core to the event loop relaying tokens
-        # (measured on 2 cores: 45 vs 34 tok/s single-stream). Batches and prefill, which
-        # are compute-bound, use every thread. An explicit --threads sets both.
-        self.decode_threads = threads or max(1, cores - 1)
         self.n_batch = max(n_batch, self.slots)
         self.calibrated_tokens_per_second = 0.0
         self._model: Any = None
@@ -109,8 +107,7 @@ class LlamaBackend(Backend):
         cp.n_ctx = per_seq * self.slots
         cp.n_batch = cp.n_ubatch = self.n_batch
         cp.n_seq_max = self.slots
-        cp.n_threads = self.decode_threads
-        cp.n_threads_batch = self.threads
+        cp.n_threads = cp.n_threads_batch = self.threads
         cp.kv_unified = False  # each sequence its own ctx_size cells: no starving neighbours
         cp.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, cp)
@@ -132,9 +129,12 @@ class LlamaBackend(Backend):
 
         n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         loop = BatchLoop(ctx, vocab, n_vocab, self.slots, self.n_batch, self.n_ctx)
+        # Start the decode thread first: every llama_decode must run on that one thread.
+        # Decoding a few steps on this (loading) thread first, then on the loop's thread,
+        # made every later token 2-3x slower on 2 cores (bench/llama_threads.py).
+        loop.start()
         self.calibrated_tokens_per_second = self._calibrate(loop)
         self._loop = loop
-        loop.start()
 
     def close(self) -> None:
         loop, self._loop = self._loop, None
@@ -153,28 +153,29 @@ class LlamaBackend(Backend):
             self._model = None
 
     def _calibrate(self, loop: BatchLoop) -> float:
-        """Greedy-decodes a few tokens alone: the single-sequence speed of this box.
+        """Greedy-decodes a few tokens alone, on the loop's thread: the single-sequence
+        speed of this box.
 
         The median time between tokens, so that a stall (another process taking the CPU
         for a moment) does not skew the figure the gateway routes by."""
         marks: list[tuple[float, int]] = []
-        done: list[str] = []
+        done = threading.Event()
+
+        def finished(_reason: str, _error: str | None) -> None:
+            loop.forget()  # on the loop's thread, as its last act for this sequence
+            done.set()
+
         prompt = self.tokenize(_CALIBRATION_PROMPT)
         seq = Sequence(
             "calibration", prompt, _CALIBRATION_TOKENS, SamplingParams(temperature=0.0),
             on_tokens=lambda _t, n: marks.append((time.perf_counter(), n)),
-            on_finish=lambda reason, _e: done.append(reason),
+            on_finish=finished,
         )
         loop.submit(seq)
-        for _ in range(_CALIBRATION_TOKENS + len(prompt) + 8):
-            if done:
-                break
-            loop.step()
-        llama_cpp.llama_memory_clear(loop.mem, True)
-        for s in loop.slots:
-            s.tokens.clear()
-        for k in loop.stats:
-            loop.stats[k] = 0
+        if not done.wait(120):  # a box this slow has bigger problems; serve uncalibrated
+            seq.cancelled.set()
+            loop.wake()
+            done.wait(30)
         pairs = zip(marks, marks[1:], strict=False)
         per_token = [(t1 - t0) / n for (t0, _), (t1, n) in pairs if n > 0 and t1 > t0]
         if not per_token:

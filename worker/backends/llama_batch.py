@@ -128,6 +128,15 @@ class BatchLoop:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def forget(self) -> None:
+        """Empties the KV cache and the stats (after calibration). Call it on the loop's
+        thread (from a sequence's on_finish) with no other sequence running."""
+        llama_cpp.llama_memory_clear(self.mem, True)
+        for s in self.slots:
+            s.tokens.clear()
+        for k in self.stats:
+            self.stats[k] = 0
+
     def free(self) -> None:
         llama_cpp.llama_batch_free(self.batch)
 
