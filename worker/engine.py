@@ -33,7 +33,10 @@ class EngineStats:
     requests: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    # Exponentially weighted single-sequence decode speed, tokens/s.
+    # Single-sequence decode speed, tokens/s: the backend's start-up calibration, then an
+    # exponentially weighted average over requests that ran alone. (Requests decoded in a
+    # batch run slower each; counting them would make a busy worker look slow and an idle
+    # one keep its last figure, and the gateway, which weighs capacity by this, skews.)
     tokens_per_second: float = 0.0
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
 
@@ -87,6 +90,7 @@ class Engine:
         self.backend = backend
         self.max_queue = max_queue
         self.slots_busy = 0
+        self.admitted = 0  # sequences given a slot so far: tells whether one ran alone
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.stats = EngineStats()
         self.ready = False
@@ -123,6 +127,7 @@ class Engine:
         """Takes one slot; waits in the bounded queue when all are busy."""
         if self.slots_busy < self.backend.slots and not self._waiters:
             self.slots_busy += 1
+            self.admitted += 1
             return
         if len(self._waiters) >= self.max_queue:
             raise overloaded("The worker's queue is full; retry shortly.", retry_after=1)
@@ -130,6 +135,7 @@ class Engine:
         self._waiters.append(fut)
         try:
             await fut
+            self.admitted += 1
         except BaseException:
             if fut in self._waiters:
                 self._waiters.remove(fut)
@@ -163,6 +169,7 @@ class Engine:
         # The slot is given back when the backend reports the sequence finished, not when
         # this generator exits: a cancelled sequence may still occupy the backend for a step.
         await self._acquire()
+        alone_since = self.admitted if self.slots_busy == 1 else -1  # nobody else running
         released = False
         finished = False
 
@@ -211,7 +218,7 @@ class Engine:
                 if safe:
                     yield Delta(safe)
         finally:
-            if first_at is not None and produced > 1:
+            if first_at is not None and produced > 1 and alone_since == self.admitted:
                 self.stats.observe_decode(produced - 1, time.perf_counter() - first_at)
             if not submitted:
                 release()
