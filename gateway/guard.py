@@ -72,7 +72,7 @@ class BodyGuard:
             left = deadline - loop.time()
             try:
                 msg = await asyncio.wait_for(receive(), max(0.0, left))
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 raise _Refused(408, "The request body did not arrive in time.",
                                "request_timeout") from None
             if msg["type"] == "http.request":

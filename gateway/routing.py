@@ -1,7 +1,9 @@
 """Picking a worker: least load relative to capacity, reserved at pick time.
 
 score = (this gateway's in-flight on the worker + other replicas' + load the worker reports
-that no gateway counted) / capacity, where capacity is slots x measured tokens/s. A worker
+that no gateway counted + 1 for this request) / capacity, where capacity is slots x
+measured tokens/s: the load per capacity *after* taking the request, so an idle cluster
+sends it to its fastest box rather than to any idle one. A worker
 is *full* at slots + `allowance` requests; a full worker is not picked (the request waits
 in admission instead). Ties break at random. With more than `P2C_ABOVE` candidates, two
 are sampled and the lighter one wins (power of two choices), which stays O(1) and avoids
@@ -51,7 +53,7 @@ class Router:
             ok_a = la < a.slots_total + allowance and a.id not in exclude
             ok_b = lb < b.slots_total + allowance and b.id not in exclude
             if ok_a and ok_b:
-                w = a if la * b.capacity <= lb * a.capacity else b
+                w = a if (la + 1) * b.capacity <= (lb + 1) * a.capacity else b
                 w.inflight += 1
                 return w
             # One or both of the sample are full: fall back to the full scan below.
@@ -63,7 +65,7 @@ class Router:
             load = w.load
             if load >= w.slots_total + allowance or (exclude and w.id in exclude):
                 continue
-            score = load / w.capacity
+            score = (load + 1) / w.capacity
             if best is None or score < best_score:
                 best, best_score, ties = w, score, 1
             elif score == best_score:

@@ -33,6 +33,10 @@ def _registry(speeds: list[float], slots: int = 4, cfg: GatewayConfig | None = N
 def test_scores_follow_capacity_and_ties_are_random() -> None:
     reg = _registry([10, 40])
     router = Router(reg, allowance=100)
+    for _ in range(20):  # idle: the faster worker, every time
+        w = router.pick("m")
+        assert w is not None and w.id == "w1"
+        router.release(w)
     for _ in range(50):  # keep everything in flight: the split follows capacity 1:4
         assert router.pick("m") is not None
     assert (reg.workers["w0"].inflight, reg.workers["w1"].inflight) == (10, 40)
@@ -201,6 +205,13 @@ def test_lean_transport_streams_reuses_and_survives_stale_connections(loop: str)
             # then raises on write): the request must still go out, on a fresh connection.
             await c.post(f"{base}/echo", content=b"")
             before = connections
+            # The direct call (non-streamed hot path): same pool, no httpx objects.
+            lean = c._transport
+            for body in (b"direct", b"again"):
+                status, headers, data = await lean.post("127.0.0.1", port, "/echo", body, 5, 5)
+                assert (status, data) == (200, body)
+                assert headers["content-length"] == str(len(body))
+            assert connections == before  # kept alive, shared with the client's requests
             idle = next(iter(c._transport._idle.values()))
             assert idle and not idle[-1].closed
             idle[-1].transport.close()
