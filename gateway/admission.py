@@ -9,6 +9,10 @@ use it and resolves that waiter's future with it, so nobody overtakes the queue.
 Outcomes: a reserved worker; 429 `queue_full` when the queue is at its bound; 429
 `queue_timeout` past the deadline; 503 when no healthy worker serves the model; 404 when no
 worker has ever served it. Nothing waits without a deadline.
+
+A model that lost its last healthy worker less than `down_grace` seconds ago is in an
+outage that may end any moment (a worker restarting, a probe blip): new requests wait in the
+queue until a worker is back or the grace is over (then 503), instead of failing at once.
 """
 
 from __future__ import annotations
@@ -75,10 +79,16 @@ class Admission:
         registry.listeners.append(self.dispatch)
         metrics.collector.queue_length = self.queue.__len__
 
-    def check_model(self, model: str) -> None:
+    def check_model(self, model: str) -> float | None:
+        """Raises when `model` cannot be served; returns the seconds left of its outage
+        grace when it has no healthy worker right now but may have one shortly."""
         if self.registry.by_model.get(model):
-            return
+            return None
         if model in self.registry.known_models:
+            lost = self.registry.lost_at.get(model)
+            left = (lost + self.cfg.down_grace - time.monotonic()) if lost is not None else 0
+            if left > 0:
+                return left
             self.metrics.rejected.labels("no_healthy_worker").inc()
             raise unavailable(f"No healthy worker serves the model {model!r} right now.",
                               retry_after=2)
@@ -89,7 +99,7 @@ class Admission:
                       user: str | None = None, prefer: str | None = None) -> Worker:
         """A worker reserved for this request (release it with `release`). `prefer`: the
         worker holding the conversation's cache (affinity; honoured when not queueing)."""
-        self.check_model(model)
+        grace = self.check_model(model)
         if exclude and not self.router.any_unexcluded(model, exclude):
             raise Exhausted
         if not self.queue:
@@ -103,7 +113,8 @@ class Admission:
         loop = asyncio.get_running_loop()
         waiter = Waiter(model, exclude, loop.create_future(), user)
         self.queue.put(waiter)
-        timer = loop.call_later(self.cfg.queue_timeout, self._expire, waiter)
+        wait = self.cfg.queue_timeout if grace is None else min(self.cfg.queue_timeout, grace)
+        timer = loop.call_later(wait, self._expire, waiter)
         self.dispatch()
         try:
             return await waiter.future

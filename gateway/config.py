@@ -48,6 +48,9 @@ class GatewayConfig:
     queue_size: int = 256  # requests waiting in the gateway for a worker
     queue_timeout: float = 30.0  # seconds a request may wait there
     worker_queue_allowance: int = 2  # requests queued at a worker beyond its slots
+    # A model whose last healthy worker went down less than this long ago (a restart, a
+    # blip) lets new requests wait in the queue for one to come back, rather than 503 at once.
+    down_grace: float = 10.0
     # Upstream.
     max_attempts: int = 3  # one try plus retries on other workers, before the first byte
     connect_timeout: float = 2.0
@@ -122,9 +125,10 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
     )
     gw = file.get("gateway", {})  # optional [gateway] table for tuning knobs
     for name in ("probe_interval", "probe_timeout", "join_ttl", "queue_size", "queue_timeout",
-                 "worker_queue_allowance", "max_attempts", "connect_timeout", "read_timeout",
-                 "stall_timeout", "max_connections", "lean_transport", "affinity", "affinity_ttl",
-                 "affinity_slack", "max_body_bytes", "head_timeout", "body_timeout"):
+                 "worker_queue_allowance", "down_grace", "max_attempts", "connect_timeout",
+                 "read_timeout", "stall_timeout", "max_connections", "lean_transport",
+                 "affinity", "affinity_ttl", "affinity_slack", "max_body_bytes", "head_timeout",
+                 "body_timeout"):
         if name in gw:
             setattr(cfg, name, type(getattr(cfg, name))(gw[name]))
     return cfg

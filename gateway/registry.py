@@ -116,6 +116,7 @@ class Registry:
         # Healthy workers per model, rebuilt on every health or model change: routing reads it.
         self.by_model: dict[str, list[Worker]] = {}
         self.known_models: set[str] = set(cfg.models)
+        self.lost_at: dict[str, float] = {}  # model -> when its last healthy worker went
         self.listeners: list[Callable[[], None]] = []  # called when capacity may have freed
         self.stall_listeners: list[Callable[[Worker], None]] = []  # a worker froze
         self._client: httpx.AsyncClient | None = None
@@ -230,6 +231,9 @@ class Registry:
             if w.healthy:
                 for m in w.models:
                     by_model.setdefault(m, []).append(w)
+        now = time.monotonic()
+        for m in self.by_model.keys() - by_model.keys():
+            self.lost_at[m] = now
         self.by_model = by_model
         self._weigh()
 

@@ -240,9 +240,16 @@ def test_dead_worker_is_ejected_and_readmitted(worker_factory, gateway_factory) 
              "the restarted worker to get traffic again")
 
 
-def test_no_healthy_worker_is_503(worker_factory, gateway_factory) -> None:
+def _grace_config(tmp_path: Path, seconds: float) -> str:
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f"[gateway]\ndown_grace = {seconds}\nprobe_interval = 0.2\n")
+    return str(cfg)
+
+
+def test_no_healthy_worker_is_503(worker_factory, gateway_factory, tmp_path) -> None:
     w = sim(worker_factory)
-    g = gateway_factory("--worker", w.url)
+    # Past the outage grace (short here), a model without a healthy worker is a 503.
+    g = gateway_factory("--worker", w.url, "--config", _grace_config(tmp_path, 0.5))
     wait_state(g, w.id, "ready")
     w.proc.kill()
     wait_state(g, w.id, "down", timeout=5)
@@ -255,6 +262,24 @@ def test_no_healthy_worker_is_503(worker_factory, gateway_factory) -> None:
     assert httpx.get(f"{g.url}/readyz").status_code == 503
     assert httpx.get(f"{g.url}/healthz").status_code == 200
     assert client.models.list().data == []
+
+
+def test_a_request_waits_out_a_short_outage(worker_factory, gateway_factory, tmp_path) -> None:
+    w = sim(worker_factory)
+    g = gateway_factory("--worker", w.url, "--config", _grace_config(tmp_path, 60))
+    wait_state(g, w.id, "ready")
+    w.proc.kill()
+    wait_state(g, w.id, "down", timeout=5)
+    client = client_for(g.url)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(chat, client)
+        # It waits in the gateway's queue while the only worker is down...
+        wait_for(lambda: metric(g.url, "corral_queue_length") == 1, 10, 0.05, "a waiter")
+        assert not pending.done()
+        w2 = sim(worker_factory, port=w.port)  # ...and is served once it is back.
+        served, text = pending.result(timeout=60)
+    assert served == w2.id and text
+    assert metric(g.url, "corral_rejected_total", reason="no_healthy_worker") == 0
 
 
 class _Flaky(BaseHTTPRequestHandler):
