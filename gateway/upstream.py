@@ -364,14 +364,13 @@ _DONE = b"data: [DONE]\n\n"
 
 
 class Relay:
-    """One stream from a worker to the client."""
+    """One stream from a worker to the client; in its worker's `watched` set (so that
+    `Upstream._stalled` can abandon it) from `_open_stream` until `close`."""
 
     __slots__ = ("up", "call", "worker", "resp", "it", "first", "events", "ttft", "done",
                  "worker_error", "broken", "prompt_tokens", "completion_tokens", "closed",
                  "pieces", "text", "sent_tokens", "head", "rewrite", "skip_role",
                  "failovers", "leased")
-
-    # `watched` by its worker (Upstream._stalled) from creation to close.
 
     def __init__(self, up: Upstream, call: Call, worker: Worker, resp: httpx.Response,
                  it: AsyncIterator[bytes], first: bytes) -> None:
