@@ -28,7 +28,7 @@ from gateway.fairqueue import FairQueue
 from gateway.metrics import Metrics
 from gateway.registry import Registry, Worker
 from gateway.routing import Router
-from worker.protocol import APIError, not_found, overloaded, unavailable
+from wire.errors import APIError, not_found, overloaded, unavailable
 
 
 class Exhausted(Exception):

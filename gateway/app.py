@@ -25,7 +25,7 @@ from gateway.routing import Router
 from gateway.state import SharedState, make_state
 from gateway.upstream import Upstream
 from gateway.usage import Usage
-from worker import errors
+from wire import http as errors
 
 log = logging.getLogger("corral.gateway")
 

@@ -11,7 +11,7 @@ import hmac
 from fastapi import Request
 
 from gateway.config import ApiKey, GatewayConfig
-from worker.protocol import APIError
+from wire.errors import APIError
 
 
 def _bearer(request: Request) -> str:

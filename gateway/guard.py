@@ -23,7 +23,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from worker.protocol import APIError
+from wire.errors import APIError
 
 
 class _Refused(APIError):

@@ -29,7 +29,7 @@ from typing import Any
 
 from gateway.config import ApiKey
 from gateway.flush import PeriodicFlush
-from worker.protocol import APIError
+from wire.errors import APIError
 
 log = logging.getLogger("corral.gateway")
 

@@ -36,8 +36,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 
 from gateway.placement import ModelSpec, Placement, WorkerSpec, estimate, plan, summary
-from worker.errors import json_response
-from worker.protocol import not_found
+from wire.errors import not_found
+from wire.http import json_response
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

@@ -48,7 +48,9 @@ from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
 from gateway.registry import Registry, Worker
 from gateway.transport import LeanTransport
-from worker.protocol import WORKER_HEADER, APIError, error_body, sse, unavailable
+from wire.errors import APIError, error_body, unavailable
+from wire.sse import sse
+from wire.status import WORKER_HEADER
 
 log = logging.getLogger("corral.gateway")
 RETRYABLE = frozenset((429, 500, 502, 503, 504))

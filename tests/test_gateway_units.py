@@ -15,7 +15,7 @@ from gateway.metrics import Metrics
 from gateway.registry import Registry, Worker
 from gateway.routing import Router
 from gateway.state import MemoryState
-from worker.protocol import APIError
+from wire.errors import APIError
 
 
 def _registry(speeds: list[float], slots: int = 4, cfg: GatewayConfig | None = None

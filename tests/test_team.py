@@ -181,7 +181,7 @@ def test_token_reservations_settle_to_real_usage(redis_url) -> None:
 
     from gateway.config import ApiKey
     from gateway.limits import Limiter
-    from worker.protocol import APIError
+    from wire.errors import APIError
 
     async def scenario(lim: Limiter) -> None:
         await lim.start()

@@ -14,10 +14,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from worker import protocol as p
+from wire import errors
+from wire import openai as oa
+from wire.http import error_response, json_response, read_json
+from wire.sse import SSE_DONE, sse
+from wire.status import WORKER_HEADER
 from worker.backends.base import SamplingParams
 from worker.engine import Delta, Engine
-from worker.errors import error_response, json_response, read_json
 
 router = APIRouter()
 
@@ -27,7 +30,7 @@ class Job:
     """A validated request, ready for the engine."""
 
     kind: str  # "chat" | "text"
-    req: p.SamplingFields
+    req: oa.SamplingFields
     prompt: list[int]
     max_tokens: int
     prefix: str = ""  # echoed prompt for legacy completions with echo=true
@@ -40,12 +43,12 @@ def _engine(request: Request) -> Engine:
 def _check_model(request: Request, model: str) -> None:
     state = request.app.state
     if not state.engine.ready:
-        raise p.unavailable("The model is still loading.", retry_after=2)
+        raise errors.unavailable("The model is still loading.", retry_after=2)
     if model not in state.model_names:
-        raise p.not_found(f"The model {model!r} does not exist on this worker.")
+        raise errors.not_found(f"The model {model!r} does not exist on this worker.")
 
 
-def _params(req: p.SamplingFields) -> SamplingParams:
+def _params(req: oa.SamplingFields) -> SamplingParams:
     return SamplingParams(
         temperature=req.temperature,
         top_p=req.top_p,
@@ -59,7 +62,7 @@ def _params(req: p.SamplingFields) -> SamplingParams:
 
 
 async def _prepare_chat(request: Request) -> Job:
-    req = p.ChatCompletionRequest.model_validate(await read_json(request))
+    req = oa.ChatCompletionRequest.model_validate(await read_json(request))
     _check_model(request, req.model)
     engine = _engine(request)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
@@ -69,7 +72,7 @@ async def _prepare_chat(request: Request) -> Job:
 
 
 async def _prepare_text(request: Request) -> Job:
-    req = p.CompletionRequest.model_validate(await read_json(request))
+    req = oa.CompletionRequest.model_validate(await read_json(request))
     _check_model(request, req.model)
     engine = _engine(request)
     tokens = engine.backend.tokenize(req.prompt_text)
@@ -90,10 +93,10 @@ async def completions(request: Request) -> Response:
 async def _serve(request: Request, job: Job) -> Response:
     engine = _engine(request)
     if engine.queue_depth >= engine.max_queue:
-        raise p.overloaded("The worker's queue is full; retry shortly.", retry_after=1)
+        raise errors.overloaded("The worker's queue is full; retry shortly.", retry_after=1)
     params = _params(job.req)
     engine.backend.validate(params)
-    headers = {p.WORKER_HEADER: request.app.state.worker_id}
+    headers = {WORKER_HEADER: request.app.state.worker_id}
     gen = engine.generate(job.prompt, job.max_tokens, params, job.req.stop)
     if job.req.stream:
         return StreamingResponse(
@@ -112,15 +115,15 @@ async def _serve(request: Request, job: Job) -> Response:
         return Response(status_code=499)
     try:
         text, last = collect.result()
-    except p.APIError as err:
+    except errors.APIError as err:
         return error_response(err)
-    use = p.usage(len(job.prompt), last.completion_tokens, last.cached_tokens)
-    rid = p.new_id("chatcmpl" if job.kind == "chat" else "cmpl")
+    use = oa.usage(len(job.prompt), last.completion_tokens, last.cached_tokens)
+    rid = oa.new_id("chatcmpl" if job.kind == "chat" else "cmpl")
     model = job.req.model
     body = (
-        p.chat_completion(rid, model, text, last.finish or "stop", use)
+        oa.chat_completion(rid, model, text, last.finish or "stop", use)
         if job.kind == "chat"
-        else p.text_completion(rid, model, job.prefix + text, last.finish or "stop", use)
+        else oa.text_completion(rid, model, job.prefix + text, last.finish or "stop", use)
     )
     return json_response(body, headers=headers)
 
@@ -142,50 +145,50 @@ async def _disconnected(request: Request) -> None:
 
 async def _stream(job: Job, gen: AsyncIterator[Delta]) -> AsyncIterator[bytes]:
     chat = job.kind == "chat"
-    rid = p.new_id("chatcmpl" if chat else "cmpl")
+    rid = oa.new_id("chatcmpl" if chat else "cmpl")
     model, created = job.req.model, int(time.time())
     last: Delta | None = None
     try:
         if chat:
-            yield p.sse(p.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+            yield sse(oa.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
         elif job.prefix:
-            yield p.sse(p.text_chunk(rid, model, created, job.prefix))
+            yield sse(oa.text_chunk(rid, model, created, job.prefix))
         async for d in gen:
             last = d
             if d.text:
-                yield p.sse(
-                    p.chat_chunk(rid, model, created, {"content": d.text})
+                yield sse(
+                    oa.chat_chunk(rid, model, created, {"content": d.text})
                     if chat
-                    else p.text_chunk(rid, model, created, d.text)
+                    else oa.text_chunk(rid, model, created, d.text)
                 )
-    except p.APIError as err:
+    except errors.APIError as err:
         # Headers are gone already: the error travels as a final event, never a silent cut.
-        yield p.sse(err.body())
+        yield sse(err.body())
         return
     finally:
         await gen.aclose()
     assert last is not None and last.finish is not None
     finish = last.finish
-    yield p.sse(
-        p.chat_chunk(rid, model, created, {}, finish)
+    yield sse(
+        oa.chat_chunk(rid, model, created, {}, finish)
         if chat
-        else p.text_chunk(rid, model, created, "", finish)
+        else oa.text_chunk(rid, model, created, "", finish)
     )
     if job.req.include_usage:
-        use = p.usage(len(job.prompt), last.completion_tokens, last.cached_tokens)
-        yield p.sse(
-            p.chat_chunk(rid, model, created, None, use=use)
+        use = oa.usage(len(job.prompt), last.completion_tokens, last.cached_tokens)
+        yield sse(
+            oa.chat_chunk(rid, model, created, None, use=use)
             if chat
-            else p.text_chunk(rid, model, created, None, use=use)
+            else oa.text_chunk(rid, model, created, None, use=use)
         )
-    yield p.SSE_DONE
+    yield SSE_DONE
 
 
 @router.get("/v1/models")
 async def models(request: Request) -> Response:
     state = request.app.state
-    cards = [p.ModelCard(id=m, created=state.started) for m in state.served_models()]
-    return json_response(p.ModelList(data=cards).model_dump())
+    cards = [oa.ModelCard(id=m, created=state.started) for m in state.served_models()]
+    return json_response(oa.ModelList(data=cards).model_dump())
 
 
 @router.get("/healthz")

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from worker import control, errors, hardware
+from wire import http
+from wire.status import WorkerStatus
+from worker import control, hardware
 from worker.api import router
 from worker.backends.base import Backend
 from worker.config import WorkerConfig
@@ -20,7 +22,6 @@ from worker.engine import Engine
 from worker.join import join_loop
 from worker.metrics import registry_for
 from worker.models import resolve
-from worker.protocol import WorkerStatus
 
 log = logging.getLogger("corral.worker")
 
@@ -139,7 +140,7 @@ def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
     app.state.served_models = state.served_models
     app.state.status = state.status
     app.state.worker = state
-    errors.install(app)
+    http.install(app)
     app.include_router(router)
     control.install(app, state)
     return app

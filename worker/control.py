@@ -35,9 +35,10 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from worker.errors import json_response, read_json, validation_error
+from wire.errors import APIError
+from wire.http import json_response, read_json, validation_error
+from wire.status import WorkerStatus
 from worker.fetch import Download, fetch, sha256_of, target
-from worker.protocol import APIError, WorkerStatus
 
 if TYPE_CHECKING:
     from worker.app import WorkerState

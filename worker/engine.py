@@ -14,8 +14,9 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from wire.errors import APIError, bad_request, overloaded
+from wire.openai import new_id
 from worker.backends.base import Backend, SamplingParams, Sequence
-from worker.protocol import APIError, bad_request, new_id, overloaded
 
 
 @dataclass

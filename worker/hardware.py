@@ -9,7 +9,7 @@ import socket
 
 import psutil
 
-from worker.protocol import Hardware, Memory
+from wire.status import Hardware, Memory
 
 
 @functools.cache

@@ -9,8 +9,8 @@ import urllib.parse
 
 import httpx
 
+from wire.status import JoinRequest
 from worker.config import WorkerConfig
-from worker.protocol import JoinRequest
 
 log = logging.getLogger("corral.worker")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from worker.protocol import APIError
+from wire.errors import APIError
 
 DEFAULT_MODEL = "smollm2-135m"
 _BUNDLED = {

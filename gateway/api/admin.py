@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from worker.errors import json_response
+from wire.http import json_response
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

@@ -9,8 +9,9 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from worker.errors import json_response, read_json, validation_error
-from worker.protocol import JoinRequest, bad_request, not_found
+from wire.errors import bad_request, not_found
+from wire.http import json_response, read_json, validation_error
+from wire.status import JoinRequest
 
 if TYPE_CHECKING:
     from gateway.app import Gateway

@@ -21,8 +21,10 @@ from starlette.types import Receive, Scope, Send
 from gateway.affinity import SESSION_HEADER, session_key
 from gateway.limits import Reservation, estimate_tokens
 from gateway.upstream import Call, _error
-from worker import protocol as p
-from worker.errors import json_response, read_json, validation_error
+from wire import errors
+from wire import openai as oa
+from wire.http import json_response, read_json, validation_error
+from wire.status import WORKER_HEADER
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -41,10 +43,10 @@ _PROMPT = re.compile(rb'"prompt_tokens":\s*(\d+)')
 _COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 
-def _prompt_chars(req: p.SamplingFields) -> int:
-    if isinstance(req, p.ChatCompletionRequest):
+def _prompt_chars(req: oa.SamplingFields) -> int:
+    if isinstance(req, oa.ChatCompletionRequest):
         return sum(len(m.text()) + 8 for m in req.messages)
-    return len(req.prompt_text) if isinstance(req, p.CompletionRequest) else 0
+    return len(req.prompt_text) if isinstance(req, oa.CompletionRequest) else 0
 
 
 class Accounted(Response):
@@ -82,7 +84,7 @@ class Accounted(Response):
         return status, int(pm[1]) if pm else 0, int(cm[1]) if cm else 0
 
 
-async def _proxy(request: Request, path: str, model_cls: type[p.SamplingFields]) -> Response:
+async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]) -> Response:
     gw = _gw(request)
     started = time.perf_counter()
     model = ""
@@ -113,7 +115,7 @@ async def _proxy(request: Request, path: str, model_cls: type[p.SamplingFields])
             if sk is not None:
                 call.session, call.affine = sk
         call.started = started
-    except p.APIError as err:
+    except errors.APIError as err:
         gw.metrics.finished(model, err.status, time.perf_counter() - started)
         if err.status == 401:
             gw.metrics.rejected.labels("unauthorized").inc()
@@ -132,7 +134,7 @@ async def _proxy(request: Request, path: str, model_cls: type[p.SamplingFields])
 _REF = "#/components/schemas/{model}"
 
 
-def _body_schema(model: type[p.SamplingFields]) -> dict[str, Any]:
+def _body_schema(model: type[oa.SamplingFields]) -> dict[str, Any]:
     schema = model.model_json_schema(ref_template=_REF)
     schema.pop("$defs", None)
     return {"requestBody": {"required": True,
@@ -147,7 +149,7 @@ def install_openapi(app: Any) -> None:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version="1", routes=app.routes)
             defs = schema.setdefault("components", {}).setdefault("schemas", {})
-            for m in (p.ChatCompletionRequest, p.CompletionRequest):
+            for m in (oa.ChatCompletionRequest, oa.CompletionRequest):
                 defs.update(m.model_json_schema(ref_template=_REF).get("$defs", {}))
             app.openapi_schema = schema
         return app.openapi_schema
@@ -155,14 +157,14 @@ def install_openapi(app: Any) -> None:
     app.openapi = build
 
 
-@router.post("/v1/chat/completions", openapi_extra=_body_schema(p.ChatCompletionRequest))
+@router.post("/v1/chat/completions", openapi_extra=_body_schema(oa.ChatCompletionRequest))
 async def chat_completions(request: Request) -> Response:
-    return await _proxy(request, "/v1/chat/completions", p.ChatCompletionRequest)
+    return await _proxy(request, "/v1/chat/completions", oa.ChatCompletionRequest)
 
 
-@router.post("/v1/completions", openapi_extra=_body_schema(p.CompletionRequest))
+@router.post("/v1/completions", openapi_extra=_body_schema(oa.CompletionRequest))
 async def completions(request: Request) -> Response:
-    return await _proxy(request, "/v1/completions", p.CompletionRequest)
+    return await _proxy(request, "/v1/completions", oa.CompletionRequest)
 
 
 @router.get("/v1/models")
@@ -170,11 +172,11 @@ async def models(request: Request) -> Response:
     gw = _gw(request)
     try:
         gw.auth.api_key(request)
-    except p.APIError as err:
+    except errors.APIError as err:
         return _error(err, GATEWAY)
     cards = [{"id": m, "object": "model", "created": gw.started, "owned_by": "corral"}
              for m in gw.registry.models()]
-    return json_response({"object": "list", "data": cards}, headers={p.WORKER_HEADER: GATEWAY})
+    return json_response({"object": "list", "data": cards}, headers={WORKER_HEADER: GATEWAY})
 
 
 @router.get("/v1/models/{model:path}")
@@ -183,8 +185,8 @@ async def model(request: Request, model: str) -> Response:
     try:
         gw.auth.api_key(request)
         if model not in gw.registry.by_model:
-            raise p.not_found(f"The model {model!r} does not exist.")
-    except p.APIError as err:
+            raise errors.not_found(f"The model {model!r} does not exist.")
+    except errors.APIError as err:
         return _error(err, GATEWAY)
     card = {"id": model, "object": "model", "created": gw.started, "owned_by": "corral"}
-    return json_response(card, headers={p.WORKER_HEADER: GATEWAY})
+    return json_response(card, headers={WORKER_HEADER: GATEWAY})

@@ -76,7 +76,7 @@ class Backend(ABC):
         """The prompt text for a conversation, from the model's own chat template."""
 
     def validate(self, params: SamplingParams) -> None:  # noqa: B027 - optional hook
-        """Refuse (raise `worker.protocol.bad_request`) what this backend cannot honour.
+        """Refuse (raise `wire.errors.bad_request`) what this backend cannot honour.
 
         Called by the API before a response starts, so the client gets a 400, not a cut.
         """

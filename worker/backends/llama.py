@@ -19,10 +19,10 @@ from typing import Any
 import jinja2
 import llama_cpp
 
+from wire.errors import bad_request
 from worker.backends.base import Backend, BackendError, SamplingParams, Sequence
 from worker.backends.llama_batch import BatchLoop, token_bytes
 from worker.backends.llama_chat import ChatTemplate
-from worker.protocol import bad_request
 
 log = logging.getLogger("corral.llama")
 

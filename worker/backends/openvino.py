@@ -35,8 +35,8 @@ import numpy as np
 import openvino as ov
 import openvino_genai as ovg
 
+from wire.errors import bad_request
 from worker.backends.base import Backend, BackendError, SamplingParams, Sequence
-from worker.protocol import bad_request
 
 log = logging.getLogger("corral.worker.openvino")
 

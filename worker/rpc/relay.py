@@ -14,7 +14,9 @@ import httpx
 import orjson
 from starlette.types import Receive, Scope, Send
 
-from worker.protocol import WORKER_HEADER, error_body, sse
+from wire.errors import error_body
+from wire.sse import sse
+from wire.status import WORKER_HEADER
 
 _HOP = {b"host", b"content-length", b"connection", b"transfer-encoding", b"keep-alive"}
 

@@ -1,4 +1,4 @@
-"""OpenAI-shaped errors for any FastAPI app (the worker's and the gateway's).
+"""HTTP helpers for both FastAPI apps: JSON responses, body reading, OpenAI-shaped errors.
 
 Every failure a client can cause becomes `{"error": {...}}` with the status OpenAI uses;
 nothing reaches the client as a bare 500 or a framework-shaped 422.
@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from worker.protocol import APIError, bad_request, error_body
+from wire.errors import APIError, bad_request, error_body
 
 log = logging.getLogger("corral")
 

@@ -1,8 +1,8 @@
-"""The wire protocol: one definition shared by the worker and the gateway.
+"""The OpenAI API's request models and response builders, shared by worker and gateway.
 
 Requests are validated with pydantic once, at the edge. Responses and stream chunks are
-built as plain dicts by the hot paths (see `chunk_*` helpers) so that no per-token
-validation happens. This module must stay import-light: no llama_cpp, no openvino.
+built as plain dicts by the hot paths (the `chunk_*` builders) so that no per-token
+validation happens. Import-light: no llama_cpp, no openvino, no web framework.
 """
 
 from __future__ import annotations
@@ -11,61 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-# --------------------------------------------------------------------------- errors
-
-
-class APIError(Exception):
-    """An error that reaches the client OpenAI-shaped, with the status OpenAI uses."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(
-    message: str, type: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, "invalid_request_error", param, code)
-
-
-def not_found(message: str, param: str | None = "model") -> APIError:
-    return APIError(404, message, "invalid_request_error", param, "model_not_found")
-
-
-def unavailable(message: str, retry_after: float | None = None) -> APIError:
-    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else {}
-    return APIError(503, message, "service_unavailable", None, "no_healthy_worker", headers)
-
-
-def overloaded(message: str, retry_after: float = 1.0, code: str = "queue_full") -> APIError:
-    headers = {"Retry-After": str(max(1, round(retry_after)))}
-    return APIError(429, message, "rate_limit_error", None, code, headers)
-
-
-# --------------------------------------------------------------------------- requests
 
 
 class _Lenient(BaseModel):
@@ -328,64 +274,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-# --------------------------------------------------------------------------- worker status
-
-
-WorkerState = Literal["ready", "busy", "loading", "down"]
-
-
-class Memory(BaseModel):
-    total: int = Field(description="Bytes this worker offers (the box, or --memory-limit).")
-    available: int = Field(description="Bytes still free for placement.")
-    physical_total: int | None = None
-    model_bytes: int | None = None
-
-
-class Hardware(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    cpu: str = ""
-    cores: int = 0
-    threads: int = 0
-    device: str = "CPU"
-    devices: list[str] = Field(default_factory=list)
-    hostname: str = ""
-
-
-class WorkerStatus(BaseModel):
-    """What a worker reports at `GET /status`; the gateway routes on it."""
-
-    model_config = ConfigDict(extra="allow")
-    id: str
-    backend: str
-    models: list[str]
-    state: WorkerState = "ready"
-    queue_depth: int = 0
-    slots_total: int = 1
-    slots_busy: int = 0
-    hardware: Hardware = Field(default_factory=Hardware)
-    memory: Memory
-    tokens_per_second: float = 0.0
-    n_ctx: int = 0
-    prompt_cache: dict[str, int] = Field(default_factory=dict)
-
-
-class JoinRequest(BaseModel):
-    """A worker announcing itself to a gateway (`POST /cluster/workers`)."""
-
-    url: str
-    id: str | None = None
-
-
-# --------------------------------------------------------------------------- headers
-
-WORKER_HEADER = "x-corral-worker"
-
-# --------------------------------------------------------------------------- server-sent events
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-def sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"

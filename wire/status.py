@@ -1,0 +1,55 @@
+"""What a worker reports at `/status` and sends to join a gateway."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: The response header naming the worker that served a request.
+WORKER_HEADER = "x-corral-worker"
+
+
+WorkerState = Literal["ready", "busy", "loading", "down"]
+
+
+class Memory(BaseModel):
+    total: int = Field(description="Bytes this worker offers (the box, or --memory-limit).")
+    available: int = Field(description="Bytes still free for placement.")
+    physical_total: int | None = None
+    model_bytes: int | None = None
+
+
+class Hardware(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    cpu: str = ""
+    cores: int = 0
+    threads: int = 0
+    device: str = "CPU"
+    devices: list[str] = Field(default_factory=list)
+    hostname: str = ""
+
+
+class WorkerStatus(BaseModel):
+    """What a worker reports at `GET /status`; the gateway routes on it."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    backend: str
+    models: list[str]
+    state: WorkerState = "ready"
+    queue_depth: int = 0
+    slots_total: int = 1
+    slots_busy: int = 0
+    hardware: Hardware = Field(default_factory=Hardware)
+    memory: Memory
+    tokens_per_second: float = 0.0
+    n_ctx: int = 0
+    prompt_cache: dict[str, int] = Field(default_factory=dict)
+
+
+class JoinRequest(BaseModel):
+    """A worker announcing itself to a gateway (`POST /cluster/workers`)."""
+
+    url: str
+    id: str | None = None
