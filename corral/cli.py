@@ -12,6 +12,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+#: Slots per worker: a team's requests decode together instead of queueing behind one
+#: another (docs/BENCHMARKS.md, "Default --parallel"); llama-server also defaults to 4.
+DEFAULT_PARALLEL = 4
+
 
 def parse_size(text: str) -> int:
     """Bytes from `123`, `512M`, `2G`, `1.5GiB`."""
@@ -43,6 +47,13 @@ class _EnvDefaults(argparse.ArgumentParser):
         return action
 
 
+def positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def _worker_flags(p: argparse.ArgumentParser, with_endpoint: bool = True) -> None:
     if with_endpoint:
         p.add_argument("--host", default="127.0.0.1", help="address to bind")
@@ -50,8 +61,14 @@ def _worker_flags(p: argparse.ArgumentParser, with_endpoint: bool = True) -> Non
         p.add_argument("--model", default=None, help="model name or .gguf path")
     p.add_argument("--backend", default="llama", choices=["llama", "openvino", "sim"],
                    help="inference backend")
-    p.add_argument("--parallel", type=int, default=None, help="slots decoded at once")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for decoding")
+    p.add_argument("--parallel", type=positive_int, default=None,
+                   help=f"slots decoded at once (default {DEFAULT_PARALLEL})")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for decoding (default: a fair share of the host's CPUs "
+                   "among the workers on it, re-adjusted as they come and go)")
+    p.add_argument("--host-id", default=None,
+                   help="workers with the same host id share its CPUs (default: from "
+                   "/etc/machine-id, else the hostname)")
     p.add_argument("--ctx-size", type=int, default=2048, help="context tokens per slot")
     p.add_argument("--memory-limit", type=parse_size, default=None,
                    help="memory offered to placement, e.g. 2G")
@@ -140,7 +157,7 @@ def _cmd_worker(a: argparse.Namespace) -> int:
         model=a.model or (None if a.join and a.backend != "sim" else DEFAULT_MODEL),
         rpc_host=a.rpc_host,
         id=a.id, join=a.join, advertise_url=a.advertise_url, cluster_token=a.cluster_token,
-        parallel=a.parallel or (4 if a.backend == "sim" else 1), threads=a.threads,
+        parallel=a.parallel or DEFAULT_PARALLEL, threads=a.threads, host_id=a.host_id,
         ctx_size=a.ctx_size, max_queue=a.max_queue, memory_limit=a.memory_limit,
         device=a.device, sim_tokens_per_second=a.sim_tokens_per_second,
         sim_ttft=a.sim_ttft, log_level=a.log_level,

@@ -1,10 +1,12 @@
 """`corral up`: one gateway and N local workers on this box, as child processes.
 
 Workers take free ports and join the gateway with a cluster token made up for this run and
-passed through the environment (never on a command line). The CPU threads are split across
-the workers. Ctrl-C or SIGTERM stops everything: each child runs in its own process group,
-which is signalled by the child's PID (SIGTERM, then SIGKILL after a grace period); children
-also get SIGTERM from the kernel if this process dies without cleaning up (Linux).
+passed through the environment (never on a command line). The workers share the box's CPUs
+by themselves (worker/hostcores.py: each computing worker takes its fair share, and the
+others grow back when one dies), unless --threads fixes them. Ctrl-C or SIGTERM stops
+everything: each child runs in its own process group, which is signalled by the child's PID
+(SIGTERM, then SIGKILL after a grace period); children also get SIGTERM from the kernel if
+this process dies without cleaning up (Linux).
 """
 
 from __future__ import annotations
@@ -84,10 +86,10 @@ class Children:
             os.killpg(p.pid, sig)  # the group led by this child's PID
 
 
-def _worker_args(a: argparse.Namespace, port: int, join: str, threads: int) -> list[str]:
+def _worker_args(a: argparse.Namespace, port: int, join: str) -> list[str]:
     args = [sys.executable, "-m", "corral.cli", "worker", "--host", "127.0.0.1",
             "--port", str(port), "--backend", a.backend, "--join", join,
-            "--threads", str(threads), "--ctx-size", str(a.ctx_size), "--device", a.device,
+            "--ctx-size", str(a.ctx_size), "--device", a.device,
             "--sim-tokens-per-second", str(a.sim_tokens_per_second),
             "--sim-ttft", str(a.sim_ttft)]
     # llama workers start without a model: the gateway places it (replicas where it fits,
@@ -96,6 +98,10 @@ def _worker_args(a: argparse.Namespace, port: int, join: str, threads: int) -> l
         args += ["--model", a.model]
     if a.parallel:
         args += ["--parallel", str(a.parallel)]
+    if a.threads:
+        args += ["--threads", str(a.threads)]
+    if a.host_id:
+        args += ["--host-id", a.host_id]
     if a.memory_limit:
         args += ["--memory-limit", str(a.memory_limit)]
     return args
@@ -143,8 +149,6 @@ def _ready_count(base: str) -> tuple[int, list[str]]:
 def run(a: argparse.Namespace) -> int:
     console = Console(stderr=False)
     n = max(1, a.workers)
-    cores = os.cpu_count() or 1
-    threads = a.threads or max(1, cores // n)
     token = os.environ.get("CORRAL_CLUSTER_TOKEN") or secrets.token_urlsafe(24)
     env = {**os.environ, "CORRAL_CLUSTER_TOKEN": token, "PYTHONUNBUFFERED": "1"}
     host = "127.0.0.1" if a.host in ("0.0.0.0", "::", "") else a.host
@@ -156,12 +160,13 @@ def run(a: argparse.Namespace) -> int:
     try:
         children.start("gateway", _gateway_args(a), env)
         for i in range(n):
-            children.start(f"worker-{i + 1}", _worker_args(a, _free_port(), base, threads), env)
+            children.start(f"worker-{i + 1}", _worker_args(a, _free_port(), base), env)
         if not _wait_ready(console, children, base, n):
             return 1
         _, models = _ready_count(base)
         console.print(f"[bold green]Corral is up[/]: {n} worker(s) serving "
-                      f"{', '.join(models) or '?'} ({threads} thread(s) each)")
+                      f"{', '.join(models) or '?'} "
+                      f"({f'{a.threads} thread(s) each' if a.threads else 'sharing the CPUs'})")
         console.print(f"  OpenAI base URL  [bold]{base}/v1[/]")
         console.print(f"  dashboard        {base}/")
         console.print(f"  metrics          {base}/metrics")

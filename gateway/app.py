@@ -17,6 +17,7 @@ from gateway.api import admin, cluster, openai
 from gateway.auth import Auth
 from gateway.config import GatewayConfig
 from gateway.guard import BodyGuard
+from gateway.hostload import HostWatch
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.placer import Placer
@@ -46,6 +47,7 @@ class Gateway:
         if cfg.affinity:
             self.upstream.affinity = Affinity(cfg, self.state)
         self.placer = Placer(cfg, self.registry)
+        self.hosts = HostWatch(self.registry, max(cfg.probe_interval, 0.5))
         redis = self.state.redis_client
         self.limits = Limiter(redis)
         self.usage = Usage(self.metrics.prom, [k.user for k in cfg.api_keys], redis)
@@ -53,10 +55,12 @@ class Gateway:
     async def start(self) -> None:
         await self.registry.start()
         await self.placer.start()
+        await self.hosts.start()
         await self.limits.start()
         await self.usage.start()
 
     async def stop(self) -> None:
+        await self.hosts.stop()
         await self.placer.stop()
         await self.usage.stop()
         await self.limits.stop()

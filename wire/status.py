@@ -24,10 +24,15 @@ class Hardware(BaseModel):
     model_config = ConfigDict(extra="allow")
     cpu: str = ""
     cores: int = 0
-    threads: int = 0
+    threads: int = Field(0, description="CPU threads decoding now (0 while nothing is placed).")
     device: str = "CPU"
     devices: list[str] = Field(default_factory=list)
     hostname: str = ""
+    host_id: str = Field("", description="Workers with the same host id share its CPUs.")
+    cpus: int = Field(0, description="CPUs this worker may run on (affinity, cgroup quota).")
+    threads_explicit: bool = Field(False, description="threads set by --threads, not shared.")
+    host_workers: int | None = Field(None, description="Computing workers on this host, "
+                                     "as this worker sees them.")
 
 
 class WorkerStatus(BaseModel):

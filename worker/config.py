@@ -18,7 +18,8 @@ class WorkerConfig:
     advertise_url: str | None = None  # how the gateway reaches us (default http://host:port)
     cluster_token: str | None = None
     parallel: int = 1
-    threads: int | None = None
+    threads: int | None = None  # None: a fair share of the host's CPUs (worker.hostcores)
+    host_id: str | None = None  # None: from /etc/machine-id, else the hostname
     ctx_size: int = 2048  # tokens per slot
     max_queue: int = 64
     memory_limit: int | None = None

@@ -231,7 +231,8 @@ class Control:
         self._set_phase("broken", why)
 
     def _threads(self) -> int:
-        return self.cfg.threads or os.cpu_count() or 1
+        """--threads, else this worker's share of the host (fixed for a shard or head child)."""
+        return self.state.decode_threads() or os.cpu_count() or 1
 
     async def _start_shard(self, req: PlacementRequest) -> None:
         from worker.rpc.shard import ShardHost
@@ -308,7 +309,8 @@ class Control:
     async def _load_replica(self, req: PlacementRequest, path: Path) -> None:
         from worker.app import make_backend  # here: worker.app imports this module
 
-        backend = make_backend(self.cfg, path)  # the worker's --backend, not always llama
+        # The worker's --backend, not always llama, on its share of the host's cores.
+        backend = make_backend(self.cfg, path, self.state.decode_threads())
         await asyncio.to_thread(backend.load)
         st = self.state
         st.backend = st.engine.backend = backend

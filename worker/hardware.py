@@ -10,6 +10,9 @@ import socket
 import psutil
 
 from wire.status import Hardware, Memory
+from worker.hostcores import usable_cpus
+
+__all__ = ["cpu_model", "hardware", "memory", "usable_cpus"]
 
 
 @functools.cache
@@ -24,14 +27,16 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def hardware(extra: dict | None = None, threads: int | None = None) -> Hardware:
+def hardware(extra: dict | None = None, threads: int | None = None,
+             host: dict | None = None) -> Hardware:
+    """`threads` is what decodes now (0: nothing placed); `host` the host-sharing facts."""
     h = Hardware(
         cpu=cpu_model(),
         cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
-        threads=threads or os.cpu_count() or 1,
+        threads=usable_cpus() if threads is None else threads,
         hostname=socket.gethostname(),
     )
-    for k, v in (extra or {}).items():
+    for k, v in {**(host or {}), **(extra or {})}.items():
         setattr(h, k, v)
     return h
 

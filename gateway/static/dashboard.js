@@ -131,6 +131,14 @@ function setText(id, text, cls) {
   }
 }
 
+function renderWarnings(cluster) {
+  // E.g. a host whose workers decode on more threads than it has CPUs.
+  const box = document.getElementById("warnings");
+  const warnings = cluster.warnings || [];
+  box.replaceChildren(...warnings.map((w) => el("div", "warning", "⚠ " + w.message)));
+  box.hidden = !warnings.length;
+}
+
 function renderKpis(cluster) {
   const workers = cluster.workers || [];
   const up = workers.filter((w) => w.state === "ready" || w.state === "busy").length;
@@ -420,6 +428,7 @@ async function tick() {
   let ok = true;
   try {
     const cluster = await getJSON("cluster");
+    renderWarnings(cluster);
     renderKpis(cluster);
     renderPlacements(cluster);
     renderWorkers(cluster);

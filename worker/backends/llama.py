@@ -68,10 +68,10 @@ class LlamaBackend(Backend):
         self.slots = max(1, int(parallel))
         self.ctx_size = max(16, int(ctx_size))
         self.n_ctx = self.ctx_size
-        cores = os.cpu_count() or 1
-        # Decode and prefill on every core. (A thread fewer for one-token steps looked
-        # better once, but only because of the calibration-thread bug fixed in load().)
-        self.threads = threads or cores
+        # Decode and prefill on every core unless told (the worker passes its share of the
+        # host). (A thread fewer for one-token steps looked better once, but only because
+        # of the calibration-thread bug fixed in load().)
+        self.threads = threads or os.cpu_count() or 1
         self.n_batch = max(n_batch, self.slots)
         self.calibrated_tokens_per_second = 0.0
         self._model: Any = None
@@ -230,6 +230,18 @@ class LlamaBackend(Backend):
 
     def stats(self) -> dict[str, int]:
         return dict(self._loop.stats) if self._loop is not None else {}
+
+    @property
+    def current_threads(self) -> int:
+        """The threads llama.cpp decodes on now (while loading: the ones it loads with)."""
+        loop = self._loop
+        return loop.threads if loop is not None else self.threads
+
+    def set_threads(self, n: int) -> None:
+        """Re-sizes decoding between steps (prefill and decode alike)."""
+        loop = self._loop
+        if loop is not None and n >= 1:
+            loop.set_threads(n)
 
     def describe(self) -> dict[str, Any]:
         return self._describe

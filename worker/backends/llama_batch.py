@@ -10,8 +10,9 @@ Each slot remembers which tokens its KV sequence holds. A new request takes the 
 whose tokens share the longest prefix with its prompt, drops the rest of that KV, and
 prefills only the remainder (at least the last prompt token, to get logits).
 
-Everything here runs on the loop's own thread, except `submit`/`cancel`/`close`, which
-only touch the condition-protected hand-over queue.
+Everything here runs on the loop's own thread, except `submit`/`cancel`/`close` and
+`set_threads`, which only touch the condition-protected hand-over state. A new thread count
+(the host's cores re-shared, worker/hostcores.py) is applied between steps, on this thread.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ class BatchLoop:
         self._thread: threading.Thread | None = None
         self._pieces: dict[int, bytes] = {}
         self._token_cost = 0.0  # seconds per batch token in prefill-heavy steps (EWMA)
+        self._want_threads: int | None = None  # set by set_threads, applied between steps
+        self.threads = int(llama_cpp.llama_n_threads(ctx))  # what llama_decode uses now
         self.stats = {"prompt_cache_hits": 0, "prompt_cache_reused_tokens": 0,
                       "prompt_tokens_evaluated": 0, "decode_steps": 0}
 
@@ -116,6 +119,13 @@ class BatchLoop:
     def wake(self) -> None:
         with self._cv:
             self._cv.notify()
+
+    def set_threads(self, n: int) -> None:
+        """Asks for `n` decode threads from the next step on (also when idle)."""
+        with self._cv:
+            if n != (self._want_threads or self.threads):
+                self._want_threads = n
+                self._cv.notify()
 
     def stop(self) -> None:
         with self._cv:
@@ -148,10 +158,14 @@ class BatchLoop:
         try:
             while True:
                 with self._cv:
-                    while not self._stop and not self._busy():
+                    while not self._stop and not self._busy() and self._want_threads is None:
                         self._cv.wait()
                     if self._stop:
                         break
+                    want, self._want_threads = self._want_threads, None
+                if want is not None and want != self.threads:
+                    llama_cpp.llama_set_n_threads(self.ctx, want, want)
+                    self.threads = int(llama_cpp.llama_n_threads(self.ctx))
                 self.step()
         except BaseException:
             log.exception("the llama.cpp decode loop failed")

@@ -66,8 +66,13 @@ def _env_flag(name: str, default: bool) -> bool:
     return default if raw is None else raw.strip().lower() not in ("0", "false", "no", "off")
 
 
-def _properties(device: str, compiled_cache: Path | None, batch_invariant: bool) -> dict[str, Any]:
+def _properties(device: str, compiled_cache: Path | None, batch_invariant: bool,
+                threads: int | None = None) -> dict[str, Any]:
     props: dict[str, Any] = {}
+    if device == "CPU" and threads:
+        # The worker's share of the host's cores. Fixed at load: OpenVINO cannot re-size a
+        # compiled model's CPU streams, so a worker coming or going later changes nothing.
+        props["INFERENCE_NUM_THREADS"] = int(threads)
     if device == "CPU" and batch_invariant:
         # CPU dynamic quantization of activations makes a sequence's greedy output depend on
         # which other sequences share its batch; without it greedy text is the same alone or
@@ -101,8 +106,10 @@ class OpenVINOBackend(Backend):
     def __init__(
         self, model_path: str, parallel: int = 1, ctx_size: int = 2048, device: str = "CPU",
         cache_dir: str | Path | None = None, batch_invariant: bool | None = None,
+        threads: int | None = None,
     ) -> None:
         self.model_path = model_path
+        self.threads = threads  # None: OpenVINO's own choice (every core)
         self.slots = max(1, int(parallel))
         self.n_ctx = max(16, min(int(ctx_size), MAX_CTX))
         if self.n_ctx < int(ctx_size):
@@ -177,7 +184,7 @@ class OpenVINOBackend(Backend):
         return max(1, min(8, (need + 32767) // 32768))
 
     def _props(self, compiled_cache: Path | None) -> dict[str, Any]:
-        return _properties(self.device, compiled_cache, self.batch_invariant)
+        return _properties(self.device, compiled_cache, self.batch_invariant, self.threads)
 
     def _open(self, sc: Any) -> Any:
         """The pipeline, from the cached IR when there is one, else from the GGUF (saving IR)."""
@@ -493,3 +500,8 @@ class OpenVINOBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return self._describe
+
+    @property
+    def current_threads(self) -> int:
+        """The CPU threads it was compiled for (set at load only)."""
+        return self.threads or os.cpu_count() or 1
