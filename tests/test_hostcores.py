@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from procs import wait_for
+from test_dashboard import browser  # noqa: F401 - the fixture: headless chromium
 
 from gateway.hostload import HostWatch, oversubscribed
 from worker.hostcores import HostCores, Peer, fair_share, usable_cpus
@@ -164,3 +165,21 @@ def test_explicit_threads_are_kept_and_the_gateway_warns(worker_factory, gateway
              0.2, "the warning to clear")
     wait_for(lambda: _hw(shared)["threads"] == cpus, 30, 0.2, "the shared worker to grow")
     wait_for(lambda: "no longer oversubscribed" in g.proc.log(), 10, 0.2, "the all-clear")
+
+
+@needs_llama
+def test_the_dashboard_shows_a_host_warning(browser, worker_factory,  # noqa: F811
+                                            gateway_factory) -> None:
+    cpus, host = usable_cpus(), _host()
+    w = worker_factory("--host-id", host, "--threads", str(cpus + 1), *LIGHT)
+    g = gateway_factory("--worker", w.url)
+    browser.get(f"{g.url}/")
+
+    def banner() -> str:
+        box = browser.find_element("id", "warnings")
+        return box.text if box.is_displayed() else ""
+
+    wait_for(lambda: host in banner(), 30, 0.2, "the warning banner")
+    assert "oversubscribed" in banner() and f"{cpus + 1} threads over {cpus} CPUs" in banner()
+    w.proc.kill()
+    wait_for(lambda: banner() == "", 30, 0.2, "the banner to go")

@@ -34,7 +34,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
 HEADER = "x-corral-worker"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 STORY = [{"role": "user", "content": "Write a long story about a dragon and a knight."}]
-LIMIT = str(200 << 20)  # the model needs 317 MiB with its KV cache and buffers
+LIMIT = str(200 << 20)  # the model needs 317 MiB with one slot's KV cache and buffers
+ONE_SLOT = ("--parallel", "1")  # the default 4 slots need 452 MiB: three LIMIT workers
 
 
 def _cluster(url: str) -> dict:
@@ -352,7 +353,7 @@ def test_a_restarted_gateway_keeps_the_running_split() -> None:
 
     def worker(wid: str) -> Worker:
         return start_worker("--join", g.url, "--id", wid, "--memory-limit", LIMIT,
-                            "--threads", "1", wait=False, env=env)
+                            "--threads", "1", *ONE_SLOT, wait=False, env=env)
 
     workers = [worker("w-b"), worker("w-c")]
     try:
@@ -390,7 +391,7 @@ def test_a_big_worker_joining_turns_the_split_into_a_replica_without_a_gap() -> 
 
     def worker(limit: str) -> Worker:
         return start_worker("--join", g.url, "--memory-limit", limit, "--threads", "1",
-                            wait=False, env=env)
+                            *ONE_SLOT, wait=False, env=env)
 
     workers = [worker(LIMIT), worker(LIMIT)]
     try:
