@@ -9,6 +9,7 @@ import sys
 import httpx
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 _STATE_STYLE = {"ready": "green", "busy": "yellow", "loading": "cyan", "down": "red"}
 
@@ -63,3 +64,6 @@ def render(data: dict, console: Console) -> None:
         console.print("placements: " + "; ".join(
             f"{p['model']} ({p['mode']}) on {', '.join(p['workers']) or 'none'}"
             for p in placements))
+    for warning in data.get("warnings") or []:  # e.g. a host oversubscribed by its workers
+        console.print(Text.assemble(("warning: ", "bold yellow"),
+                                    str(warning.get("message", warning))))

@@ -114,20 +114,24 @@ class WorkerState:
 
     def adjust_threads(self) -> None:
         """Follows workers coming and going on this host (llama.cpp between decode steps;
-        OpenVINO and split children keep what they were started with)."""
+        OpenVINO and split children keep what they were started with, and say so to the
+        others, which share what is left)."""
         if self.cores is None:
             return
+        c = self.control
+        child = c is not None and c.managed and (c.head or c.shard)
+        setter = None if child else getattr(self.backend, "set_threads", None)
+        computing = self.computing()
+        fixed = computing and setter is None and not self.cfg.threads
+        self.cores.pin(self.current_threads() if fixed else None)
         n = self.cores.refresh()
-        if self.cfg.threads or not self.computing():
+        if self.cfg.threads or not computing or setter is None:
             return
-        setter = getattr(self.backend, "set_threads", None)
-        if setter is not None:
-            setter(n)
+        setter(n)
         if n != self._told_threads:
-            if self._told_threads:
-                log.warning("worker %s: %d decode thread(s) now (%d computing worker(s) share "
-                            "host %s's %d CPUs)", self.worker_id, n, self.cores.live_workers(),
-                            self.cores.host_id, self.cores.cpus)
+            log.warning("worker %s: %d decode thread(s) now (%d computing worker(s) share "
+                        "host %s's %d CPUs)", self.worker_id, n, self.cores.live_workers(),
+                        self.cores.host_id, self.cores.cpus)
             self._told_threads = n
 
     async def share_cores(self) -> None:

@@ -5,8 +5,9 @@ Each computing worker holds an flock on a file of its own in a per-host director
 process dies, however it dies, so a live worker is simply a file whose lock cannot be
 taken; a file whose lock can be taken is a dead worker's and is removed by whoever sees it.
 A worker without `--threads` decodes on its fair share: the host's CPUs left over by the
-workers with an explicit `--threads`, divided among the others (the remainder to the first
-by name), at least 1. Workers re-read the directory every second and re-adjust.
+workers with a fixed thread count (an explicit `--threads`, or a backend that cannot re-size
+once loaded: OpenVINO, a split's child) divided among the others (the remainder to the
+first by name), at least 1. Workers re-read the directory every second and re-adjust.
 
 The host id is `--host-id`/`CORRAL_HOST_ID`, else a hash of /etc/machine-id (systemd asks
 that the raw id never leave the box), else the hostname. Test boxes that fake hosts with
@@ -96,7 +97,7 @@ class Peer:
 
     name: str  # the file's name: the order the remainder is handed out in
     id: str = ""
-    threads: int | None = None  # explicit --threads, or None for a fair share
+    threads: int | None = None  # fixed (--threads, or cannot re-size), None: a fair share
     active: bool = True  # computing (a model, a split head or a shard); idle ones take none
 
 
@@ -123,7 +124,8 @@ class HostCores:
         self.name = f"{_safe(worker_id)}.{os.getpid()}.{secrets.token_hex(3)}.lock"
         self._active = active
         self._fd: int | None = None
-        self._written: bool | None = None
+        self.pinned: int | None = None  # threads it cannot change any more (see pin)
+        self._written: tuple[bool, int | None] | None = None  # (active, fixed) on file
         self.peers: list[Peer] = []
         self.threads = self.explicit or self.cpus
 
@@ -154,7 +156,7 @@ class HostCores:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self._fd = fd
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self._write(self._active())
+        self._write(self._active(), self._fixed())
         os.rename(tmp, self.dir / self.name)  # seen by others only once locked
 
     def close(self) -> None:
@@ -168,12 +170,20 @@ class HostCores:
         with contextlib.suppress(OSError):  # only if no other worker is left in it
             self.dir.rmdir()
 
-    def _write(self, active: bool) -> None:
+    def pin(self, threads: int | None) -> None:
+        """Publishes that this worker decodes on `threads` whatever its share (a backend
+        that cannot re-size), so the others share what is left; None undoes it."""
+        self.pinned = threads if threads and threads > 0 else None
+
+    def _fixed(self) -> int | None:
+        return self.explicit or self.pinned
+
+    def _write(self, active: bool, fixed: int | None) -> None:
         assert self._fd is not None
         rec = json.dumps({"id": self.worker_id, "pid": os.getpid(),
-                          "threads": self.explicit, "active": active})
+                          "threads": fixed, "active": active})
         os.pwrite(self._fd, rec.encode().ljust(RECORD_BYTES)[:RECORD_BYTES], 0)
-        self._written = active
+        self._written = (active, fixed)
 
     def scan(self) -> list[Peer]:
         """The live workers of this host (this one included), removing dead ones' files."""
@@ -190,16 +200,17 @@ class HostCores:
             peer = _probe(self.dir / name)
             if peer is not None:
                 out.append(peer)
-        out.append(Peer(self.name, self.worker_id, self.explicit, bool(self._written)))
+        active, fixed = self._written or (False, None)
+        out.append(Peer(self.name, self.worker_id, fixed, active))
         return out
 
     def refresh(self) -> int:
         """Re-reads the host and returns the threads this worker should decode on now."""
         if self._fd is not None:
-            active = self._active()
-            if active != self._written:
+            want = (self._active(), self._fixed())
+            if want != self._written:
                 with contextlib.suppress(OSError):
-                    self._write(active)
+                    self._write(*want)
             self.peers = self.scan()
         if self.explicit:
             self.threads = self.explicit
