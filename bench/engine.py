@@ -6,7 +6,7 @@ Three servers on the same GGUF (SmolLM2-135M Q4_1) and box, all up at once and m
 turn, round robin per concurrency level, so that other load on the box weighs on each alike:
 
 - `corral worker --backend llama --parallel 8 --threads 2` (continuous batching),
-- `corral worker --backend openvino --parallel 8 --device CPU`,
+- `corral worker --backend openvino --parallel 8 --threads 2 --device CPU`,
 - `python -m llama_cpp.server --n_threads 2 --interrupt_requests False` (one request at a
   time; without that flag a new request cancels the one streaming).
 
@@ -77,8 +77,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="requests per client per level")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="llama_cpp.server's --n_threads")
-    ap.add_argument("--corral-threads", type=int, default=None,
-                    help="Corral llama --threads (default: the worker's own default)")
+    ap.add_argument("--corral-threads", type=int, default=os.cpu_count() or 1,
+                    help="--threads of both Corral workers (default: every core; without "
+                    "it the two, on one host, would split the cores between them)")
     ap.add_argument("--ttft-runs", type=int, default=5)
     ap.add_argument("--notes", type=int, default=40, help="history size (~25 tokens each)")
     ap.add_argument("--write", action="store_true")
@@ -87,11 +88,11 @@ def main() -> None:
     where = machine()
     procs: list[Proc] = []
     try:
-        threads = ["--threads", str(a.corral_threads)] if a.corral_threads else []
+        threads = ["--threads", str(a.corral_threads)]
         llama = start_worker("--parallel", "8", *threads, "--ctx-size", "2048",
                              backend="llama", wait=False)
         procs.append(llama.proc)
-        ov = start_worker("--parallel", "8", "--device", "CPU", "--ctx-size", "2048",
+        ov = start_worker("--parallel", "8", *threads, "--device", "CPU", "--ctx-size", "2048",
                           backend="openvino", wait=False)
         procs.append(ov.proc)
         lcs = start_llama_cpp_server(a.threads, 2048, procs)
@@ -151,10 +152,10 @@ Machine: {out['machine']}.
 
 SmolLM2-135M-Instruct Q4_1 (the bundled GGUF) on three servers, all up at once and measured
 in turn at each level (round robin, so background load weighs on each alike): Corral's
-llama backend (`--parallel 8{f" --threads {a.corral_threads}" if a.corral_threads else ""}`;
-without --threads it uses every core), Corral's
-openvino backend (`--parallel 8 --device CPU`), and llama-cpp-python's own server (`python -m
-llama_cpp.server --n_threads {a.threads} --interrupt_requests False`, one request at a time).
+llama backend (`--parallel 8 --threads {a.corral_threads}`), Corral's openvino backend
+(`--parallel 8 --threads {a.corral_threads} --device CPU`), and llama-cpp-python's own
+server (`python -m llama_cpp.server --n_threads {a.threads} --interrupt_requests False`,
+one request at a time).
 Load: `corral bench` closed loop at concurrency c, {a.rounds} x c streamed chat completions of
 {a.max_tokens} greedy tokens, distinct prompts (`Request i. {PROMPT}`, which runs to the
 limit on all three); tok/s = output tokens / wall time of the level (tokens counted from
