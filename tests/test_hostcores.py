@@ -65,6 +65,13 @@ def test_a_dead_workers_file_is_not_counted_and_is_removed(tmp_path: Path) -> No
         fixed._fd = None
         assert (a.refresh(), b.refresh()) == (2, 2)
         assert not (tmp_path / "h" / fixed.name).exists()
+        # A backend that cannot re-size (OpenVINO) publishes what it loaded with.
+        b.pin(3)
+        b.refresh()
+        assert a.refresh() == 1
+        b.pin(None)
+        b.refresh()
+        assert a.refresh() == 2
     finally:
         for h in (a, b, fixed):
             h.close()
