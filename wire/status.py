@@ -28,6 +28,9 @@ class Hardware(BaseModel):
     device: str = "CPU"
     devices: list[str] = Field(default_factory=list)
     hostname: str = ""
+    #: Greedy output the same alone and batched, as the worker measured at load (None: not
+    #: measured: a sim or idle worker, or the probe could not finish).
+    batch_invariant: bool | None = None
 
 
 class WorkerStatus(BaseModel):

@@ -84,7 +84,9 @@ class WorkerState:
             queue_depth=e.queue_depth,
             slots_total=self.backend.slots,
             slots_busy=e.slots_busy,
-            hardware=hardware.hardware(self.backend.describe(), self.cfg.threads),
+            hardware=hardware.hardware(
+                {**self.backend.describe(), "batch_invariant": self.backend.batch_invariant},
+                self.cfg.threads),
             memory=hardware.memory(self.cfg.memory_limit, self.model_bytes),
             tokens_per_second=round(e.stats.tokens_per_second, 2),
             n_ctx=self.backend.n_ctx,

@@ -134,6 +134,8 @@ class LlamaBackend(Backend):
         # made every later token 2-3x slower on 2 cores (bench/llama_threads.py).
         loop.start()
         self.calibrated_tokens_per_second = self._calibrate(loop)
+        # The probe ends by emptying the KV cache, so it leaves no prefix behind.
+        self.measure_batch_invariance(loop.submit, on_last_finish=loop.forget)
         self._loop = loop
 
     def close(self) -> None:

@@ -69,12 +69,17 @@ def _env_flag(name: str, default: bool) -> bool:
 def _properties(device: str, compiled_cache: Path | None, batch_invariant: bool) -> dict[str, Any]:
     props: dict[str, Any] = {}
     if device == "CPU" and batch_invariant:
-        # CPU dynamic quantization of activations makes a sequence's greedy output depend on
-        # which other sequences share its batch; without it greedy text is the same alone or
-        # batched (which the gateway's failover continuation relies on), at a cost of ~40%
-        # of CPU decode throughput on this model. CORRAL_OPENVINO_BATCH_INVARIANT=0 trades
-        # that back.
+        # Greedy text the same alone or batched (the gateway's failover continuation relies
+        # on it) needs three CPU plugin defaults changed, each measured on an AMD EPYC with
+        # AVX-512 (bench/openvino_invariance.py): bf16 inference, the default wherever the CPU
+        # has AVX512_BF16 or AMX, rounds differently by batch shape; dynamic quantization of
+        # activations quantizes a whole step's rows together; and the u8 KV cache quantizes
+        # per block, so what a sequence reads back depends on what shared its steps. f32
+        # compute and an f16 KV cache are the same on AVX2 and AVX-512 hosts.
+        # CORRAL_OPENVINO_BATCH_INVARIANT=0 trades this for throughput.
+        props["INFERENCE_PRECISION_HINT"] = "f32"
         props["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
+        props["KV_CACHE_PRECISION"] = "f16"
     if compiled_cache is not None:
         props["CACHE_DIR"] = str(compiled_cache)
     return props
@@ -112,7 +117,9 @@ class OpenVINOBackend(Backend):
         self.default_max_tokens = None
         self.calibrated_tokens_per_second = 0.0
         self.cache_dir = Path(cache_dir) if cache_dir else cache_root()
-        self.batch_invariant = (
+        # Whether the batch-invariant CPU properties are asked for; `batch_invariant` (the
+        # Backend attribute) is what the load-time probe then measures.
+        self.invariant_props = (
             _env_flag("CORRAL_OPENVINO_BATCH_INVARIANT", True)
             if batch_invariant is None else batch_invariant
         )
@@ -164,10 +171,14 @@ class OpenVINOBackend(Backend):
         self.calibrated_tokens_per_second = self._calibrate()
         self._thread = threading.Thread(target=self._run, name="openvino-decode", daemon=True)
         self._thread.start()
+        if self.device == "CPU" and not self.invariant_props:
+            self.batch_invariant = False  # by request: no probe needed to know
+        else:
+            self.measure_batch_invariance(self.submit)
         log.warning(
-            "openvino: %s on %s in %.1fs (%s), calibrated %.0f tok/s",
+            "openvino: %s on %s in %.1fs (%s), calibrated %.0f tok/s, batch-invariant: %s",
             Path(self.model_path).name, self.device, self.load_seconds, self.load_source,
-            self.calibrated_tokens_per_second,
+            self.calibrated_tokens_per_second, self.batch_invariant,
         )
 
     def _kv_cache_gb(self) -> int:
@@ -177,7 +188,7 @@ class OpenVINOBackend(Backend):
         return max(1, min(8, (need + 32767) // 32768))
 
     def _props(self, compiled_cache: Path | None) -> dict[str, Any]:
-        return _properties(self.device, compiled_cache, self.batch_invariant)
+        return _properties(self.device, compiled_cache, self.invariant_props)
 
     def _open(self, sc: Any) -> Any:
         """The pipeline, from the cached IR when there is one, else from the GGUF (saving IR)."""
@@ -477,7 +488,7 @@ class OpenVINOBackend(Backend):
             "devices": devices,
             "engine": f"openvino-genai {ovg.get_version()}",
             "load_seconds": round(self.load_seconds, 2),
-            "batch_invariant": self.batch_invariant,
+            "batch_invariant_properties": self.invariant_props,
         }
 
     def stats(self) -> dict[str, int]:
