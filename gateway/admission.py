@@ -28,23 +28,12 @@ from gateway.fairqueue import FairQueue
 from gateway.metrics import Metrics
 from gateway.registry import Registry, Worker
 from gateway.routing import Router
+from gateway.waiter import Waiter
 from wire.errors import APIError, not_found, overloaded, unavailable
 
 
 class Exhausted(Exception):
     """Every healthy worker for the model was tried already (by this request's retries)."""
-
-
-class Waiter:
-    __slots__ = ("model", "exclude", "future", "user", "since")
-
-    def __init__(self, model: str, exclude: Collection[str], future: asyncio.Future[Worker],
-                 user: str | None) -> None:
-        self.model = model
-        self.exclude = exclude
-        self.future = future
-        self.user = user
-        self.since = time.monotonic()
 
 
 class FifoQueue:
