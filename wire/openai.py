@@ -144,6 +144,9 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(default=16, ge=1)
     # Legacy completions: the number of alternatives per token (OpenAI allows 5; we 20).
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    # Extension: where this answer's text starts in the whole answer, for `text_offset`
+    # (the gateway continues a broken stream as a new request with a longer prompt).
+    logprobs_offset: int = Field(default=0, ge=0)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None

@@ -176,13 +176,13 @@ def body(chat: bool, model: str, prefix: str, top: int | None, texts: list[str],
 
 async def stream(chat: bool, model: str, prefix: str, top: int | None, n: int,
                  include_usage: bool, prompt_tokens: int, totals: Totals,
-                 gen: AsyncIterator[ChoiceDelta]) -> AsyncIterator[bytes]:
+                 gen: AsyncIterator[ChoiceDelta], offset: int = 0) -> AsyncIterator[bytes]:
     """SSE: a role (or echo) chunk per choice, then each choice's deltas as they come,
     a finish chunk per choice, the usage chunk when asked for, `[DONE]`."""
     rid = oa.new_id("chatcmpl" if chat else "cmpl")
     obj = "chat.completion.chunk" if chat else "text_completion"
     created = int(time.time())
-    offsets = [len(prefix)] * n
+    offsets = [len(prefix) + offset] * n
 
     def chunk(choices: list[dict[str, Any]], use: dict[str, Any] | None = None) -> bytes:
         out: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model,
@@ -236,7 +236,7 @@ async def serve(job: Any, engine: Engine, params: SamplingParams, headers: dict[
     if req.stream:
         return StreamingResponse(
             stream(chat, req.model, job.prefix, top, n, req.include_usage, len(job.prompt),
-                   totals, gen),
+                   totals, gen, getattr(req, "logprobs_offset", 0)),
             media_type="text/event-stream",
             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
