@@ -28,7 +28,7 @@ class Call:
     """One client request on its way through the gateway."""
 
     __slots__ = ("model", "path", "body", "stream", "client_usage", "user", "started",
-                 "tried", "session", "affine")
+                 "tried", "session", "affine", "need")
 
     def __init__(self, model: str, path: str, body: bytes, stream: bool, client_usage: bool,
                  user: str | None = None, session: str | None = None) -> None:
@@ -42,6 +42,9 @@ class Call:
         self.tried: list[str] = []
         self.session = session  # affinity key (affinity.py), None when there is none
         self.affine = False  # prefer the worker the session went to last
+        # logprobs or n > 1: (top_logprobs or -1, n), what the worker must honour
+        # (routing.Need); None for every other request.
+        self.need: tuple[int, int] | None = None
 
 
 class Retry(Exception):

@@ -15,6 +15,7 @@ the stream with an OpenAI-shaped error event, never a silent cut.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
@@ -27,6 +28,7 @@ from gateway.registry import Worker
 from wire.errors import APIError
 from wire.sse import SSE_DONE
 
+log = logging.getLogger("corral.gateway")
 _ROLE = b'"delta":{"role":"assistant"'
 
 
@@ -62,6 +64,7 @@ class Continuation:
         `sent_tokens`. Returns the stream's missing ending if the answer was complete."""
         chat = self.call.path.endswith("/chat/completions")
         finish = None
+        finished: set[int] = set()  # n > 1: the choices that ended
         for piece in self.pieces:
             for ev in piece.split(b"\n\n"):
                 if not ev.startswith(b"data: {"):
@@ -78,10 +81,12 @@ class Continuation:
                     part = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
                     if part:
                         self.text += part
-                        self.sent_tokens += 1
-                    finish = ch.get("finish_reason") or finish
+                        self.sent_tokens += _tokens(ch.get("logprobs"), chat)
+                    if ch.get("finish_reason"):
+                        finish = ch["finish_reason"]
+                        finished.add(ch.get("index", 0))
         self.pieces = []
-        if finish is None:
+        if finish is None or len(finished) < self._choices():
             return None
         self.up.metrics.upstream_errors.labels("midstream_tail").inc()
         return self._usage_event() + SSE_DONE
@@ -125,6 +130,8 @@ class Continuation:
                 body["echo"] = False
                 limit += 1  # the echoed prompt was one event, not a token
             body["prompt"] = prompt + text
+            if body.get("logprobs") is not None:  # offsets continue from the text sent
+                body["logprobs_offset"] = len(self.text)
         if isinstance(limit, int):
             left = limit - self.sent_tokens
             if left <= 0:
@@ -140,6 +147,12 @@ class Continuation:
         continue (the caller then ends the stream with an error event).
         """
         up, call = self.up, self.call
+        if self._choices() > 1 and self.head is not None:
+            # n > 1 streams are not continued (see ARCHITECTURE.md, "n and logprobs"):
+            # the relay ends the stream with an OpenAI-shaped error event instead.
+            log.warning("a stream with n=%d broke on %s mid-answer; ending it with an error "
+                        "event", self._choices(), self.worker.id)
+            return None
         if self.head is None or not self.text:
             # Nothing of the answer reached the client: start afresh, same id rewritten.
             body: bytes | None = call.body
@@ -158,7 +171,8 @@ class Continuation:
             return self._length_ending()
         for _ in range(up.cfg.max_attempts):
             try:
-                w = await up.admission.acquire(call.model, call.tried, call.user)
+                w = await up.admission.acquire(call.model, call.tried, call.user,
+                                               need=call.need)
             except (Exhausted, APIError):
                 return None
             up.metrics.retries.labels("midstream").inc()
@@ -212,6 +226,19 @@ class Continuation:
             ev_start = piece.rfind(b"data: ", 0, piece.find(_ROLE))
             piece = piece[:ev_start] + piece[ev_end:]
         return piece
+
+    def _choices(self) -> int:
+        return self.call.need[1] if self.call.need else 1
+
+
+def _tokens(logprobs: object, chat: bool) -> int:
+    """Tokens one chunk carries: exact when it has logprobs, else one per chunk."""
+    if isinstance(logprobs, dict):
+        items = logprobs.get("content") if chat else logprobs.get("tokens")
+        if isinstance(items, list) and items:
+            return len(items)
+    return 1
+
 
 def _head(ev: bytes) -> bytes:
     """`{"id":"…","object":"…","created":N,` of an event as the worker wrote it (orjson

@@ -147,7 +147,8 @@ class Upstream:
         prefer = await aff.lookup(session) if aff is not None and call.affine else None
         for attempt in range(attempts):
             try:
-                w = await self.admission.acquire(call.model, call.tried, call.user, prefer)
+                w = await self.admission.acquire(call.model, call.tried, call.user, prefer,
+                                                   call.need)
             except Exhausted:
                 break
             except APIError as err:

@@ -15,10 +15,11 @@ from gateway.registry import Worker
 
 
 class Waiter:
-    __slots__ = ("model", "exclude", "future", "user", "since")
+    __slots__ = ("model", "exclude", "future", "user", "since", "need")
 
     def __init__(self, model: str, exclude: Collection[str], future: asyncio.Future[Worker],
-                 user: str | None) -> None:
+                 user: str | None, need: tuple[int, int] | None = None) -> None:
+        self.need = need  # routing.Need: logprobs / n > 1 requests want a capable worker
         self.model = model
         self.exclude = exclude
         self.future = future

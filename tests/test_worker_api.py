@@ -281,8 +281,10 @@ def test_presence_and_frequency_penalties(api):
 
 def test_bad_requests(api):
     client = api.client
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=MODEL, messages=chat("hi"), n=2, max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:  # more choices than slots
+        client.chat.completions.create(model=MODEL, messages=chat("hi"), n=API_SLOTS + 1,
+                                       max_tokens=2)
+    assert e.value.param == "n"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=chat("hi"), max_tokens=2,
                                        extra_body={"temperature": "hot"})

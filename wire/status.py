@@ -49,6 +49,9 @@ class WorkerStatus(BaseModel):
     tokens_per_second: float = 0.0
     n_ctx: int = 0
     prompt_cache: dict[str, int] = Field(default_factory=dict)
+    #: What the backend honours, for routing: {"top_logprobs": max, "n": max choices}.
+    #: Absent (older workers): treated as top_logprobs 0 and n 1.
+    capabilities: dict[str, int] = Field(default_factory=dict)
 
 
 class JoinRequest(BaseModel):

@@ -182,6 +182,7 @@ class Control:
                 st.queue_depth = int(p.get("queue_depth", 0))
                 st.tokens_per_second = float(p.get("tokens_per_second", 0.0))
                 st.n_ctx = int(p.get("n_ctx", st.n_ctx))
+                st.capabilities = dict(p.get("capabilities") or {})
                 st.state = "busy" if st.slots_busy >= st.slots_total else "ready"
             else:
                 st.state, st.models = "loading", []

@@ -91,6 +91,7 @@ class WorkerState:
             tokens_per_second=round(e.stats.tokens_per_second, 2),
             n_ctx=self.backend.n_ctx,
             prompt_cache=self.backend.stats(),
+            capabilities=self.backend.capabilities(),
         )
 
     async def load(self) -> None:

@@ -110,6 +110,9 @@ async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]
         else:
             raw = await request.body()  # cached by starlette: forwarded as the client sent it
         call = Call(model, path, raw, stream, req.include_usage, key.user if key else req.user)
+        top = req.top_n  # type: ignore[attr-defined]
+        if req.n > 1 or top is not None:
+            call.need = (-1 if top is None else top, req.n)
         if gw.cfg.affinity:
             sk = session_key(model, request.headers.get(SESSION_HEADER), body)
             if sk is not None:

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                 "slots_busy": e.slots_busy, "slots_total": backend.slots,
                 "queue_depth": e.queue_depth,
                 "tokens_per_second": round(e.stats.tokens_per_second, 2),
-                "n_ctx": backend.n_ctx, "offload": {"n_gpu_layers": gpu_layers,
+                "n_ctx": backend.n_ctx, "capabilities": backend.capabilities(),
+                "offload": {"n_gpu_layers": gpu_layers,
                                                     "tensor_split": shard_split}}
 
     uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning", access_log=False,
