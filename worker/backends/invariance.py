@@ -83,7 +83,8 @@ def measure(
         if a.finish == "error" or b.finish == "error":
             return Verdict(None, "not measured: a probe sequence failed")
         if (a.text, a.finish) != (b.text, b.finish):
-            at = next((k for k, (x, y) in enumerate(zip(a.text, b.text)) if x != y),
+            at = next((k for k, (x, y) in enumerate(zip(a.text, b.text, strict=False))
+                       if x != y),
                       min(len(a.text), len(b.text)))
             lo = max(0, at - 20)
             return Verdict(False, f"prompt {i} differs at character {at}: "
