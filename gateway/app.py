@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from gateway import placer
 from gateway.admission import Admission
 from gateway.affinity import Affinity
-from gateway.api import admin, cluster, openai
+from gateway.api import admin, cluster, openai, responses
 from gateway.auth import Auth
 from gateway.config import GatewayConfig
 from gateway.guard import BodyGuard
@@ -21,6 +21,7 @@ from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.placer import Placer
 from gateway.registry import Registry
+from gateway.responses.store import ResponseStore
 from gateway.routing import Router
 from gateway.state import SharedState, make_state
 from gateway.upstream import Upstream
@@ -49,6 +50,8 @@ class Gateway:
         redis = self.state.redis_client
         self.limits = Limiter(redis)
         self.usage = Usage(self.metrics.prom, [k.user for k in cfg.api_keys], redis)
+        self.responses = ResponseStore(redis, cfg.responses_ttl, cfg.responses_max_bytes,
+                                       cfg.responses_max_entries)
 
     async def start(self) -> None:
         await self.registry.start()
@@ -85,6 +88,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
                        body_timeout=cfg.body_timeout)
     errors.install(app)
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(cluster.router)
     app.include_router(admin.router)
     app.include_router(placer.router)

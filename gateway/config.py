@@ -64,6 +64,11 @@ class GatewayConfig:
     affinity: bool = True
     affinity_ttl: float = 1800.0  # seconds a conversation's worker is remembered
     affinity_slack: int = 2  # leave the preferred worker when it has this many more in flight
+    # Stored Responses API responses (responses/store.py): kept this long, records over
+    # this size not stored, at most this many in memory (Redis: bounded by the TTL).
+    responses_ttl: float = 30 * 86400.0
+    responses_max_bytes: int = 4 * 1024 * 1024
+    responses_max_entries: int = 10_000
     # Guards at the door (guard.py).
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413
     head_timeout: float = 10.0  # seconds a client may take to send a request's headers
@@ -128,7 +133,8 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
                  "worker_queue_allowance", "down_grace", "max_attempts", "connect_timeout",
                  "read_timeout", "stall_timeout", "max_connections", "lean_transport",
                  "affinity", "affinity_ttl", "affinity_slack", "max_body_bytes", "head_timeout",
-                 "body_timeout"):
+                 "body_timeout", "responses_ttl", "responses_max_bytes",
+                 "responses_max_entries"):
         if name in gw:
             setattr(cfg, name, type(getattr(cfg, name))(gw[name]))
     return cfg
