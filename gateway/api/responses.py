@@ -55,6 +55,7 @@ def _owner(key: ApiKey | None) -> str:
 
 def _renamed(err: errors.APIError) -> errors.APIError:
     err.param = tr.rename_param(err.param)
+    err.message = tr.rename(err.message) or err.message
     return err
 
 
@@ -231,9 +232,11 @@ def _chat_error(resp: Response) -> Response:
     except orjson.JSONDecodeError:
         return resp
     err = obj.get("error") if isinstance(obj, dict) else None
-    if not isinstance(err, dict) or not err.get("param"):
+    if not isinstance(err, dict):
         return resp
-    err["param"] = tr.rename_param(err["param"])
+    err["param"] = tr.rename_param(err.get("param"))
+    if isinstance(err.get("message"), str):
+        err["message"] = tr.rename(err["message"])
     headers = {k: v for k, v in resp.headers.items() if k.lower() != "content-length"}
     return Response(orjson.dumps(obj), resp.status_code, headers,
                     media_type="application/json")

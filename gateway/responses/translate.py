@@ -191,22 +191,27 @@ def chat_body(req: ResponsesRequest, history: list[dict[str, Any]]) -> dict[str,
 
 
 # Chat parameter names, as errors from the chat validation or a worker give them, mapped
-# to the Responses parameter the client sent.
+# to the Responses parameter the client sent (in `param` and in the message).
 _RENAMES = [
-    (re.compile(r"^response_format\.json_schema\.?"), "text.format."),
-    (re.compile(r"^response_format"), "text.format"),
-    (re.compile(r"^tools\[(\d+)\]\.function\.?"), r"tools[\1]."),
-    (re.compile(r"^tool_choice\.function\.name"), "tool_choice.name"),
-    (re.compile(r"^max_completion_tokens|^max_tokens"), "max_output_tokens"),
-    (re.compile(r"^messages.*"), "input"),
+    (re.compile(r"\bresponse_format\.json_schema\."), "text.format."),
+    (re.compile(r"\bresponse_format(\.json_schema)?\b"), "text.format"),
+    (re.compile(r"\btools\[(\d+)\]\.function\."), r"tools[\1]."),
+    (re.compile(r"\btools\[(\d+)\]\.function\b"), r"tools[\1]"),
+    (re.compile(r"\btool_choice\.function\.name\b"), "tool_choice.name"),
+    (re.compile(r"\bmax_completion_tokens\b|\bmax_tokens\b"), "max_output_tokens"),
 ]
+_MESSAGES = re.compile(r"^messages\b.*")
+
+
+def rename(text: str | None) -> str | None:
+    """`text` (a param or an error message) with chat names turned into Responses names."""
+    if not text:
+        return text
+    for pat, repl in _RENAMES:
+        text = pat.sub(repl, text)
+    return text
 
 
 def rename_param(param: str | None) -> str | None:
-    if not param:
-        return param
-    for pat, repl in _RENAMES:
-        new, n = pat.subn(repl, param, count=1)
-        if n:
-            return new.rstrip(".")
-    return param
+    param = rename(param)
+    return _MESSAGES.sub("input", param) if param else param
