@@ -137,8 +137,8 @@ def plan(models: Sequence[ModelSpec], workers: Iterable[WorkerSpec],
     pool = {w.id: w for w in workers}
     current = list(current)
     was = {(wid, p.model, p.mode) for p in current for wid in p.workers}
-    kept_split = {(p.model, p.workers): p.tensor_split for p in current
-                  if p.mode == "split" and p.tensor_split}
+    splits = {p.model: p for p in current
+              if p.mode == "split" and p.workers and len(p.tensor_split) == len(p.workers)}
     free = set(pool)
     out: list[Placement] = []
     replicas: dict[str, int] = {m.name: 0 for m in models}
@@ -164,13 +164,18 @@ def plan(models: Sequence[ModelSpec], workers: Iterable[WorkerSpec],
                 break
         else:
             continue  # not even all free workers together hold it
-        for c in chosen:
-            free.discard(c.id)
         members = tuple(c.id for c in chosen)
-        # The same members keep their ratios: free memory moves between probes, and a new
-        # tensor_split would restart a head that serves fine.
-        ratios = kept_split.get((m.name, members)) or _proportional([c.memory for c in chosen])
-        out.append(Placement(m.name, "split", members, chosen[0].id, ratios))
+        ratios = _proportional([c.memory for c in chosen])
+        prev = splits.get(m.name)
+        if (prev is not None and len(prev.workers) <= len(members)
+                and all(w in free for w in prev.workers)
+                and sum(pool[w].memory for w in prev.workers) >= m.need):
+            # The running split still holds it with no more workers: keep its members, head
+            # and ratios. Free memory moves between probes; a new head or tensor_split
+            # would restart a split that serves fine.
+            members, ratios = prev.workers, prev.tensor_split
+        free.difference_update(members)
+        out.append(Placement(m.name, "split", members, members[0], ratios))
 
     # 2. Every other worker replicates a model it holds, the least replicated first.
     order = {m.name: i for i, m in enumerate(models)}

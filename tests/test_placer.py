@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from conftest import MODEL, SMALL, SmallCluster, client_for
-from procs import corral, metric, wait_for
+from procs import corral, free_port, metric, wait_for
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                 reason="llama-cpp-python is not installed")
@@ -133,3 +133,17 @@ def test_when_workers_that_hold_it_join_it_is_placed_and_the_plan_logged_once(
     plans = [line for line in log.splitlines() if "corral.gateway placement: " in line]
     assert len(plans) == changes, plans  # one line per change, none per round
     assert len(plans) <= 3, plans  # first replica, second replica (and maybe a re-home)
+
+
+def test_corral_up_stops_with_the_reason_when_the_model_fits_nowhere() -> None:
+    p = corral("up", "--workers", "2", "--memory-limit", str(SMALL), "--port", str(free_port()),
+               name="up-small")
+    try:
+        rc = p.popen.wait(120)
+        out = " ".join(p.log().split())  # rich wraps long lines
+    finally:
+        p.stop()
+    assert rc == 1, out
+    assert f"model {MODEL} cannot be placed: it needs" in out, out
+    assert f"all 2 worker(s) together {_mib(2 * SMALL)}" in out, out
+    assert "Corral is up" not in out and "Traceback" not in out, out
