@@ -148,16 +148,32 @@ def _cmd_worker(a: argparse.Namespace) -> int:
     return run(cfg)
 
 
+def _config_error(command: str, exc: Exception) -> int:
+    """A config file that cannot be used: one clear message, no traceback, exit 2."""
+    print(f"corral {command}: {exc}", file=sys.stderr)
+    return 2
+
+
 def _cmd_gateway(a: argparse.Namespace) -> int:
-    from gateway.config import load_config
+    from gateway.config_file import ConfigError, load_config
+
+    try:
+        cfg = load_config(a)
+    except ConfigError as exc:
+        return _config_error("gateway", exc)
     from gateway.serve import run
 
-    return run(load_config(a))
+    return run(cfg)
 
 
 def _cmd_up(a: argparse.Namespace) -> int:
     from corral.up import run
+    from gateway.config_file import ConfigError, load
 
+    try:  # before starting anything: the gateway child would refuse it anyway
+        load(a.config)
+    except ConfigError as exc:
+        return _config_error("up", exc)
     return run(a)
 
 

@@ -8,9 +8,11 @@ import sys
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-_STATE_STYLE = {"ready": "green", "busy": "yellow", "loading": "cyan", "down": "red"}
+_STATE_STYLE = {"ready": "green", "busy": "yellow", "loading": "cyan", "idle": "blue",
+                "down": "red", "unplaceable": "bold red", "broken": "red", "draining": "yellow"}
 
 
 def _gib(n: object) -> str:
@@ -58,8 +60,16 @@ def render(data: dict, console: Console) -> None:
             cpu,
         )
     console.print(table)
-    placements = data.get("placements") or []
-    if placements:
-        console.print("placements: " + "; ".join(
-            f"{p['model']} ({p['mode']}) on {', '.join(p['workers']) or 'none'}"
-            for p in placements))
+    for p in data.get("placements") or []:
+        console.print(_placement_line(p), highlight=False)
+
+
+def _placement_line(p: dict) -> str:
+    """One line per placement; one that cannot be placed says why, with the numbers."""
+    state = p.get("state") or "ready"
+    tag = f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]"
+    if state == "unplaceable":
+        return f"placement {p.get('model')}: {tag}: {escape(str(p.get('reason') or ''))}"
+    workers = ", ".join(p.get("workers") or []) or "none"
+    head = f", head {p['head']}" if p.get("mode") == "split" and p.get("head") else ""
+    return f"placement {p.get('model')} ({p.get('mode')}) on {workers}{head}: {tag}"

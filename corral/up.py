@@ -132,6 +132,14 @@ def _settled(base: str, n: int) -> bool:
         p.get("state", "ready") == "ready" for p in placements)
 
 
+def _unplaceable(base: str, n: int) -> list[str]:
+    """Why each declared model cannot be placed, once the plan counted all n workers."""
+    c = httpx.get(f"{base}/cluster", timeout=2.0).json()
+    return [f"model {p['model']} cannot be placed: {p.get('reason')}"
+            for p in c.get("placements", []) if p.get("state") == "unplaceable"
+            and (p.get("offer") or {}).get("workers", 0) >= n]
+
+
 def _ready_count(base: str) -> tuple[int, list[str]]:
     r = httpx.get(f"{base}/cluster", timeout=2.0)
     ws = r.json().get("workers", [])
@@ -194,11 +202,18 @@ def _wait_ready(console: Console, children: Children, base: str, n: int) -> bool
                 return False
             try:
                 ready, _ = _ready_count(base)
+                stuck = _unplaceable(base, n)
             except (httpx.HTTPError, ValueError):
                 time.sleep(0.25)
                 continue
             if ready >= n or (ready and _settled(base, n)):
                 return True
+            if stuck:  # every worker is in, and still it fits nowhere: waiting is pointless
+                for line in stuck:
+                    console.print(f"[red]{line}[/]", highlight=False)
+                console.print("[red]stopping: give the workers more memory (--memory-limit) "
+                              "or more workers (--workers)[/]")
+                return False
             status.update(f"loading the model: {ready}/{n} worker(s) ready…")
             time.sleep(0.25)
     console.print(f"[yellow]not every worker became ready within {READY_TIMEOUT:g}s; "

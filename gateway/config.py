@@ -2,18 +2,13 @@
 
 Flags and `CORRAL_<FLAG>` environment variables arrive already merged by the CLI (flags
 win). The config file adds what flags can't say: the cluster token, API keys, workers and
-models. Precedence: flag/env > config file > default.
+models. Precedence: flag/env > config file > default. `config_file.load_config` builds it
+(and validates the file); this module is only the types.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import secrets
-import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -77,64 +72,3 @@ class GatewayConfig:
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
         return (f"GatewayConfig(host={self.host!r}, port={self.port}, workers={self.workers}, "
                 f"models={self.models}, api_keys={len(self.api_keys)})")
-
-
-def _keys_from_env(raw: str | None) -> list[ApiKey]:
-    if not raw:
-        return []
-    return [ApiKey(k.strip(), f"key{i}") for i, k in enumerate(raw.split(",")) if k.strip()]
-
-
-def _keys_from_file(items: Any) -> list[ApiKey]:
-    keys = []
-    if not isinstance(items, list):
-        raise ValueError("api_keys must be an array of tables ([[api_keys]])")
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("key"), str) or not item["key"]:
-            raise ValueError(f"api_keys[{i}] needs a non-empty string 'key'")
-        keys.append(ApiKey(item["key"], str(item.get("user") or f"key{i}"),
-                           _opt_int(item.get("rpm")), _opt_int(item.get("tpm"))))
-    return keys
-
-
-def _opt_int(v: Any) -> int | None:
-    return None if v is None else int(v)
-
-
-def read_file(path: str | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    with Path(path).open("rb") as f:
-        return tomllib.load(f)
-
-
-def load_config(args: argparse.Namespace) -> GatewayConfig:
-    """Builds the config from the CLI's namespace (flags + CORRAL_* env) and `--config`."""
-    file = read_file(getattr(args, "config", None))
-    workers = list(getattr(args, "worker", None) or []) + list(file.get("workers", []))
-    models = list(getattr(args, "model", None) or []) + list(file.get("models", []))
-    token = getattr(args, "cluster_token", None) or file.get("cluster_token") or ""
-    generated = not token
-    if generated:
-        # Cluster writes always need a token; with none configured, make one up and say it.
-        token = secrets.token_urlsafe(24)
-    keys = _keys_from_file(file.get("api_keys", [])) + _keys_from_env(
-        os.environ.get("CORRAL_API_KEYS"))
-    cfg = GatewayConfig(
-        host=args.host, port=args.port,
-        workers=list(dict.fromkeys(w.rstrip("/") for w in workers)),
-        models=list(dict.fromkeys(models)),
-        redis_url=getattr(args, "redis_url", None) or file.get("redis_url"),
-        cluster_token=token, cluster_token_generated=generated, api_keys=keys,
-        log_level=getattr(args, "log_level", None) or "warning",
-    )
-    gw = file.get("gateway", {})  # optional [gateway] table for tuning knobs
-    for name in ("probe_interval", "probe_timeout", "join_ttl", "queue_size", "queue_timeout",
-                 "worker_queue_allowance", "down_grace", "max_attempts", "connect_timeout",
-                 "read_timeout", "stall_timeout", "max_connections", "lean_transport",
-                 "affinity", "affinity_ttl", "affinity_slack", "max_body_bytes", "head_timeout",
-                 "body_timeout", "responses_ttl", "responses_max_bytes",
-                 "responses_max_entries"):
-        if name in gw:
-            setattr(cfg, name, type(getattr(cfg, name))(gw[name]))
-    return cfg

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from wire.http import json_response
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.core import Gateway
 
 router = APIRouter()
 

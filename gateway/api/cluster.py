@@ -14,7 +14,7 @@ from wire.http import json_response, read_json, validation_error
 from wire.status import JoinRequest
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.core import Gateway
 
 router = APIRouter()
 

@@ -27,8 +27,8 @@ from wire.http import json_response, read_json, validation_error
 from wire.status import WORKER_HEADER
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
     from gateway.config import ApiKey
+    from gateway.core import Gateway
 
 router = APIRouter()
 
@@ -97,6 +97,10 @@ async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]
         except ValidationError as exc:
             raise validation_error(exc) from None
         model = req.model
+        refused = gw.placer.refusal(model)  # a model too big for every worker and split
+        if refused is not None:
+            gw.metrics.rejected.labels("model_unplaceable").inc()
+            raise refused
         res = await gw.limits.admit(key, estimate_tokens(_prompt_chars(req), req.limit)
                                     if key is not None and key.tpm else 0)
         stream = req.stream

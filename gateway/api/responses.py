@@ -162,6 +162,10 @@ async def create(request: Request) -> Response:
         except ValidationError as exc:
             raise validation_error(exc) from None
         model = req.model
+        refused = gw.placer.refusal(model)  # a model too big for every worker and split
+        if refused is not None:
+            gw.metrics.rejected.labels("model_unplaceable").inc()
+            raise refused
         prev = None
         if req.previous_response_id:
             try:

@@ -133,7 +133,8 @@ function setText(id, text, cls) {
 
 function renderKpis(cluster) {
   const workers = cluster.workers || [];
-  const up = workers.filter((w) => w.state === "ready" || w.state === "busy").length;
+  // An idle worker (no model by design, waiting to be placed) is up, not a problem.
+  const up = workers.filter((w) => ["ready", "busy", "idle"].includes(w.state)).length;
   setText("k-workers", up + " / " + workers.length,
     workers.length && up < workers.length ? "warn" : (workers.length ? "" : "bad"));
   let busy = 0, total = 0, queued = 0, capacity = 0;
@@ -232,6 +233,15 @@ function renderPlacements(cluster) {
   for (const p of placements) {
     const card = el("div", "placement");
     card.dataset.model = p.model;
+    if (p.state === "unplaceable") {
+      // Fits no worker and no split of them: say so, with the numbers, never just omit it.
+      card.dataset.state = "unplaceable";
+      const title = el("div", "name", p.model);
+      title.append(el("span", "badge unplaceable", "unplaceable"));
+      card.append(title, el("div", "reason-text", p.reason || "fits no worker"));
+      box.append(card);
+      continue;
+    }
     const name = el("div", "name", p.model);
     name.append(el("span", "badge " + (p.mode === "split" ? "split" : "replica"),
       p.mode === "split" ? "split" : "replica ×" + (p.workers || []).length));
@@ -325,7 +335,10 @@ function workerCard(w, placements) {
     if (role !== "replica") chip.append(el("span", "role", role));
     models.append(chip);
   }
-  if (!roles.size) models.append(el("span", "empty", "no model placed"));
+  if (!roles.size) {
+    models.append(el("span", "empty", w.state === "idle" ? "idle: waiting to be placed"
+      : "no model placed"));
+  }
   // Placement progress from the worker (worker.control): a model download, a broken split.
   const pl = w.placement || {};
   const dl = pl.download;
