@@ -18,6 +18,7 @@ import pytest
 from conftest import MODEL, client_for
 from procs import Gateway, metric, start_gateway, start_redis, wait_for
 
+from gateway.api.responses import conversation_key
 from gateway.responses.events import Builder, skeleton
 from gateway.responses.translate import input_items, rename_param, to_messages
 from wire.responses import ResponsesRequest
@@ -313,3 +314,12 @@ def test_builder_never_cuts_silently() -> None:
     end = b.terminal()
     assert end["type"] == "response.incomplete"
     assert end["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_a_continued_conversation_keeps_its_first_turns_affinity_key() -> None:
+    first = conversation_key(MODEL, None, None, "resp_root", False)
+    later = conversation_key(MODEL, None, None, "resp_root", True)
+    assert first[0] == later[0] and first[1] is False and later[1] is True
+    assert conversation_key(MODEL, None, None, "resp_other", True)[0] != first[0]
+    assert conversation_key(MODEL, "s1", None, "resp_root", False) == (
+        f"{MODEL}\x00s\x00s1", True)  # the client's session header wins, as on chat

@@ -75,6 +75,15 @@ async def _record(gw: Gateway, key: ApiKey | None, rid: str) -> dict[str, Any]:
     return rec
 
 
+def conversation_key(model: str, header: str | None, user: str | None, root: str,
+                     continued: bool) -> tuple[str, bool]:
+    """The affinity key of a Responses turn: the client's session header or user as for
+    chat, else the conversation's first response id, the same for every later turn (which
+    prefers its worker), whatever instructions each turn sends."""
+    sk = session_key(model, header, {"user": user})
+    return sk if sk is not None else (f"{model}\x00r\x00{root}", continued)
+
+
 class _Turn:
     """One Responses request on its way: the request, its items, the chat call."""
 
@@ -184,9 +193,8 @@ async def create(request: Request) -> Response:
         user = key.user if key else req.user
         call = Call(model, "/v1/chat/completions", orjson.dumps(turn.chat), True, True, user)
         if gw.cfg.affinity:
-            sk = session_key(model, request.headers.get(SESSION_HEADER), {"user": req.user})
-            call.session, call.affine = sk if sk else (f"{model}\x00r\x00{turn.root}",
-                                                        prev is not None)
+            call.session, call.affine = conversation_key(
+                model, request.headers.get(SESSION_HEADER), req.user, turn.root, prev is not None)
         call.started = started
     except errors.APIError as err:
         gw.metrics.finished(model, err.status, time.perf_counter() - started)
