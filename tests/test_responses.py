@@ -323,3 +323,24 @@ def test_a_continued_conversation_keeps_its_first_turns_affinity_key() -> None:
     assert conversation_key(MODEL, None, None, "resp_other", True)[0] != first[0]
     assert conversation_key(MODEL, "s1", None, "resp_root", False) == (
         f"{MODEL}\x00s\x00s1", True)  # the client's session header wins, as on chat
+
+
+def test_memory_store_is_bounded() -> None:
+    import asyncio
+
+    from gateway.responses.store import ResponseStore
+
+    async def go() -> None:
+        s = ResponseStore(None, ttl=60, max_bytes=100, max_entries=2)
+        assert await s.put("r1", {"x": 1}) and await s.put("r2", {"x": 2})
+        assert await s.put("r3", {"x": 3})  # over the count: the oldest goes
+        assert await s.get("r1") is None and (await s.get("r3")) == {"x": 3}
+        assert not await s.put("big", {"x": "y" * 200})  # over the size: not stored
+        assert await s.get("big") is None
+        await s.delete("r2")
+        assert await s.get("r2") is None and s._bytes == len(b'{"x":3}')
+        expired = ResponseStore(None, ttl=-1)
+        await expired.put("old", {"x": 1})
+        assert await expired.get("old") is None
+
+    asyncio.run(go())

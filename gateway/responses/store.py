@@ -6,12 +6,11 @@ OpenAI does not carry over), plus the conversation's root id (the affinity key o
 later turn). It lives in Redis when the gateway has one, so any replica continues a
 conversation another started, else in this process. Both are bounded: a TTL per record, a
 size cap per record (a bigger one is not stored, and the log says so), and in memory a
-count cap (oldest dropped first).
+count cap and a total-bytes cap (oldest dropped first).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from typing import Any
@@ -22,6 +21,8 @@ log = logging.getLogger("corral.gateway")
 
 
 class ResponseStore:
+    MEMORY_BYTES = 256 * 1024 * 1024  # records kept in this process at most (oldest first)
+
     def __init__(self, redis: Any = None, ttl: float = 30 * 86400.0,
                  max_bytes: int = 4 * 1024 * 1024, max_entries: int = 10_000,
                  prefix: str = "corral:response:") -> None:
@@ -31,6 +32,7 @@ class ResponseStore:
         self.max_entries = max_entries
         self.prefix = prefix
         self._mem: dict[str, tuple[float, bytes]] = {}  # id -> (expires at, record)
+        self._bytes = 0  # the records' sizes in memory
 
     async def put(self, rid: str, record: dict[str, Any]) -> bool:
         """Stores `record`; False (and a log line) when it is too big or the store failed."""
@@ -46,11 +48,15 @@ class ResponseStore:
                 log.error("response %s not stored: Redis failed: %r", rid, exc)
                 return False
             return True
-        mem = self._mem
-        mem[rid] = (time.monotonic() + self.ttl, raw)
-        if len(mem) > self.max_entries:
-            for old in list(itertools.islice(mem, len(mem) - self.max_entries)):
-                del mem[old]
+        mem, now = self._mem, time.monotonic()
+        if rid in mem:
+            self._bytes -= len(mem.pop(rid)[1])
+        mem[rid] = (now + self.ttl, raw)
+        self._bytes += len(raw)
+        # Insertion order is expiry order (one TTL): drop expired, then oldest over a bound.
+        while mem and (len(mem) > self.max_entries or self._bytes > self.MEMORY_BYTES
+                       or next(iter(mem.values()))[0] <= now):
+            self._bytes -= len(mem.pop(next(iter(mem)))[1])
         return True
 
     async def get(self, rid: str) -> dict[str, Any] | None:
@@ -66,4 +72,6 @@ class ResponseStore:
         if self.redis is not None:
             await self.redis.delete(self.prefix + rid)
         else:
-            self._mem.pop(rid, None)
+            hit = self._mem.pop(rid, None)
+            if hit is not None:
+                self._bytes -= len(hit[1])
