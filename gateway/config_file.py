@@ -223,4 +223,6 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
     )
     for name, value in file.gateway.model_dump(exclude_none=True).items():
         setattr(cfg, name, value)  # the optional [gateway] table of tuning knobs
+    if os.environ.get("CORRAL_METRICS_TOKEN"):  # a secret: also from the environment
+        cfg.metrics_token = os.environ["CORRAL_METRICS_TOKEN"]
     return cfg
