@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from gateway.api import admin, cluster, models, openai, responses
+from gateway.api import admin, cluster, keys, models, openai, responses
 from gateway.config import GatewayConfig
 from gateway.core import Gateway
 from gateway.guard import BodyGuard
@@ -29,7 +29,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
             await gw.stop()
 
     app = FastAPI(title="Corral gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url="/openapi.json")
+                  openapi_url=None)  # served by api/cluster.py, closed like /cluster
     app.state.gateway = gw
     app.add_middleware(BodyGuard, max_body_bytes=cfg.max_body_bytes,
                        body_timeout=cfg.body_timeout)
@@ -38,6 +38,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     app.include_router(responses.router)
     app.include_router(cluster.router)
     app.include_router(admin.router)
+    app.include_router(keys.router)
     app.include_router(models.router)
     try:  # the dashboard (`GET /`) is its own module, built separately
         dashboard = importlib.import_module("gateway.api.dashboard")

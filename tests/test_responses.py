@@ -24,7 +24,19 @@ from gateway.responses.translate import input_items, rename_param, to_messages
 from wire.responses import ResponsesRequest
 
 HEADER = "x-corral-worker"
-KEYS = {"CORRAL_API_KEYS": "sk-alice,sk-bob"}  # users key0 and key1
+KEYS = """
+[[api_keys]]
+key = "sk-alice"
+user = "alice"
+[[api_keys]]
+key = "sk-bob"
+user = "bob"
+[[api_keys]]
+key = "sk-webui"
+user = "webui"
+frontend = "openwebui"
+"""
+END_USER = "X-OpenWebUI-User-Id"
 needs_tools = pytest.mark.skipif(
     importlib.util.find_spec("wire.tools") is None,
     reason="needs tools/tool_choice/response_format on the chat path (branch h4-tools, "
@@ -36,13 +48,15 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "The weathe
 
 
 @pytest.fixture(scope="module")
-def gateways(llama_worker) -> Iterator[tuple[Gateway, Gateway]]:
+def gateways(llama_worker, tmp_path_factory) -> Iterator[tuple[Gateway, Gateway]]:
+    conf = tmp_path_factory.mktemp("responses") / "corral.toml"
+    conf.write_text(KEYS)
     redis, url = start_redis()
     started: list[Gateway] = []
     try:
         for _ in range(2):
             started.append(start_gateway("--worker", llama_worker.url, "--redis-url", url,
-                                         env=KEYS))
+                                         "--config", str(conf)))
         for g in started:
             wait_for(lambda g=g: httpx.get(f"{g.url}/readyz").status_code == 200, 60, 0.05,
                      "gateway ready")
@@ -63,7 +77,7 @@ def bob(g: Gateway) -> openai.OpenAI:
 
 def test_text_is_stored_shared_and_private(gateways) -> None:
     a, b = gateways
-    before = metric(a.url, "corral_user_tokens_total", user="key0", kind="completion")
+    before = metric(a.url, "corral_user_tokens_total", user="alice", kind="completion")
     raw = alice(a).responses.with_raw_response.create(
         model=MODEL, instructions="Answer in one short sentence.", input="What is 2+2?",
         max_output_tokens=40, temperature=0)
@@ -77,7 +91,7 @@ def test_text_is_stored_shared_and_private(gateways) -> None:
     assert u.output_tokens_details.reasoning_tokens == 0
     assert u.input_tokens_details.cached_tokens >= 0
     # per-user usage counts it like chat
-    wait_for(lambda: metric(a.url, "corral_user_tokens_total", user="key0",
+    wait_for(lambda: metric(a.url, "corral_user_tokens_total", user="alice",
                             kind="completion") >= before + u.output_tokens, 5, 0.05, "usage")
 
     # stored in Redis: the other replica serves it, and its input items
@@ -128,6 +142,22 @@ def test_stream_with_the_sdk_helper(gateways) -> None:
         assert s.get_final_response().output_text == deltas
     # stored before the last event: the other replica has it at once
     assert alice(b).responses.retrieve(final.id).output[0].content[0].text == deltas
+
+
+def test_behind_a_front_end_each_end_user_sees_only_their_own(gateways) -> None:
+    a, b = gateways
+
+    def as_user(g: Gateway, uid: str | None) -> openai.OpenAI:
+        return client_for(g.url, api_key="sk-webui",
+                          default_headers={END_USER: uid} if uid else None)
+
+    r = as_user(a, "u1").responses.create(model=MODEL, input="Hi", max_output_tokens=4)
+    assert as_user(b, "u1").responses.retrieve(r.id).id == r.id
+    for other in (as_user(b, "u2"), as_user(a, None), alice(a)):
+        with pytest.raises(openai.NotFoundError):
+            other.responses.retrieve(r.id)
+    with pytest.raises(openai.BadRequestError):
+        as_user(a, "u2").responses.create(model=MODEL, input="and?", previous_response_id=r.id)
 
 
 def test_store_false_is_not_kept(gateways) -> None:

@@ -6,7 +6,8 @@ through the same admission → routing → upstream path as chat, always streame
 worker so that a broken stream is continued elsewhere (relay.py); the chat chunks are
 turned into Responses events (events.py) for a streaming client, or into the response
 object for a plain one. Limits and per-user usage are counted by `Accounted`, as for chat.
-Stored responses belong to the key that created them (its user); any other key gets 404.
+Stored responses belong to the key that created them (its user; behind a trusted front end,
+the end user it forwarded); anyone else gets 404.
 A conversation continued with previous_response_id keeps its root's affinity key, so it
 goes back to the worker holding its prompt cache, even through another gateway replica.
 """
@@ -26,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.affinity import SESSION_HEADER, session_key
 from gateway.api.openai import GATEWAY, Accounted
+from gateway.identity import EndUser, resolve
 from gateway.limits import estimate_tokens
 from gateway.relay import Relay, RelayResponse
 from gateway.responses import translate as tr
@@ -48,9 +50,12 @@ def _gw(request: Request) -> Gateway:
     return request.app.state.gateway
 
 
-def _owner(key: ApiKey | None) -> str:
-    """Who a stored response belongs to: the key's user ("" when the gateway is open)."""
-    return key.user if key is not None else ""
+def _owner(key: ApiKey | None, end: EndUser | None) -> str:
+    """Who a stored response belongs to: the key's user ("" when the gateway is open) and,
+    behind a trusted front end, the end user it forwarded (each sees only their own)."""
+    if key is None:
+        return ""
+    return key.user if end is None else f"{key.user}\x00{end.id}"
 
 
 def _renamed(err: errors.APIError) -> errors.APIError:
@@ -59,37 +64,43 @@ def _renamed(err: errors.APIError) -> errors.APIError:
     return err
 
 
+def _caller(gw: Gateway, request: Request) -> str:
+    """The owner a GET/DELETE asks as (401 without a valid key or front-end identity)."""
+    key = gw.auth.api_key(request)
+    return _owner(key, resolve(key, request.headers))
+
+
 def _not_found(rid: str) -> errors.APIError:
     return errors.APIError(404, f"Response with id {rid!r} not found.",
                            "invalid_request_error", None, "not_found")
 
 
-async def _record(gw: Gateway, key: ApiKey | None, rid: str) -> dict[str, Any]:
+async def _record(gw: Gateway, owner: str, rid: str) -> dict[str, Any]:
     try:
         rec = await gw.responses.get(rid)
     except Exception as exc:
         raise errors.unavailable(f"The response store is unavailable ({type(exc).__name__})."
                                  ) from None
-    if rec is None or rec.get("owner") != _owner(key):
+    if rec is None or rec.get("owner") != owner:
         raise _not_found(rid)
     return rec
 
 
 def conversation_key(model: str, header: str | None, user: str | None, root: str,
-                     continued: bool) -> tuple[str, bool]:
-    """The affinity key of a Responses turn: the client's session header or user as for
-    chat, else the conversation's first response id, the same for every later turn (which
-    prefers its worker), whatever instructions each turn sends."""
-    sk = session_key(model, header, {"user": user})
+                     continued: bool, chat: str | None = None) -> tuple[str, bool]:
+    """The affinity key of a Responses turn: the client's session header, a front end's
+    chat id or the user field as for chat, else the conversation's first response id, the
+    same for every later turn (which prefers its worker), whatever instructions each sends."""
+    sk = session_key(model, header, {"user": user}, chat)
     return sk if sk is not None else (f"{model}\x00r\x00{root}", continued)
 
 
 class _Turn:
     """One Responses request on its way: the request, its items, the chat call."""
 
-    def __init__(self, gw: Gateway, req: ResponsesRequest, key: ApiKey | None,
+    def __init__(self, gw: Gateway, req: ResponsesRequest, owner: str,
                  prev: dict[str, Any] | None) -> None:
-        self.gw, self.req, self.key = gw, req, key
+        self.gw, self.req, self.owner = gw, req, owner
         self.id = tr.new_id("resp")
         self.root = prev["root"] if prev else self.id
         self.items = tr.input_items(req)
@@ -108,7 +119,7 @@ class _Turn:
         if not self.req.store or b.response["status"] not in ("completed", "incomplete"):
             return
         await self.gw.responses.put(self.id, {
-            "owner": _owner(self.key), "root": self.root, "response": b.response,
+            "owner": self.owner, "root": self.root, "response": b.response,
             "input_items": self.items, "history": self.history + b.history()})
 
     async def events(self, relay: Relay) -> AsyncIterator[dict[str, Any]]:
@@ -163,9 +174,13 @@ async def create(request: Request) -> Response:
     started = time.perf_counter()
     model = ""
     key: ApiKey | None = None
+    end: EndUser | None = None
     try:
         key = gw.auth.api_key(request)
         body = await read_json(request)
+        end = resolve(key, request.headers, body)  # a trusted front end's end user
+        eid = end.id if end is not None else None
+        owner = _owner(key, end)
         try:
             req = ResponsesRequest.model_validate(body)
         except ValidationError as exc:
@@ -178,23 +193,25 @@ async def create(request: Request) -> Response:
         prev = None
         if req.previous_response_id:
             try:
-                prev = await _record(gw, key, req.previous_response_id)
+                prev = await _record(gw, owner, req.previous_response_id)
             except errors.APIError as err:
                 if err.status != 404:
                     raise
                 raise errors.bad_request(
                     f"Previous response with id {req.previous_response_id!r} not found.",
                     param="previous_response_id") from None
-        turn = _Turn(gw, req, key, prev)
-        chars = sum(len(oa.ChatMessage.model_validate(m).text()) + 8
-                    for m in turn.chat["messages"])
+        turn = _Turn(gw, req, owner, prev)
+        await gw.budgets.check(key, eid)
+        chars = sum(len(m.text()) + 8 for m in turn.checked.messages)
         res = await gw.limits.admit(key, estimate_tokens(chars, req.max_output_tokens)
-                                    if key is not None and key.tpm else 0)
-        user = key.user if key else req.user
-        call = Call(model, "/v1/chat/completions", orjson.dumps(turn.chat), True, True, user)
+                                    if key is not None and (key.tpm or key.user_tpm) else 0,
+                                    eid)
+        who = end.queue_user if end is not None else (key.user if key else req.user)
+        call = Call(model, "/v1/chat/completions", orjson.dumps(turn.chat), True, True, who)
         if gw.cfg.affinity:
             call.session, call.affine = conversation_key(
-                model, request.headers.get(SESSION_HEADER), req.user, turn.root, prev is not None)
+                model, request.headers.get(SESSION_HEADER), req.user, turn.root,
+                prev is not None, end.chat if end is not None else None)
         call.started = started
     except errors.APIError as err:
         gw.metrics.finished(model, err.status, time.perf_counter() - started)
@@ -203,18 +220,20 @@ async def create(request: Request) -> Response:
         else:
             if err.code == "rate_limit_exceeded":
                 gw.metrics.rejected.labels("rate_limited").inc()
+            elif err.code == "insufficient_quota":
+                gw.metrics.rejected.labels("insufficient_quota").inc()
             if key is not None or gw.auth.open:
-                gw.usage.record(key.user if key else None, err.status, 0, 0)
+                gw.usage.record(key.user if key else None, err.status, 0, 0, end)
         return _error(err, GATEWAY)
     resp = await gw.upstream.handle(request, call)
     if not isinstance(resp, RelayResponse):  # an error before any byte: say it in our names
-        return Accounted(_chat_error(resp), gw, res, key.user if key else None)
+        return Accounted(_chat_error(resp), gw, res, key.user if key else None, end)
     relay = resp.relay
     headers = {WORKER_HEADER: resp.headers.get(WORKER_HEADER, GATEWAY)}
     if req.stream:
         out: Response = _EventStream(turn, relay, {**headers, "cache-control": "no-cache",
                                                    "x-accel-buffering": "no"})
-        return Accounted(out, gw, res, key.user if key else None)
+        return Accounted(out, gw, res, key.user if key else None, end)
     try:
         await until_disconnect(request, _whole(turn, relay))
     except ClientGone:
@@ -224,7 +243,7 @@ async def create(request: Request) -> Response:
     finally:
         await relay.close()
     out.relay = relay  # type: ignore[attr-defined]  # Accounted reads the usage from it
-    return Accounted(out, gw, res, key.user if key else None)
+    return Accounted(out, gw, res, key.user if key else None, end)
 
 
 def _whole_response(b: Builder, headers: dict[str, str]) -> Response:
@@ -258,11 +277,11 @@ def _chat_error(resp: Response) -> Response:
 async def retrieve(request: Request, rid: str) -> Response:
     gw = _gw(request)
     try:
-        key = gw.auth.api_key(request)
+        owner = _caller(gw, request)
         if request.query_params.get("stream") in ("true", "1"):
             raise errors.bad_request("Streaming a stored response needs background mode, "
                                      "which is not supported.", param="stream")
-        rec = await _record(gw, key, rid)
+        rec = await _record(gw, owner, rid)
     except errors.APIError as err:
         return _error(err, GATEWAY)
     return json_response(rec["response"], headers={WORKER_HEADER: GATEWAY})
@@ -272,8 +291,7 @@ async def retrieve(request: Request, rid: str) -> Response:
 async def delete(request: Request, rid: str) -> Response:
     gw = _gw(request)
     try:
-        key = gw.auth.api_key(request)
-        await _record(gw, key, rid)
+        await _record(gw, _caller(gw, request), rid)
         await gw.responses.delete(rid)
     except errors.APIError as err:
         return _error(err, GATEWAY)
@@ -286,7 +304,7 @@ async def input_items(request: Request, rid: str) -> Response:
     gw = _gw(request)
     q = request.query_params
     try:
-        key = gw.auth.api_key(request)
+        owner = _caller(gw, request)
         try:
             limit = int(q.get("limit", "20"))
         except ValueError:
@@ -296,7 +314,7 @@ async def input_items(request: Request, rid: str) -> Response:
         order = q.get("order", "desc")
         if order not in ("asc", "desc"):
             raise errors.bad_request("order must be 'asc' or 'desc'.", param="order")
-        items = list((await _record(gw, key, rid))["input_items"])
+        items = list((await _record(gw, owner, rid))["input_items"])
     except errors.APIError as err:
         return _error(err, GATEWAY)
     if order == "desc":
