@@ -13,7 +13,7 @@ from worker import control
 from worker.api import router
 from worker.backends.base import Backend
 from worker.config import WorkerConfig
-from worker.join import join_loop
+from worker.join import discover_and_join, discovering, join_loop
 from worker.state import WorkerState
 
 
@@ -25,6 +25,8 @@ def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
         tasks = [asyncio.create_task(state.load())]
         if cfg.join:
             tasks.append(asyncio.create_task(join_loop(cfg)))
+        elif discovering(cfg):
+            tasks.append(asyncio.create_task(discover_and_join(cfg)))
         try:
             yield
         finally:
