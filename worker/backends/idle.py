@@ -17,6 +17,7 @@ class IdleBackend:
 
     model_path = None
     default_max_tokens = None
+    batch_invariant = None  # nothing loaded, nothing measured (/status reads it)
 
     def __init__(self, slots: int = 1, n_ctx: int = 2048, name: str = "llama") -> None:
         # What a placed model will get: the planner sizes its KV cache from these. The name
