@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from wire import http
-from worker import control
+from worker import control, linkprobe
 from worker.api import router
 from worker.backends.base import Backend
 from worker.config import WorkerConfig
@@ -50,4 +50,5 @@ def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
     http.install(app)
     app.include_router(router)
     control.install(app, state)
+    app.include_router(linkprobe.router)
     return app

@@ -35,6 +35,9 @@ class IdleBackend:
     def stats(self) -> dict[str, int]:
         return {}
 
+    def capabilities(self) -> dict[str, int]:
+        return {"top_logprobs": 0, "n": self.slots}  # nothing to serve yet
+
     def describe(self) -> dict[str, Any]:
         return {"device": "CPU", "devices": ["CPU"]}
 
