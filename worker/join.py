@@ -42,6 +42,7 @@ async def discover_and_join(cfg: WorkerConfig) -> None:
                 f" of cluster {cfg.cluster!r}" if cfg.cluster else "", mdns.SERVICE)
     url = await mdns.find_gateway(cfg.host, cfg.cluster)
     log.warning("found gateway %s by mDNS", url)
+    cfg.join = url  # as if given: rpc_hosts() routes a wildcard-bound shard by it
     await join_loop(cfg, url)
 
 
