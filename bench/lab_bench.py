@@ -31,8 +31,16 @@ from procs import wait_for  # noqa: E402
 
 MODEL = "smollm2-135m"
 ENV = {"CORRAL_CLUSTER_TOKEN": "lab-bench-token"}
-# The model needs ~317 MiB with its KV cache: 200 MiB splits it over 2, 140 MiB over 3.
-SPLIT_LIMIT = {2: 200 << 20, 3: 140 << 20}
+SLOTS = 4
+
+
+def split_limit(n: int) -> int:
+    """Memory per worker that holds the model over `n` workers but not over `n - 1`."""
+    from gateway.placement import estimate
+    from worker.models import resolve
+
+    need = estimate(resolve(MODEL)[1], n_ctx=2048, slots=SLOTS).total
+    return int(need / (n - 0.5))
 LAYOUTS = ("local", "replicas-2", "replicas-3", "split-2", "split-3")
 
 
@@ -48,10 +56,10 @@ def run_layout(profile: str, layout: str, streams: list[int], requests: int,
         gw = lab.start("gw", "gateway", "--host", lab.addr("gw"), "--port", "8000", *args,
                        env=ENV)
         for i in range(n_workers):
-            role = (["--memory-limit", str(SPLIT_LIMIT[n_workers])] if kind == "split"
+            role = (["--memory-limit", str(split_limit(n_workers))] if kind == "split"
                     else ["--model", MODEL])
             lab.start(f"w{i}", "worker", "--host", lab.addr(f"w{i}"), "--port", "8100",
-                      "--threads", "1", "--parallel", "4", *role, env=ENV)
+                      "--threads", "1", "--parallel", str(SLOTS), *role, env=ENV)
 
         def ready() -> bool:
             if not gw.alive():
