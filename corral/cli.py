@@ -1,4 +1,4 @@
-"""`corral up|gateway|worker|status|bench`.
+"""`corral up|gateway|worker|status|keys|bench`.
 
 Every flag also reads `CORRAL_<FLAG>` from the environment (flags win). Heavy modules
 (llama_cpp, openvino) are imported only by the command that needs them.
@@ -112,7 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="the cluster as a table")
     s.add_argument("--gateway", default="http://127.0.0.1:8000")
     s.add_argument("--json", action="store_true", help="print /cluster as JSON")
+    s.add_argument("--token", default=None,
+                   help="the cluster token, for a closed gateway (default: "
+                   "$CORRAL_CLUSTER_TOKEN)")
+    s.add_argument("--api-key", default=None, help="or an API key, for a closed gateway")
     s.set_defaults(func=_cmd_status)
+
+    from corral import keys
+
+    keys.add_parser(sub)
 
     b = sub.add_parser("bench", help="load generator for any OpenAI-compatible endpoint")
     b.add_argument("--base-url", required=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import httpx
@@ -21,8 +22,15 @@ def _gib(n: object) -> str:
 
 def run(a: argparse.Namespace) -> int:
     base = a.gateway.rstrip("/")
+    secret = (getattr(a, "api_key", None) or getattr(a, "token", None)
+              or os.environ.get("CORRAL_CLUSTER_TOKEN", ""))
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     try:
-        r = httpx.get(f"{base}/cluster", timeout=5.0)
+        r = httpx.get(f"{base}/cluster", timeout=5.0, headers=headers)
+        if r.status_code == 401:
+            print(f"corral status: {base}/cluster is closed (API keys are configured): pass "
+                  "--token (or CORRAL_CLUSTER_TOKEN) or --api-key", file=sys.stderr)
+            return 1
         r.raise_for_status()
         data = r.json()
     except (httpx.HTTPError, ValueError) as exc:

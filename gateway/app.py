@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from gateway.api import admin, cluster, models, openai
+from gateway.api import admin, cluster, keys, models, openai
 from gateway.config import GatewayConfig
 from gateway.core import Gateway
 from gateway.guard import BodyGuard
@@ -50,7 +50,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
             await gw.stop()
 
     app = FastAPI(title="Corral gateway", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url="/openapi.json")
+                  openapi_url=None)  # served by api/cluster.py, closed like /cluster
     app.state.gateway = gw
     app.add_middleware(BodyGuard, max_body_bytes=cfg.max_body_bytes,
                        body_timeout=cfg.body_timeout)
@@ -58,6 +58,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(cluster.router)
     app.include_router(admin.router)
+    app.include_router(keys.router)
     app.include_router(models.router)
     try:  # the dashboard (`GET /`) is its own module, built separately
         dashboard = importlib.import_module("gateway.api.dashboard")

@@ -8,20 +8,54 @@ models. Precedence: flag/env > config file > default. `config_file.load_config` 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class ApiKey:
-    """A client key; `rpm`/`tpm` limits are enforced by limits.py (None: unlimited)."""
+    """A client key; `rpm`/`tpm` limits are enforced by limits.py (None: unlimited).
+
+    A key marked as a `frontend` (a chat UI the whole team reaches Corral through) has its
+    forwarded end-user identity trusted (identity.py); `user_rpm`/`user_tpm` then limit each
+    end user inside the key's own limits. Budgets (budgets.py) cap tokens per UTC day or
+    month, for the key and for each of its end users. Keys added at run time (keys.py) carry
+    only the digest of their secret (`key` is "").
+    """
 
     key: str
     user: str
     rpm: int | None = None
     tpm: int | None = None
+    frontend: str | None = None  # "openwebui" or "headers" (identity.py)
+    frontend_jwt_secret: str | None = None
+    frontend_headers: tuple[tuple[str, str], ...] = ()  # (field, header name) overrides
+    user_rpm: int | None = None
+    user_tpm: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    user_tokens_per_day: int | None = None
+    user_tokens_per_month: int | None = None
+    digest: str = ""  # sha256 hex of the secret; computed from `key` when empty
+    source: str = "config"  # "config" (file or env) or "runtime" (keys.py)
 
-    def __repr__(self) -> str:  # never print a key
-        return f"ApiKey(user={self.user!r}, rpm={self.rpm}, tpm={self.tpm})"
+    def __post_init__(self) -> None:
+        if not self.digest and self.key:
+            object.__setattr__(self, "digest", hashlib.sha256(self.key.encode()).hexdigest())
+
+    @property
+    def id(self) -> str:
+        """A public name for the key (listing, revoking): never the secret."""
+        return "key_" + self.digest[:12]
+
+    @property
+    def has_budget(self) -> bool:
+        return bool(self.tokens_per_day or self.tokens_per_month
+                    or self.user_tokens_per_day or self.user_tokens_per_month)
+
+    def __repr__(self) -> str:  # never print a key or a secret
+        return (f"ApiKey(id={self.id!r}, user={self.user!r}, rpm={self.rpm}, tpm={self.tpm}, "
+                f"frontend={self.frontend!r})")
 
 
 @dataclass
@@ -65,6 +99,10 @@ class GatewayConfig:
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413
     head_timeout: float = 10.0  # seconds a client may take to send a request's headers
     body_timeout: float = 30.0  # seconds a client may take to send a request's body (408)
+    # Closed views (auth.py): with API keys configured, /cluster, the dashboard and
+    # /openapi.json need a key or the cluster token, unless the dashboard is public.
+    public_dashboard: bool = False
+    metrics_token: str = ""  # when set, GET /metrics needs it (or the cluster token)
 
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
         return (f"GatewayConfig(host={self.host!r}, port={self.port}, workers={self.workers}, "

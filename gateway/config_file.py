@@ -19,9 +19,16 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from gateway.config import ApiKey, GatewayConfig
 
@@ -38,6 +45,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class FrontendHeaders(_Strict):
+    """Header names a front end forwards its end user's identity in (identity.py)."""
+
+    user: str | None = None  # the end user's stable id
+    name: str | None = None
+    email: str | None = None
+    role: str | None = None
+    chat: str | None = None  # the conversation's id (session affinity)
+    jwt: str | None = None  # a signed identity (HS256), when frontend_jwt_secret is set
+
+
 class ApiKeyEntry(_Strict):
     """One `[[api_keys]]` entry."""
 
@@ -46,6 +64,39 @@ class ApiKeyEntry(_Strict):
     user: str | None = None
     rpm: int | None = Field(None, ge=0)  # requests per minute (0 or absent: unlimited)
     tpm: int | None = Field(None, ge=0)  # tokens per minute
+    # A trusted front end (identity.py): its forwarded end-user identity is believed.
+    frontend: Literal["openwebui", "headers"] | None = None
+    frontend_jwt_secret: str | None = Field(None, min_length=1)  # require a signed identity
+    frontend_headers: FrontendHeaders | None = None  # header names, for other front ends
+    user_rpm: int | None = Field(None, ge=0)  # per end user, inside the key's own limits
+    user_tpm: int | None = Field(None, ge=0)
+    tokens_per_day: int | None = Field(None, ge=0)  # budgets (UTC day / month); 429 after
+    tokens_per_month: int | None = Field(None, ge=0)
+    user_tokens_per_day: int | None = Field(None, ge=0)
+    user_tokens_per_month: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _frontend_only(self) -> ApiKeyEntry:
+        loose = [n for n in ("frontend_jwt_secret", "frontend_headers", "user_rpm", "user_tpm",
+                             "user_tokens_per_day", "user_tokens_per_month")
+                 if getattr(self, n) is not None]
+        if loose and self.frontend is None:
+            raise ValueError(f"{', '.join(loose)} need(s) frontend = \"openwebui\" or "
+                             "\"headers\" on the same key")
+        if self.frontend == "headers" and not (self.frontend_headers
+                                               and self.frontend_headers.user):
+            raise ValueError('frontend = "headers" needs frontend_headers.user (the header '
+                             "naming the end user)")
+        return self
+
+    def to_key(self, i: int) -> ApiKey:
+        heads = self.frontend_headers.model_dump(exclude_none=True) if self.frontend_headers \
+            else {}
+        return ApiKey(
+            self.key, self.user or f"key{i}", self.rpm, self.tpm, self.frontend,
+            self.frontend_jwt_secret, tuple(sorted(heads.items())), self.user_rpm,
+            self.user_tpm, self.tokens_per_day, self.tokens_per_month,
+            self.user_tokens_per_day, self.user_tokens_per_month)
 
 
 def _tunables() -> dict[str, Any]:
@@ -160,8 +211,7 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
     if generated:
         # Cluster writes always need a token; with none configured, make one up and say it.
         token = secrets.token_urlsafe(24)
-    keys = [ApiKey(k.key, k.user or f"key{i}", k.rpm, k.tpm)
-            for i, k in enumerate(file.api_keys)]
+    keys = [k.to_key(i) for i, k in enumerate(file.api_keys)]
     keys += _keys_from_env(os.environ.get("CORRAL_API_KEYS"))
     cfg = GatewayConfig(
         host=args.host, port=args.port,
@@ -175,4 +225,6 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
     )
     for name, value in file.gateway.model_dump(exclude_none=True).items():
         setattr(cfg, name, value)  # the optional [gateway] table of tuning knobs
+    if os.environ.get("CORRAL_METRICS_TOKEN"):  # a secret: also from the environment
+        cfg.metrics_token = os.environ["CORRAL_METRICS_TOKEN"]
     return cfg

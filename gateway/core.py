@@ -12,7 +12,9 @@ import time
 from gateway.admission import Admission
 from gateway.affinity import Affinity
 from gateway.auth import Auth
+from gateway.budgets import Budgets
 from gateway.config import GatewayConfig
+from gateway.keys import KeyStore
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.placer import Placer
@@ -31,7 +33,9 @@ class Gateway:
         self.cfg = cfg
         self.started = int(time.time())
         self.state = state or make_state(cfg.redis_url)
-        self.auth = Auth(cfg)
+        redis = self.state.redis_client
+        self.keys = KeyStore(redis)
+        self.auth = Auth(cfg, self.keys)
         self.registry = Registry(cfg, self.state)
         self.metrics = Metrics(self.registry)
         self.router = Router(self.registry, cfg.worker_queue_allowance, cfg.affinity_slack)
@@ -43,11 +47,13 @@ class Gateway:
             lambda: {w.id: w.url for w in self.registry.workers.values()}, cfg.cluster_token)
         self.placer = Placer(cfg, self.registry, self.topology)
         self.metrics.collector.placer = self.placer
-        redis = self.state.redis_client
         self.limits = Limiter(redis)
+        self.budgets = Budgets(redis)
         self.usage = Usage(self.metrics.prom, [k.user for k in cfg.api_keys], redis)
 
     async def start(self) -> None:
+        await self.keys.start()
+        await self.budgets.start()
         await self.registry.start()
         await self.topology.start()
         await self.placer.start()
@@ -59,6 +65,8 @@ class Gateway:
         await self.topology.stop()
         await self.usage.stop()
         await self.limits.stop()
+        await self.budgets.stop()
+        await self.keys.stop()
         await self.registry.stop()
         await self.upstream.close()
         if self.upstream.affinity is not None:

@@ -99,13 +99,21 @@ def test_every_valid_setting_still_loads_with_the_same_meaning(tmp_path: Path) -
     assert cfg.queue_size == 7 and cfg.max_body_bytes == 1024 and cfg.down_grace == 2.5
     assert cfg.lean_transport is False and cfg.affinity is False and cfg.stall_timeout == 0.0
     # Every tuning knob of GatewayConfig is a valid [gateway] key and is applied, typed.
-    changed = {name: (not v) if isinstance(v, bool) else v + 1 for name, v in _tunables().items()}
+    changed = {name: (not v) if isinstance(v, bool) else (v + "x" if isinstance(v, str)
+                                                             else v + 1)
+               for name, v in _tunables().items()}
     conf.write_text("[gateway]\n" + "\n".join(
-        f"{name} = {str(v).lower() if isinstance(v, bool) else v}" for name, v in changed.items()))
+        f"{name} = {_toml(v)}" for name, v in changed.items()))
     cfg = load_config(_ns(conf))
     for name, v in changed.items():
         got = getattr(cfg, name)
         assert got == v and type(got) is type(v), (name, got, v)
+
+
+def _toml(v: object) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    return f'"{v}"' if isinstance(v, str) else str(v)
 
 
 def _tunables() -> dict[str, object]:

@@ -46,11 +46,33 @@ function naturalCompare(a, b) {
   return String(a).localeCompare(String(b), undefined, { numeric: true, sensitivity: "base" });
 }
 
+// A closed gateway (API keys configured) answers 401: ask for a key or the cluster token
+// once, keep it for this browser session only (sessionStorage), and send it as a bearer.
+const TOKEN_KEY = "corral-token";
+
+function askToken() {
+  const form = document.getElementById("login");
+  if (!form || !form.hidden) return;
+  form.hidden = false;
+  form.onsubmit = (ev) => {
+    ev.preventDefault();
+    const v = document.getElementById("login-token").value.trim();
+    if (v) sessionStorage.setItem(TOKEN_KEY, v);
+    form.hidden = true;
+  };
+}
+
 async function getJSON(path) {
   const ctrl = new AbortController();
   const timer = setTimeout(() => ctrl.abort(), 3000);
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const headers = token ? { Authorization: "Bearer " + token } : {};
   try {
-    const r = await fetch(path, { cache: "no-store", signal: ctrl.signal });
+    const r = await fetch(path, { cache: "no-store", signal: ctrl.signal, headers });
+    if (r.status === 401) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      askToken();
+    }
     if (!r.ok) throw new Error(path + ": HTTP " + r.status);
     return await r.json();
   } finally {
