@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -95,6 +96,10 @@ def sweep_stale() -> None:
         pid = name[len(PREFIX):].split("-")[0] if name.startswith(PREFIX) else ""
         if pid.isdigit() and not Path(f"/proc/{pid}").exists():
             _ip("netns", "del", name, check=False)
+
+
+def _raise_exit(*_: object) -> None:
+    raise SystemExit(143)
 
 
 def _tbf(ns: str, dev: str, mbit: float) -> None:
@@ -167,6 +172,9 @@ class Lab:
     def up(self) -> None:
         sweep_stale()
         atexit.register(self.close)
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (timeout, CI cancel) unwinds like Ctrl-C, so `close` runs.
+            signal.signal(signal.SIGTERM, _raise_exit)
         self._netns(self.switch)
         sw = ["-n", self.switch]
         _ip(*sw, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
