@@ -174,7 +174,7 @@ class Lab:
         atexit.register(self.close)
         if threading.current_thread() is threading.main_thread():
             # SIGTERM (timeout, CI cancel) unwinds like Ctrl-C, so `close` runs.
-            signal.signal(signal.SIGTERM, _raise_exit)
+            self._old_term = signal.signal(signal.SIGTERM, _raise_exit)
         self._netns(self.switch)
         sw = ["-n", self.switch]
         _ip(*sw, "link", "add", "br0", "type", "bridge", "mcast_snooping", "0")
@@ -261,3 +261,6 @@ class Lab:
             _ip("netns", "del", ns, check=False)
         self._made.clear()
         atexit.unregister(self.close)
+        old, self._old_term = getattr(self, "_old_term", None), None
+        if old is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, old)
