@@ -67,6 +67,8 @@ class GatewayConfig:
     redis_url: str | None = None
     cluster_token: str = ""
     cluster_token_generated: bool = False
+    cluster_name: str = "corral"  # advertised by mDNS (wire/mdns.py); never the token
+    discover: bool | None = None  # mDNS advertising; None: when bound off loopback
     api_keys: list[ApiKey] = field(default_factory=list)
     log_level: str = "warning"
     # Health and load probing.

@@ -22,6 +22,7 @@ from gateway.registry import Registry
 from gateway.responses.store import ResponseStore
 from gateway.routing import Router
 from gateway.state import SharedState, make_state
+from gateway.topology import Topology
 from gateway.upstream import Upstream
 from gateway.usage import Usage
 
@@ -43,7 +44,9 @@ class Gateway:
         self.upstream = Upstream(cfg, self.registry, self.admission, self.metrics)
         if cfg.affinity:
             self.upstream.affinity = Affinity(cfg, self.state)
-        self.placer = Placer(cfg, self.registry)
+        self.topology = Topology(
+            lambda: {w.id: w.url for w in self.registry.workers.values()}, cfg.cluster_token)
+        self.placer = Placer(cfg, self.registry, self.topology)
         self.metrics.collector.placer = self.placer
         self.limits = Limiter(redis)
         self.budgets = Budgets(redis)
@@ -55,12 +58,14 @@ class Gateway:
         await self.keys.start()
         await self.budgets.start()
         await self.registry.start()
+        await self.topology.start()
         await self.placer.start()
         await self.limits.start()
         await self.usage.start()
 
     async def stop(self) -> None:
         await self.placer.stop()
+        await self.topology.stop()
         await self.usage.stop()
         await self.limits.stop()
         await self.budgets.stop()
