@@ -40,7 +40,7 @@ from wire.responses import ResponsesRequest
 from wire.status import WORKER_HEADER
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.core import Gateway
     from gateway.config import ApiKey
 
 router = APIRouter()
