@@ -40,8 +40,8 @@ from wire.responses import ResponsesRequest
 from wire.status import WORKER_HEADER
 
 if TYPE_CHECKING:
-    from gateway.core import Gateway
     from gateway.config import ApiKey
+    from gateway.core import Gateway
 
 router = APIRouter()
 
