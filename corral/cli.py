@@ -1,4 +1,4 @@
-"""`corral up|gateway|worker|status|bench`.
+"""`corral up|gateway|worker|status|keys|bench`.
 
 Every flag also reads `CORRAL_<FLAG>` from the environment (flags win). Heavy modules
 (llama_cpp, openvino) are imported only by the command that needs them.
@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--join", default=None, help="gateway URL to join")
     w.add_argument("--advertise-url", default=None, help="URL the gateway reaches us at")
     w.add_argument("--cluster-token", default=None, help="token for joining a gateway")
+    w.add_argument("--discover", action="store_true", default=None,
+                   help="find the gateway by mDNS without --join (default: when --host is "
+                        "not loopback)")
+    w.add_argument("--cluster", default=None,
+                   help="with discovery: join the gateway of this cluster name")
     w.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot")
     w.add_argument("--rpc-host", default=None,
                    help="interface an RPC shard listens on when placed (default --host)")
@@ -104,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Redis URL for state shared by gateway replicas")
     g.add_argument("--config", default=None, help="corral.toml")
     g.add_argument("--cluster-token", default=None, help="token workers join with")
+    g.add_argument("--cluster", default="corral",
+                   help="cluster name advertised by mDNS (workers pick it with --cluster)")
+    g.add_argument("--discover", action="store_true", default=None,
+                   help="advertise by mDNS (default: when --host is not loopback)")
     g.add_argument("--log-level", default="warning")
     g.set_defaults(func=_cmd_gateway)
 
@@ -120,7 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="the cluster as a table")
     s.add_argument("--gateway", default="http://127.0.0.1:8000")
     s.add_argument("--json", action="store_true", help="print /cluster as JSON")
+    s.add_argument("--token", default=None,
+                   help="the cluster token, for a closed gateway (default: "
+                   "$CORRAL_CLUSTER_TOKEN)")
+    s.add_argument("--api-key", default=None, help="or an API key, for a closed gateway")
     s.set_defaults(func=_cmd_status)
+
+    from corral import keys
+
+    keys.add_parser(sub)
 
     b = sub.add_parser("bench", help="load generator for any OpenAI-compatible endpoint")
     b.add_argument("--base-url", required=True)
@@ -154,9 +171,10 @@ def _cmd_worker(a: argparse.Namespace) -> int:
         host=a.host, port=a.port, backend=a.backend,
         # Without --model a worker that joins a gateway waits to be placed (a replica, a
         # split head or an RPC shard); one on its own serves the default model.
-        model=a.model or (None if a.join and a.backend != "sim" else DEFAULT_MODEL),
+        model=a.model or (None if _joins(a) and a.backend != "sim" else DEFAULT_MODEL),
         rpc_host=a.rpc_host,
         id=a.id, join=a.join, advertise_url=a.advertise_url, cluster_token=a.cluster_token,
+        discover=a.discover, cluster=a.cluster,
         parallel=a.parallel or DEFAULT_PARALLEL, threads=a.threads, host_id=a.host_id,
         ctx_size=a.ctx_size, max_queue=a.max_queue, memory_limit=a.memory_limit,
         device=a.device, sim_tokens_per_second=a.sim_tokens_per_second,
@@ -165,16 +183,39 @@ def _cmd_worker(a: argparse.Namespace) -> int:
     return run(cfg)
 
 
+def _joins(a: argparse.Namespace) -> bool:
+    """The worker will join a gateway: by --join, or by mDNS discovery."""
+    from wire.mdns import wanted
+
+    return bool(a.join) or wanted(a.host, a.discover)
+
+
+def _config_error(command: str, exc: Exception) -> int:
+    """A config file that cannot be used: one clear message, no traceback, exit 2."""
+    print(f"corral {command}: {exc}", file=sys.stderr)
+    return 2
+
+
 def _cmd_gateway(a: argparse.Namespace) -> int:
-    from gateway.config import load_config
+    from gateway.config_file import ConfigError, load_config
+
+    try:
+        cfg = load_config(a)
+    except ConfigError as exc:
+        return _config_error("gateway", exc)
     from gateway.serve import run
 
-    return run(load_config(a))
+    return run(cfg)
 
 
 def _cmd_up(a: argparse.Namespace) -> int:
     from corral.up import run
+    from gateway.config_file import ConfigError, load
 
+    try:  # before starting anything: the gateway child would refuse it anyway
+        load(a.config)
+    except ConfigError as exc:
+        return _config_error("up", exc)
     return run(a)
 
 
