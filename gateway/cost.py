@@ -9,8 +9,7 @@ and a request's expected time to finish on worker w is
 
 - reads: prompt tokens estimated from the body's text length (`CHARS_PER_TOKEN`, no
   tokenizer on the gateway); on the worker that holds the conversation's prompt cache
-  (affinity, within its load guard) only the turn's new messages count, so a cached
-  prefix is nearly free there.
+  (affinity) only the turn's new messages count, so a cached prefix is nearly free there.
 - completion: `max_tokens`, or the model's typical completion length learned from finished
   requests when that is shorter (or when max_tokens is absent).
 - wait: the later of the worker's prompt-reading backlog (the prompts this gateway sent it

@@ -14,8 +14,9 @@ With a request's `Job` (its prompt length and expected completion, cost.py) and
 prompt over that worker's prefill rate, the completion over its decode rate, plus the work
 queued there, so a long prompt goes to the box that reads fast and a short one to whoever
 is free; the same `full` bound, ties and power of two choices apply. The preferred worker
-(affinity, within its load guard) competes with its cached prefix counted as nearly free,
-and wins ties.
+(affinity) is taken within its load guard, as without a job; past the guard it still
+competes, with its cached prefix counted as nearly free, and wins ties: a long
+conversation leaves its cache only when waiting there costs more than reading it again.
 
 Affinity (affinity.py): a request may name a preferred worker (the one holding its
 conversation's KV cache). It gets it when that worker has room and is not much busier than
@@ -112,8 +113,16 @@ class Router:
                    job: Job) -> Worker | None:
         """The worker where `job` is expected to finish first (cost.finish), reserved."""
         now = time.monotonic()
-        pref = self._preferred(ws, prefer, exclude) if prefer is not None else None
         allowance = self.allowance
+        pref = None
+        if prefer is not None:
+            pref = next((x for x in ws if x.id == prefer), None)
+            if pref is not None and (pref.id in exclude
+                                     or pref.load >= pref.slots_total + allowance):
+                pref = None
+            if pref is not None and self._preferred(ws, prefer, exclude) is pref:
+                return self._reserve(pref, job, now, True)  # within the load guard
+            # Busier than the guard allows: it still competes, its prefix nearly free.
         finish = cost.finish
         if len(ws) > P2C_ABOVE:
             a, b = self._sample(ws, 2)
