@@ -48,7 +48,7 @@ _CALIBRATION_PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 _CALIBRATION_TOKENS = 32
 # Prompt reading: a prompt long enough that the first token's fixed cost does not dominate.
 _PREFILL_CALIBRATION_TEXT = " ".join(f"item {i}: a horse in the corral." for i in range(80))
-_PREFILL_CALIBRATION_TOKENS = 384
+_PREFILL_CALIBRATION_TOKENS = 256
 
 
 class LlamaBackend(Backend):

@@ -571,7 +571,7 @@ class OpenVINOBackend(Backend):
         """Prompt tokens per second on this device: one long prompt, new to the prefix
         cache, read to its first token after `_calibrate` warmed the kernels."""
         text = " ".join(f"item {i}: a horse in the corral." for i in range(80))
-        prompt = self.tokenize(text)[: min(384, self.n_ctx - 8)]
+        prompt = self.tokenize(text)[: min(256, self.n_ctx - 8)]
         ids = ov.Tensor(np.asarray([prompt], dtype=np.int64))
         cfg = ovg.GenerationConfig()
         cfg.max_new_tokens = 1
