@@ -76,12 +76,13 @@ def weigh(workers: Iterable[Worker]) -> None:
     """Sets each worker's effective `decode_rate` and `prefill_rate` from what it reports;
     a rate not reported (yet) is the mean of the known ones."""
     ws = list(workers)
-    dec = [w.decode_tps for w in ws if w.decode_tps > 0]
+    dec = [w.decode_tps or w.tokens_per_second for w in ws
+           if (w.decode_tps or w.tokens_per_second) > 0]
     pre = [w.prefill_tps for w in ws if w.prefill_tps > 0]
     dec_default = sum(dec) / len(dec) if dec else 1.0
     pre_default = sum(pre) / len(pre) if pre else 0.0  # 0: prompts cost the same everywhere
     for w in ws:
-        w.decode_rate = w.decode_tps or dec_default
+        w.decode_rate = w.decode_tps or w.tokens_per_second or dec_default
         w.prefill_rate = w.prefill_tps or pre_default
 
 
