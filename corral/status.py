@@ -74,6 +74,17 @@ def render(data: dict, console: Console) -> None:
     console.print(table)
     for p in data.get("placements") or []:
         console.print(_placement_line(p), highlight=False)
+    links = data.get("links") or []
+    if links:
+        lt = Table(title="Links (measured)", title_justify="left")
+        for col in ("from", "to", "RTT ms", "Mbit/s"):
+            lt.add_column(col)
+        for k in links:
+            rtt, mbit = k.get("rtt_ms"), k.get("mbit_s")
+            lt.add_row(str(k.get("from")), str(k.get("to")),
+                       "-" if rtt is None else f"{rtt:.2f}",
+                       "-" if mbit is None else f"{mbit:.0f}")
+        console.print(lt)
 
 
 def _placement_line(p: dict) -> str:

@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from wire import http
-from worker import control
+from worker import control, linkprobe
 from worker.api import router
 from worker.backends.base import Backend
 from worker.config import WorkerConfig
-from worker.join import join_loop
+from worker.join import discover_and_join, discovering, join_loop
 from worker.state import WorkerState
 
 
@@ -25,6 +25,8 @@ def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
         tasks = [asyncio.create_task(state.load())]
         if cfg.join:
             tasks.append(asyncio.create_task(join_loop(cfg)))
+        elif discovering(cfg):
+            tasks.append(asyncio.create_task(discover_and_join(cfg)))
         try:
             yield
         finally:
@@ -48,4 +50,5 @@ def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
     http.install(app)
     app.include_router(router)
     control.install(app, state)
+    app.include_router(linkprobe.router)
     return app

@@ -30,6 +30,7 @@ async def cluster(request: Request) -> Response:
     return json_response({
         "workers": [w.to_json() for w in list(reg.workers.values())],
         "placements": _gw(request).placer.placements(reg.placements()),
+        "links": _gw(request).topology.to_json(),
     })
 
 
