@@ -81,7 +81,8 @@ def run(a: Any, start_proxy: Any) -> int:
     base = a.prefill_rate
     note = machine()
     workers = [start_worker("--sim-tokens-per-second", str(a.base_rate), "--parallel",
-                            str(a.slots), "--max-queue", "512", "--sim-prefill-tokens-per-second",
+                            str(a.slots), "--max-queue", "512", "--ctx-size", "8192",
+                            "--sim-prefill-tokens-per-second",
                             str(base * m), backend="sim") for m in SPEEDS]
     mean_prompt = LONG_SHARE * LONG_TOKENS + (1 - LONG_SHARE) * SHORT_TOKENS
     capacity = sum(base * m for m in SPEEDS) / mean_prompt  # requests/s the readers take
