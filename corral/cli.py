@@ -77,6 +77,9 @@ def _worker_flags(p: argparse.ArgumentParser, with_endpoint: bool = True) -> Non
                    help="sim backend: decode rate per slot")
     p.add_argument("--sim-ttft", type=float, default=0.05,
                    help="sim backend: seconds to first token")
+    p.add_argument("--sim-prefill-tokens-per-second", type=float, default=0.0,
+                   help="sim backend: prompt tokens read per second, one prompt at a time "
+                        "(0 keeps the fixed --sim-ttft)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +181,8 @@ def _cmd_worker(a: argparse.Namespace) -> int:
         parallel=a.parallel or DEFAULT_PARALLEL, threads=a.threads, host_id=a.host_id,
         ctx_size=a.ctx_size, max_queue=a.max_queue, memory_limit=a.memory_limit,
         device=a.device, sim_tokens_per_second=a.sim_tokens_per_second,
-        sim_ttft=a.sim_ttft, log_level=a.log_level,
+        sim_ttft=a.sim_ttft, sim_prefill_tokens_per_second=a.sim_prefill_tokens_per_second,
+        log_level=a.log_level,
     )
     return run(cfg)
 

@@ -91,6 +91,10 @@ class GatewayConfig:
     stall_timeout: float = 15.0
     max_connections: int = 1024
     lean_transport: bool = True  # httptools-based transport for worker traffic (transport.py)
+    # Routing (routing.py): by each request's expected finish time on each worker, from its
+    # prompt length and the workers' prefill and decode rates (cost.py); false: by load
+    # over capacity alone (slots x decode speed), the scoring before both rates were known.
+    cost_routing: bool = True
     # Session affinity (affinity.py): a conversation goes back to the worker holding its KV.
     affinity: bool = True
     affinity_ttl: float = 1800.0  # seconds a conversation's worker is remembered

@@ -172,7 +172,7 @@ class Continuation:
         for _ in range(up.cfg.max_attempts):
             try:
                 w = await up.admission.acquire(call.model, call.tried, call.user,
-                                               need=call.need)
+                                               need=call.need, job=call.job)
             except (Exhausted, APIError):
                 return None
             up.metrics.retries.labels("midstream").inc()

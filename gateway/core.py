@@ -40,7 +40,8 @@ class Gateway:
         self.auth = Auth(cfg, self.keys)
         self.registry = Registry(cfg, self.state)
         self.metrics = Metrics(self.registry)
-        self.router = Router(self.registry, cfg.worker_queue_allowance, cfg.affinity_slack)
+        self.router = Router(self.registry, cfg.worker_queue_allowance, cfg.affinity_slack,
+                             cfg.cost_routing)
         self.admission = Admission(cfg, self.registry, self.router, self.metrics)
         self.upstream = Upstream(cfg, self.registry, self.admission, self.metrics)
         if cfg.affinity:

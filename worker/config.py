@@ -29,6 +29,7 @@ class WorkerConfig:
     device: str = "CPU"  # openvino: CPU | GPU | NPU | AUTO
     sim_tokens_per_second: float = 50.0
     sim_ttft: float = 0.05
+    sim_prefill_tokens_per_second: float = 0.0  # 0: a fixed sim_ttft instead
     log_level: str = "warning"
 
     @property

@@ -208,6 +208,11 @@ async def create(request: Request) -> Response:
                                     eid)
         who = end.queue_user if end is not None else (key.user if key else req.user)
         call = Call(model, "/v1/chat/completions", orjson.dumps(turn.chat), True, True, who)
+        # Its expected work, for cost routing: a chained turn's history is cached where
+        # the chain went (affinity), so only the new input counts there.
+        new = chars if prev is None else min(chars, sum(
+            len(m.text()) + 8 for m in turn.checked.messages[-1:]))
+        call.job = gw.router.lengths.job(model, chars, new, req.max_output_tokens)
         if gw.cfg.affinity:
             call.session, call.affine = conversation_key(
                 model, request.headers.get(SESSION_HEADER), req.user, turn.root,
