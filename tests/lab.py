@@ -229,10 +229,13 @@ class Lab:
 
     def start(self, box: str, *args: str, env: dict[str, str] | None = None,
               name: str | None = None) -> Proc:
-        """`python -m corral.cli ARGS` inside `box`; stopped by PID in `close`."""
+        """`python -m corral.cli ARGS` inside `box`; stopped by PID in `close`. Each box is
+        a host of its own (`CORRAL_HOST_ID`): namespaces share the machine id and /dev/shm,
+        so workers in different boxes would otherwise share this machine's cores."""
         b = self.boxes[box]
+        env = {"CORRAL_HOST_ID": f"lab-{box}", **(env or {})}
         p = Proc(["ip", "netns", "exec", b.ns, sys.executable, "-m", "corral.cli", *args],
-                 env or {}, name or f"{box}-{args[0]}").start()
+                 env, name or f"{box}-{args[0]}").start()
         self.procs.append(p)
         return p
 

@@ -40,7 +40,10 @@ def test_a_model_that_fits_nowhere_is_reported_with_its_numbers(
     from worker.models import resolve
 
     c, g = unplaceable_cluster, unplaceable_cluster.gateway
-    need = estimate(resolve(MODEL)[1], n_ctx=2048, slots=1)  # the workers' defaults
+    from corral.cli import DEFAULT_PARALLEL
+
+    # The workers' defaults: 2048 tokens for each of DEFAULT_PARALLEL slots.
+    need = estimate(resolve(MODEL)[1], n_ctx=2048, slots=DEFAULT_PARALLEL)
     u = c.unplaceable()
     assert u is not None
     assert u["mode"] is None and u["workers"] == [] and u["head"] is None
