@@ -136,8 +136,8 @@ def render(out: dict, a: argparse.Namespace, levels: list[int]) -> str:
         parts = []
         for c in levels:
             gain = agg[hi][c]["tok_s"] / (agg[lo][c]["tok_s"] or 1)
-            ttft = agg[lo][c]["ttft"] / (agg[hi][c]["ttft"] or 1)
-            parts.append(f"c={c} {gain:.2f}x the tok/s, TTFT p50 {ttft:.1f}x shorter")
+            parts.append(f"c={c} {gain:.2f}x the tok/s, TTFT p50 {agg[lo][c]['ttft']:.0f} -> "
+                         f"{agg[hi][c]['ttft']:.0f} ms")
         verdict.append(f"{backend} `{hi.split(' ', 1)[1]}` vs `{lo.split(' ', 1)[1]}`: "
                        + ", ".join(parts))
     return f"""## Default `--parallel`: 1 slot vs 4, real model
