@@ -59,6 +59,7 @@ class Run:
     next_token: int | None = None  # sampled, to be decoded in the next step
     out: int = -1  # index of this run's logits in the current batch, -1 if none
     chunk: int = 0  # prompt tokens this run adds in the current batch
+    grammar: Any = None  # llama_grammar.GrammarSampler of a constrained sequence
 
     @property
     def prefilling(self) -> bool:
@@ -250,7 +251,7 @@ class BatchLoop:
         except Exception as exc:  # a broken sampler must not take the loop down
             _finish_once(seq, "error", f"sampler setup failed: {exc}")
             return
-        slot.run = Run(seq, slot, sampler)
+        slot.run = Run(seq, slot, sampler, grammar=seq.constraint)
 
     def _leave(self, run: Run, reason: str, error: str | None) -> None:
         slot = run.slot
@@ -258,6 +259,8 @@ class BatchLoop:
         slot.last_used = time.monotonic()
         with contextlib.suppress(Exception):
             llama_cpp.llama_sampler_free(run.sampler)
+        if run.grammar is not None:
+            run.grammar.free()
         if reason != "error":
             # The tokens decoded so far stay in the KV for the next request to reuse;
             # still uncounted tokens (an incomplete character) are reported now.
@@ -322,7 +325,15 @@ class BatchLoop:
             r.slot.tokens.append(r.next_token)
         if r.out < 0:
             return
-        token = llama_cpp.llama_sampler_sample(r.sampler, self.ctx, r.out)
+        if r.grammar is None:
+            token = llama_cpp.llama_sampler_sample(r.sampler, self.ctx, r.out)
+        else:
+            try:
+                token = r.grammar.sample(r.sampler, self.ctx, r.out, self._is_eog)
+            except Exception as exc:  # a grammar failure ends this sequence, not the loop
+                log.error("constrained sampling failed: %s", exc)
+                self._leave(r, "error", f"constrained sampling failed: {exc}")
+                return
         r.generated += 1
         if llama_cpp.llama_vocab_is_eog(self.vocab, token):
             r.detok.pending_tokens += 1
@@ -335,6 +346,9 @@ class BatchLoop:
             self._leave(r, "length", None)
             return
         r.next_token = token
+
+    def _is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
     def _decode_failed(self, runs: list[Run], rc: int) -> None:
         # Keep the loop alive: the sequences of this batch fail, their KV is dropped.
