@@ -372,7 +372,7 @@ class Relay:
     __slots__ = ("up", "call", "worker", "resp", "it", "first", "events", "ttft", "done",
                  "worker_error", "broken", "prompt_tokens", "completion_tokens", "closed",
                  "pieces", "text", "sent_tokens", "head", "rewrite", "skip_role",
-                 "failovers", "leased")
+                 "failovers", "leased", "calls")
 
     def __init__(self, up: Upstream, call: Call, worker: Worker, resp: httpx.Response,
                  it: AsyncIterator[bytes], first: bytes) -> None:
@@ -396,6 +396,7 @@ class Relay:
         self.pieces: list[bytes] = []
         self.text = ""
         self.sent_tokens = 0
+        self.calls: list[dict[str, Any]] = []  # streamed tool calls, rebuilt at a break
         self.head: bytes | None = None
         self.rewrite: tuple[bytes, bytes] | None = None
         self.skip_role = False
@@ -430,7 +431,8 @@ class Relay:
                             piece = self._rewritten(piece)
                         self.events += piece.count(b"\n\n")
                         if self.ttft is None and (b'"delta":{"content":' in piece
-                                                  or b'"text":"' in piece):
+                                                  or b'"text":"' in piece
+                                                  or b'"delta":{"tool_calls":' in piece):
                             self.ttft = time.perf_counter() - self.call.started
                         if b'"usage":' in piece:
                             piece = self._usage(piece)
@@ -489,10 +491,13 @@ class Relay:
                 if self.head is None and isinstance(obj.get("id"), str):
                     self.head = _head(ev)
                 for ch in obj.get("choices") or ():
-                    part = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
+                    delta = ch.get("delta") or {}
+                    part = delta.get("content") if chat else ch.get("text")
                     if part:
                         self.text += part
                         self.sent_tokens += 1
+                    if delta.get("tool_calls"):
+                        self.sent_tokens += _add_calls(self.calls, delta["tool_calls"])
                     finish = ch.get("finish_reason") or finish
         self.pieces = []
         if finish is None:
@@ -526,6 +531,9 @@ class Relay:
                 msgs[-1] = {**last, "content": prior + self.text}
             else:
                 msgs.append({"role": "assistant", "content": self.text})
+            if self.calls:  # the worker re-renders them and advances the constraint over them
+                msgs[-1] = {**msgs[-1], "content": msgs[-1]["content"] or None,
+                            "tool_calls": [*(msgs[-1].get("tool_calls") or []), *self.calls]}
             body["messages"] = msgs
             body["continue_final_message"] = True
         else:
@@ -554,7 +562,7 @@ class Relay:
         continue (the caller then ends the stream with an error event).
         """
         up, call = self.up, self.call
-        if self.head is None or not self.text:
+        if self.head is None or not (self.text or self.calls):
             # Nothing of the answer reached the client: start afresh, same id rewritten.
             body: bytes | None = call.body
         else:
@@ -692,3 +700,21 @@ class RelayResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await asyncio.shield(self.relay.close())
+
+
+def _add_calls(calls: list[dict[str, Any]], deltas: list[Any]) -> int:
+    """Folds streamed `delta.tool_calls` into whole calls (by index); returns the count."""
+    n = 0
+    for d in deltas:
+        if not isinstance(d, dict) or not isinstance(d.get("index"), int):
+            continue
+        i, fn = d["index"], d.get("function") or {}
+        while len(calls) <= i:
+            calls.append({"id": "", "type": "function",
+                          "function": {"name": "", "arguments": ""}})
+        call = calls[i]
+        call["id"] = d.get("id") or call["id"]
+        call["function"]["name"] += fn.get("name") or ""
+        call["function"]["arguments"] += fn.get("arguments") or ""
+        n += 1
+    return n

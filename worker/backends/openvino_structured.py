@@ -24,6 +24,19 @@ from worker.tools.constraint import Constraint
 
 SOC = ovg.StructuredOutputConfig
 
+#: Any JSON object, with at most two whitespace characters between tokens: xgrammar's JSON
+#: Schema mode allows unbounded whitespace, which a small model fills until max_tokens.
+JSON_OBJECT_EBNF = r"""
+root ::= "{" ws ( pair ( "," ws pair )* )? "}"
+pair ::= string ws ":" ws value ws
+value ::= root | array | string | number | "true" | "false" | "null"
+array ::= "[" ws ( value ws ( "," ws value ws )* )? "]"
+string ::= "\"" char* "\""
+char ::= [^"\\\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] )
+number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
+ws ::= [ \n]? [ \n]?
+"""
+
 
 def calls_schema(tools: tuple[tuple[str, dict[str, Any]], ...], args_key: str
                  ) -> dict[str, Any]:
@@ -55,7 +68,7 @@ def compile_config(c: Constraint) -> Any:
             "elsewhere.", param="messages", code="unsupported_continuation")
     try:
         if c.kind == "json_object":
-            return SOC(json_schema=json.dumps({"type": "object"}))
+            return SOC(grammar=JSON_OBJECT_EBNF)
         if c.kind == "json_schema":
             return SOC(json_schema=json.dumps(c.schema))
         return _tools(c)
