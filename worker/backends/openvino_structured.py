@@ -32,7 +32,8 @@ pair ::= string ws ":" ws value ws
 value ::= root | array | string | number | "true" | "false" | "null"
 array ::= "[" ws ( value ws ( "," ws value ws )* )? "]"
 string ::= "\"" char* "\""
-char ::= [^"\\\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] )
+char ::= [^"\\\x00-\x1F] | "\\" ( ["\\/bfnrt] | "u" hex hex hex hex )
+hex ::= [0-9a-fA-F]
 number ::= "-"? ( "0" | [1-9] [0-9]* ) ( "." [0-9]+ )? ( [eE] [-+]? [0-9]+ )?
 ws ::= [ \n]? [ \n]?
 """

@@ -131,6 +131,8 @@ def render_messages(
                         "tool_call_id": m.get("tool_call_id")})
         else:
             out.append({"role": role, "content": m["content"]})
+    if not fmt.native:
+        out = _merge_turns(out)
     if tools and not fmt.native:
         text = generic_system(tools, None if choice in ("auto", None) else choice)
         if out and out[0]["role"] in ("system", "developer"):
@@ -138,4 +140,17 @@ def render_messages(
                       "content": f"{out[0]['content']}\n\n{text}"}
         else:
             out.insert(0, {"role": "system", "content": text})
+    return out
+
+
+def _merge_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Adjacent turns of one role as one (a tool result written as a user turn followed by
+    the user's next message): templates that insist on alternating roles accept it."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if out and m["role"] == out[-1]["role"] and m["role"] in ("user", "assistant"):
+            out[-1] = {**out[-1], "content": f"{out[-1]['content'] or ''}\n\n"
+                                              f"{m['content'] or ''}"}
+        else:
+            out.append(m)
     return out
