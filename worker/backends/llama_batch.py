@@ -329,7 +329,10 @@ class BatchLoop:
             token = llama_cpp.llama_sampler_sample(r.sampler, self.ctx, r.out)
         else:
             try:
-                token = r.grammar.sample(r.sampler, self.ctx, r.out, self._is_eog)
+                p = r.seq.params
+                token = r.grammar.sample(r.sampler, self.ctx, r.out, self._is_eog,
+                                         stateful=p.repeat_penalty != 1.0
+                                         or bool(p.presence_penalty or p.frequency_penalty))
             except Exception as exc:  # a grammar failure ends this sequence, not the loop
                 log.error("constrained sampling failed: %s", exc)
                 self._leave(r, "error", f"constrained sampling failed: {exc}")

@@ -6,9 +6,13 @@ compose). `auto` tool choice uses a lazy grammar (`llama_sampler_init_grammar_la
 free text until a trigger pattern (the call's opening tag) matches, constrained from there.
 
 Sampling follows llama.cpp's own common sampler: the sequence's ordinary chain picks a
-token; only if the grammar rejects it (checked on that one candidate) are the grammar and
-the chain applied to the whole vocabulary. Unconstrained sequences never run any of this,
-and a constrained one costs its neighbours in the batch one check per step in most steps.
+token; only if the grammar rejects it (checked on that one candidate, ~5 us) is it
+resampled under the grammar. Resampling first tries the `TOP` highest logits (the grammar
+over the whole vocabulary costs ~10-25 ms here, more than a decode step): the best allowed
+token is among them whenever any of them is allowed, so greedy decoding is exact; sampled
+decoding draws from those candidates (the rest hold a negligible share of the mass), and
+falls back to the whole vocabulary when none is allowed. Unconstrained sequences never run
+any of this.
 A token is accepted by the grammar only after the check allowed it, and never an
 end-of-generation token, so llama.cpp's grammar never reaches its abort paths.
 """
@@ -27,6 +31,7 @@ from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from worker.tools.constraint import Constraint
 
+TOP = 256  # candidates tried first when the chain's pick is refused
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 _LEX = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|[A-Za-z][A-Za-z0-9_-]*|.', re.S)
 _RULE = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*) ::= ", re.M)
@@ -108,6 +113,8 @@ class GrammarSampler:
         self._all_arr = self._array(self._all)
         self._one = np.zeros(1, _TOKEN_DATA)
         self._one_arr = self._array(self._one)
+        self._top = np.zeros(min(TOP, n_vocab), _TOKEN_DATA)
+        self._top_arr = self._array(self._top)
         self.resampled = 0
 
     @staticmethod
@@ -138,26 +145,50 @@ class GrammarSampler:
         arr = self._all_arr
         arr.size, arr.selected, arr.sorted = self.n_vocab, -1, False
 
-    def sample(self, chain: Any, ctx: Any, idx: int, is_eog: Callable[[int], bool]) -> int:
-        """The next token under the grammar; accepted into the chain and the grammar."""
+    def sample(self, chain: Any, ctx: Any, idx: int, is_eog: Callable[[int], bool],
+               stateful: bool = False) -> int:
+        """The next token under the grammar; accepted into the chain and the grammar.
+
+        `stateful`: the chain remembers accepted tokens (penalties), so a refused pick must
+        not reach it; otherwise llama.cpp's own sample-and-accept picks first."""
         ptr = llama_cpp.llama_get_logits_ith(ctx, idx)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-        self._fill(logits)
-        llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._all_arr))
-        token = int(self._all[self._all_arr.selected]["id"])
+        if stateful:
+            logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+            self._fill(logits)
+            llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._all_arr))
+            token = int(self._all[self._all_arr.selected]["id"])
+        else:
+            token = llama_cpp.llama_sampler_sample(chain, ctx, idx)
         if not self.allows(token):
             self.resampled += 1
-            self._fill(logits)
-            llama_cpp.llama_sampler_apply(self.smpl, ctypes.byref(self._all_arr))
-            llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._all_arr))
-            pick = self._all[self._all_arr.selected]
-            if not np.isfinite(pick["logit"]):
-                raise RuntimeError("the grammar allows no token here")
-            token = int(pick["id"])
-        llama_cpp.llama_sampler_accept(chain, token)
+            token = self._resample(chain, np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
+        if stateful:
+            llama_cpp.llama_sampler_accept(chain, token)
         if not is_eog(token):
             llama_cpp.llama_sampler_accept(self.smpl, token)
         return token
+
+    def _resample(self, chain: Any, logits: np.ndarray) -> int:
+        k = len(self._top)
+        if k < self.n_vocab:
+            top = self._top
+            ids = np.argpartition(logits, -k)[-k:]
+            top["id"] = ids
+            top["logit"] = logits[ids]
+            top["p"] = 0.0
+            arr = self._top_arr
+            arr.size, arr.selected, arr.sorted = k, -1, False
+            llama_cpp.llama_sampler_apply(self.smpl, ctypes.byref(arr))
+            if np.isfinite(top["logit"]).any():
+                llama_cpp.llama_sampler_apply(chain, ctypes.byref(arr))
+                return int(top[arr.selected]["id"])
+        self._fill(logits)
+        llama_cpp.llama_sampler_apply(self.smpl, ctypes.byref(self._all_arr))
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._all_arr))
+        pick = self._all[self._all_arr.selected]
+        if not np.isfinite(pick["logit"]):
+            raise RuntimeError("the grammar allows no token here")
+        return int(pick["id"])
 
     def free(self) -> None:
         smpl, self.smpl = self.smpl, None
