@@ -593,8 +593,11 @@ class Relay:
             except BaseException:
                 up.admission.release(w)
                 raise
-            if isinstance(opened, Response):  # the worker refused it (4xx): give up
+            if isinstance(opened, Response):  # the worker refused it (4xx): give up ...
                 up.admission.release(w)
+                if b"unsupported_continuation" in bytes(opened.body):
+                    call.tried.append(w.id)  # ... unless another kind of worker can do it
+                    continue
                 return None
             self.resp, self.it, first = opened
             self.worker = w

@@ -210,7 +210,7 @@ def chat_completion(
     id: str, model: str, text: str | None, finish: str, use: dict[str, Any],
     created: int | None = None, tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": text}
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if tool_calls:
         message["tool_calls"] = tool_calls
     choice = {
