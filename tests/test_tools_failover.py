@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import orjson
 import pytest
 from conftest import MODEL
 from procs import metric, wait_for
@@ -65,3 +66,25 @@ def test_constrained_streams_continue_and_validate(worker_factory, gateway_facto
     assert s.done and not [e for e in s.events if "error" in e]
     jsonschema.validate(json.loads("".join(s.content())), NOTE)
     assert metric(g.url, "corral_retries_total", reason="midstream") == 2
+
+
+def test_continuation_body_carries_the_calls_sent_so_far() -> None:
+    from test_failover import _chat_chunk, _ev, _relay
+
+    r = _relay("/v1/chat/completions", {"model": MODEL, "messages": ASK, "stream": True,
+                                        "tools": [TOOL], "tool_choice": "required",
+                                        "max_tokens": 50})
+    head = {"index": 0, "id": "call_a", "type": "function",
+            "function": {"name": "save_note", "arguments": ""}}
+    r.pieces = [_ev(_chat_chunk({"role": "assistant", "content": ""}))
+                + _ev(_chat_chunk({"tool_calls": [head]})),
+                _ev(_chat_chunk({"tool_calls": [{"index": 0, "function": {
+                    "arguments": '{"title": '}}]}))
+                + _ev(_chat_chunk({"tool_calls": [{"index": 0, "function": {
+                    "arguments": '"Ho'}}]}))]
+    assert r._take_stock() is None and r.sent_tokens == 3
+    body = orjson.loads(r._continuation_body())
+    assert body["continue_final_message"] is True and body["max_tokens"] == 47
+    assert body["messages"][-1] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_a", "type": "function",
+         "function": {"name": "save_note", "arguments": '{"title": "Ho'}}]}
