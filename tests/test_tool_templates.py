@@ -138,6 +138,10 @@ def test_grammars_accept_calls_and_refuse_others(fmt: tf.ToolFormat) -> None:
     schema = Constraint("json_schema", schema=WEATHER)
     assert accepts(schema, '{"city": "Oslo"}') and not accepts(schema, '{"city": 3}')
     assert not accepts(Constraint("json_object"), "[1]")
+    # Length bounds as GBNF repetitions: a large bound compiles, a small one holds.
+    for bound, text, ok in ((8000, "hello", True), (3, "abc", True), (3, "abcd", False)):
+        short = {"type": "object", "properties": {"a": {"type": "string", "maxLength": bound}}}
+        assert accepts(Constraint("json_schema", schema=short), f'{{"a": "{text}"}}') is ok
 
 
 @pytest.mark.skipif(importlib.util.find_spec("openvino_genai") is None,

@@ -38,11 +38,38 @@ _RULE = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*) ::= ", re.M)
 WS = r"ws ::= [ \t\n]{0,2}"
 
 
+_CHAR = r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+
+
+def _bounded_strings(node: Any, found: list[tuple[int, int | None]]) -> Any:
+    """The schema with every length-bounded string as a placeholder constant.
+
+    The converter spells `maxLength: n` as n nested optionals (a 1,000-character bound
+    breaks llama.cpp's parser); GBNF's own `{m,n}` repetition replaces them afterwards."""
+    if isinstance(node, list):
+        return [_bounded_strings(v, found) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "string" and ("minLength" in node or "maxLength" in node) \
+            and "pattern" not in node and "format" not in node and "enum" not in node \
+            and "const" not in node:
+        found.append((int(node.get("minLength", 0)), node.get("maxLength")))
+        return {"const": f"CORRALSTR{len(found) - 1}"}
+    return {k: _bounded_strings(v, found) if k not in ("enum", "const") else v
+            for k, v in node.items()}
+
+
 def schema_rules(schema: dict[str, Any], prefix: str) -> tuple[str, str]:
     """GBNF rules for a JSON Schema, every rule name prefixed; returns (root name, rules)."""
+    bounded: list[tuple[int, int | None]] = []
+    gbnf = json_schema_to_gbnf(json.dumps(_bounded_strings(schema, bounded)))
     # JSON forbids raw control characters in strings; the converter's `char` allows them.
-    gbnf = json_schema_to_gbnf(json.dumps(schema)).replace(
-        '[^"\\\\] | "\\\\"', '[^"\\\\\\x7F\\x00-\\x1F] | "\\\\"')
+    gbnf = gbnf.replace('[^"\\\\] | "\\\\"', '[^"\\\\\\x7F\\x00-\\x1F] | "\\\\"')
+    for i, (lo, hi) in enumerate(bounded):
+        rep = f"{{{lo},{'' if hi is None else int(hi)}}}"
+        gbnf = gbnf.replace(f'"\\"CORRALSTR{i}\\""', f'"\\"" bchar{rep} "\\"" bspace')
+    if bounded:
+        gbnf += f'\nbchar ::= {_CHAR}\nbspace ::= " "?'
     names = set(_RULE.findall(gbnf))
 
     def rename(m: re.Match[str]) -> str:
