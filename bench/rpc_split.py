@@ -37,8 +37,8 @@ sys.path.insert(0, str(BENCH))
 from common import Proc, command_line, gateway_for, machine, start_worker, write_section  # noqa: E402
 
 from worker.models import resolve  # noqa: E402
-from worker.rpc.head import HeadProcess  # noqa: E402
 from worker.rpc.shard import ShardHost, child_env  # noqa: E402
+from worker.rpc.supervisor import HeadProcess  # noqa: E402
 
 PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 BR = "  "  # Markdown line break

@@ -27,24 +27,13 @@ from gateway.config import GatewayConfig
 from gateway.fairqueue import FairQueue
 from gateway.metrics import Metrics
 from gateway.registry import Registry, Worker
-from gateway.routing import Router
+from gateway.routing import Need, Router
+from gateway.waiter import Waiter
 from wire.errors import APIError, not_found, overloaded, unavailable
 
 
 class Exhausted(Exception):
     """Every healthy worker for the model was tried already (by this request's retries)."""
-
-
-class Waiter:
-    __slots__ = ("model", "exclude", "future", "user", "since")
-
-    def __init__(self, model: str, exclude: Collection[str], future: asyncio.Future[Worker],
-                 user: str | None) -> None:
-        self.model = model
-        self.exclude = exclude
-        self.future = future
-        self.user = user
-        self.since = time.monotonic()
 
 
 class FifoQueue:
@@ -96,14 +85,15 @@ class Admission:
         raise not_found(f"The model {model!r} does not exist.")
 
     async def acquire(self, model: str, exclude: Collection[str] = (),
-                      user: str | None = None, prefer: str | None = None) -> Worker:
+                      user: str | None = None, prefer: str | None = None,
+                      need: Need | None = None) -> Worker:
         """A worker reserved for this request (release it with `release`). `prefer`: the
         worker holding the conversation's cache (affinity; honoured when not queueing)."""
         grace = self.check_model(model)
         if exclude and not self.router.any_unexcluded(model, exclude):
             raise Exhausted
         if not self.queue:
-            w = self.router.pick(model, exclude, prefer)
+            w = self.router.pick(model, exclude, prefer, need)
             if w is not None:
                 return w
         if len(self.queue) >= self.cfg.queue_size:
@@ -111,7 +101,7 @@ class Admission:
             raise overloaded("Every worker is busy and the gateway queue is full; retry "
                              "shortly.", retry_after=self._retry_after())
         loop = asyncio.get_running_loop()
-        waiter = Waiter(model, exclude, loop.create_future(), user)
+        waiter = Waiter(model, exclude, loop.create_future(), user, need)
         self.queue.put(waiter)
         wait = self.cfg.queue_timeout if grace is None else min(self.cfg.queue_timeout, grace)
         timer = loop.call_later(wait, self._expire, waiter)
@@ -146,9 +136,9 @@ class Admission:
                 continue
             if waiter.model in blocked:
                 continue
-            w = pick(waiter.model, waiter.exclude)
+            w = pick(waiter.model, waiter.exclude, None, waiter.need)
             if w is None:
-                if not waiter.exclude:
+                if not waiter.exclude and waiter.need is None:
                     blocked.add(waiter.model)
                 continue
             self.queue.remove(waiter)

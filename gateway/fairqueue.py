@@ -15,10 +15,8 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from gateway.admission import Waiter
+from gateway.waiter import Waiter
 
 ANONYMOUS = ""
 

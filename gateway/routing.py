@@ -26,6 +26,16 @@ from gateway.registry import Registry, Worker
 
 P2C_ABOVE = 4
 
+Need = tuple[int, int]
+"""What a request with logprobs or n > 1 needs of a worker: (top_logprobs or -1, n)."""
+
+
+def capable(w: Worker, need: Need) -> bool:
+    """Whether `w` advertises (`capabilities` in /status) what the request needs; a worker
+    that advertises nothing honours no logprobs and n = 1."""
+    caps = w.status.get("capabilities") or {}
+    return caps.get("top_logprobs", -1) >= need[0] and caps.get("n", 1) >= need[1]
+
 
 class Router:
     def __init__(self, registry: Registry, allowance: int, slack: int = 2) -> None:
@@ -36,11 +46,15 @@ class Router:
         self._sample = random.sample
 
     def pick(self, model: str, exclude: Collection[str] = (),
-             prefer: str | None = None) -> Worker | None:
-        """The best worker with room for `model`, already reserved; None if all are full."""
+             prefer: str | None = None, need: Need | None = None) -> Worker | None:
+        """The best worker with room for `model`, already reserved; None if all are full.
+        `need`: the request's (top_logprobs, n); only workers that honour it are picked,
+        unless none does (then any: the worker's 400 names the limit)."""
         ws = self.registry.by_model.get(model)
         if not ws:
             return None
+        if need is not None:
+            ws = [w for w in ws if capable(w, need)] or ws
         allowance = self.allowance
         if prefer is not None:
             w = self._preferred(ws, prefer, exclude)

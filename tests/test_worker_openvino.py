@@ -27,7 +27,8 @@ def test_status_reports_the_openvino_backend(worker):
     assert s["hardware"]["engine"].startswith("openvino-genai")
     assert s["prompt_cache"]["kv_cache_bytes"] > 0
     assert "prompt_cache_hits" not in s["prompt_cache"]  # no counters: see test_worker_api
-    # CPU dynamic quantization is off unless CORRAL_OPENVINO_BATCH_INVARIANT=0 says so.
+    # Measured at load; the batch-invariant CPU properties are on unless
+    # CORRAL_OPENVINO_BATCH_INVARIANT=0 turns them off (then it reads false without a probe).
     assert s["hardware"]["batch_invariant"] is caps_for("openvino").batch_invariant
 
 

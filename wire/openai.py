@@ -11,7 +11,15 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from wire import tools as wt
 
@@ -61,11 +69,11 @@ class SamplingFields(_Lenient):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1)
+    # How many choices; the worker refuses more than its slots (a 400 naming `n`).
+    n: int = Field(default=1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logprobs: bool | int | None = None
     logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
@@ -79,20 +87,6 @@ class SamplingFields(_Lenient):
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
         return stops
-
-    @field_validator("n")
-    @classmethod
-    def _only_one(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | int | None) -> bool | int | None:
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
 
     @field_validator("logit_bias")
     @classmethod
@@ -108,6 +102,8 @@ class SamplingFields(_Lenient):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[wt.Tool] | None = None
     tool_choice: Any = None
@@ -131,6 +127,13 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("continue_final_message needs a final assistant message")
         return self
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return v
+
     @property
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -140,10 +143,20 @@ class ChatCompletionRequest(SamplingFields):
         """tool_choice normalised: "none" | "auto" | "required" | the forced tool's name."""
         return self._choice
 
+    @property
+    def top_n(self) -> int | None:
+        """Alternatives per token when logprobs are asked for (0: the chosen one only)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(...)
     max_tokens: int | None = Field(default=16, ge=1)
+    # Legacy completions: the number of alternatives per token (OpenAI allows 5; we 20).
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    # Extension: where this answer's text starts in the whole answer, for `text_offset`
+    # (the gateway continues a broken stream as a new request with a longer prompt).
+    logprobs_offset: int = Field(default=0, ge=0)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -170,6 +183,10 @@ class CompletionRequest(SamplingFields):
     @property
     def limit(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def top_n(self) -> int | None:
+        return self.logprobs
 
 
 # --------------------------------------------------------------------------- responses

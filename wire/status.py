@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 WORKER_HEADER = "x-corral-worker"
 
 
-WorkerState = Literal["ready", "busy", "loading", "down"]
+#: `idle`: holds no model by design, waiting for the gateway to place one (placeable, not
+#: routable, not down).
+WorkerState = Literal["ready", "busy", "loading", "idle", "down"]
 
 
 class Memory(BaseModel):
@@ -28,6 +30,9 @@ class Hardware(BaseModel):
     device: str = "CPU"
     devices: list[str] = Field(default_factory=list)
     hostname: str = ""
+    #: Greedy output the same alone and batched, as the worker measured at load (None: not
+    #: measured: a sim or idle worker, or the probe could not finish).
+    batch_invariant: bool | None = None
 
 
 class WorkerStatus(BaseModel):
@@ -46,6 +51,9 @@ class WorkerStatus(BaseModel):
     tokens_per_second: float = 0.0
     n_ctx: int = 0
     prompt_cache: dict[str, int] = Field(default_factory=dict)
+    #: What the backend honours, for routing: {"top_logprobs": max, "n": max choices}.
+    #: Absent (older workers): treated as top_logprobs 0 and n 1.
+    capabilities: dict[str, int] = Field(default_factory=dict)
 
 
 class JoinRequest(BaseModel):

@@ -19,6 +19,7 @@ from wire import openai as oa
 from wire.http import error_response, json_response, read_json
 from wire.sse import SSE_DONE, sse
 from wire.status import WORKER_HEADER
+from worker import choices
 from worker.backends.base import SamplingParams
 from worker.engine import Delta, Engine
 from worker.tools import chat as tools_chat
@@ -107,6 +108,14 @@ async def _serve(request: Request, job: Job) -> Response:
     params = _params(job.req)
     engine.backend.validate(params)
     headers = {WORKER_HEADER: request.app.state.worker_id}
+    if job.req.n > 1 or job.req.top_n is not None:  # several choices or logprobs
+        if job.plan is not None:  # worker/choices.py has no tool parsing or constraints
+            raise errors.bad_request(
+                "n > 1 and logprobs cannot be combined with tools or a JSON response_format "
+                "yet.", param="n" if job.req.n > 1 else "logprobs",
+                code="unsupported_parameter")
+        choices.check(job, engine.backend, params)
+        return await choices.serve(job, engine, params, headers, lambda: _disconnected(request))
     gen = engine.generate(job.prompt, job.max_tokens, params, job.req.stop, job.constraint)
     if job.req.stream:
         return StreamingResponse(

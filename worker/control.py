@@ -3,7 +3,7 @@
 `POST /control/placement` (cluster token) with a role:
   replica  load the whole model here and serve it (fetching the GGUF if this box lacks it);
   head     the split head: fetch the GGUF, start the head child with the shards as devices,
-           relay `/v1/*` to it (`worker.rpc.head`, `worker.rpc.relay`);
+           relay `/v1/*` to it (`worker.rpc.head`, `worker.rpc.supervisor`, `worker.rpc.relay`);
   shard    start an RPC shard child that only `allow_peer` may reach; the answer carries its
            `rpc_endpoint` (shards need no file: weights arrive over RPC);
   none     stop whatever ran.
@@ -38,12 +38,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from wire.errors import APIError
 from wire.http import json_response, read_json, validation_error
 from wire.status import WorkerStatus
+from worker.backends.idle import IdleBackend
 from worker.fetch import Download, fetch, sha256_of, target
+from worker.state import make_backend
 
 if TYPE_CHECKING:
-    from worker.app import WorkerState
-    from worker.rpc.head import HeadProcess
     from worker.rpc.shard import ShardHost
+    from worker.rpc.supervisor import HeadProcess
+    from worker.state import WorkerState
 
 log = logging.getLogger("corral.worker")
 
@@ -180,6 +182,7 @@ class Control:
                 st.queue_depth = int(p.get("queue_depth", 0))
                 st.tokens_per_second = float(p.get("tokens_per_second", 0.0))
                 st.n_ctx = int(p.get("n_ctx", st.n_ctx))
+                st.capabilities = dict(p.get("capabilities") or {})
                 st.state = "busy" if st.slots_busy >= st.slots_total else "ready"
             else:
                 st.state, st.models = "loading", []
@@ -306,8 +309,6 @@ class Control:
         return await fetch(url, self.download, self.cfg.cluster_token)
 
     async def _load_replica(self, req: PlacementRequest, path: Path) -> None:
-        from worker.app import make_backend  # here: worker.app imports this module
-
         backend = make_backend(self.cfg, path)  # the worker's --backend, not always llama
         await asyncio.to_thread(backend.load)
         st = self.state
@@ -322,7 +323,7 @@ class Control:
         st.engine.ready = True
 
     async def _start_head(self, req: PlacementRequest, path: Path) -> None:
-        from worker.rpc.head import HeadProcess
+        from worker.rpc.supervisor import HeadProcess
 
         cfg = self.cfg
         head = HeadProcess(cfg.worker_id, str(path), req.model or path.stem, req.shards,
@@ -362,52 +363,6 @@ class Control:
         async with self._lock:
             await self._teardown()
         await self.relay_client.aclose()
-
-
-# --------------------------------------------------------------------------- no model yet
-
-
-class IdleBackend:
-    """Stands in for a backend until the gateway places a model here."""
-
-    model_path = None
-    default_max_tokens = None
-
-    def __init__(self, slots: int = 1, n_ctx: int = 2048, name: str = "llama") -> None:
-        # What a placed model will get: the planner sizes its KV cache from these. The name
-        # is the backend the worker will load, so placement sees what it is placing on.
-        self.slots = max(1, slots)
-        self.n_ctx = n_ctx
-        self.name = name
-
-    def load(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def stats(self) -> dict[str, int]:
-        return {}
-
-    def describe(self) -> dict[str, Any]:
-        return {"device": "CPU", "devices": ["CPU"]}
-
-    @staticmethod
-    def _none() -> APIError:
-        return APIError(503, "No model is placed on this worker yet.", "service_unavailable",
-                        None, "no_model")
-
-    def tokenize(self, text: str) -> list[int]:
-        raise self._none()
-
-    def render_chat(self, messages: list[dict[str, str]], continue_final: bool = False) -> str:
-        raise self._none()
-
-    def submit(self, seq: Any) -> None:
-        seq.on_finish("error", "no model is placed on this worker")
-
-    def cancel(self, seq: Any) -> None:
-        seq.cancelled.set()
 
 
 # --------------------------------------------------------------------------- HTTP

@@ -93,7 +93,7 @@ class Engine:
         self.max_queue = max_queue
         self.slots_busy = 0
         self.admitted = 0  # sequences given a slot so far: tells whether one ran alone
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
         self.stats = EngineStats()
         self.ready = False
 
@@ -125,33 +125,41 @@ class Engine:
             )
         return max_tokens
 
-    async def _acquire(self) -> None:
-        """Takes one slot; waits in the bounded queue when all are busy."""
-        if self.slots_busy < self.backend.slots and not self._waiters:
-            self.slots_busy += 1
+    async def _acquire(self, k: int = 1) -> None:
+        """Takes `k` slots at once (n choices); waits in the bounded queue when they are
+        not free. All or nothing, so two n > 1 requests can never deadlock on halves."""
+        if self.slots_busy + k <= self.backend.slots and not self._waiters:
+            self.slots_busy += k
             self.admitted += 1
             return
         if len(self._waiters) >= self.max_queue:
             raise overloaded("The worker's queue is full; retry shortly.", retry_after=1)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        self._waiters.append((fut, k))
         try:
             await fut
             self.admitted += 1
         except BaseException:
-            if fut in self._waiters:
-                self._waiters.remove(fut)
+            if (fut, k) in self._waiters:
+                self._waiters.remove((fut, k))
             elif fut.done() and not fut.cancelled():
-                self._release()  # we were handed a slot but are leaving: pass it on
+                self._release(k)  # we were handed the slots but are leaving: pass them on
             raise
 
-    def _release(self) -> None:
+    def _release(self, k: int = 1) -> None:
+        self.slots_busy -= k
+        # Hand freed slots to the waiters in order; the first one that does not fit yet
+        # keeps its place (nobody overtakes it).
         while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)  # the slot moves to the waiter, busy count unchanged
+            fut, need = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+                continue
+            if self.slots_busy + need > self.backend.slots:
                 return
-        self.slots_busy -= 1
+            self._waiters.popleft()
+            self.slots_busy += need
+            fut.set_result(None)
 
     # ------------------------------------------------------------------ generate
     async def generate(

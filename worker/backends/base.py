@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from wire.errors import bad_request
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -29,6 +31,18 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and its most likely alternatives.
+
+    `logprob`s are of the model's own distribution (log-softmax of the raw logits, before
+    penalties, temperature and truncation), as OpenAI reports them."""
+
+    piece: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass
@@ -48,6 +62,16 @@ class Sequence:
     cached_tokens: int = 0
     # What `Backend.compile_constraint` made of the request's constraint (None: free text).
     constraint: Any = None
+    # Log-probabilities: None = off, k = the chosen token's plus the top k alternatives'.
+    # The backend calls `on_logprobs` (its thread) just before the `on_tokens` that
+    # covers the same tokens; it may report a token's logprob before its text.
+    logprobs: int | None = None
+    on_logprobs: Callable[[list[TokenLogprob]], None] | None = None
+    # n > 1: the other choices of the same request. They share this sequence's prompt
+    # evaluation (a backend that can fork evaluates the prompt once) and are submitted
+    # with it, never on their own; `index` is the choice's position in the response.
+    forks: list[Sequence] = field(default_factory=list)
+    index: int = 0
 
 
 class BackendError(Exception):
@@ -64,6 +88,8 @@ class Backend(ABC):
     model_path: str | None = None
     #: Completion budget when a request names none (None: the rest of the context).
     default_max_tokens: int | None = None
+    #: Greedy output the same alone and batched, as measured at load (None: not measured).
+    batch_invariant: bool | None = None
 
     @abstractmethod
     def load(self) -> None:
@@ -76,6 +102,22 @@ class Backend(ABC):
     @abstractmethod
     def render_chat(self, messages: list[dict[str, str]], continue_final: bool = False) -> str:
         """The prompt text for a conversation, from the model's own chat template."""
+
+    def capabilities(self) -> dict[str, int]:
+        """What `/status` advertises for routing: the most `top_logprobs` and `n` honoured."""
+        return {"top_logprobs": 20, "n": self.slots}
+
+    def validate_choices(self, n: int, top_logprobs: int | None, greedy: bool) -> None:
+        """Refuse (400) `n` or `top_logprobs` this backend cannot honour."""
+        if n > self.slots:
+            raise bad_request(
+                f"n={n} is more than this worker's {self.slots} slots; ask for at most "
+                f"{self.slots} choices", param="n", code="unsupported_parameter")
+        cap = self.capabilities()["top_logprobs"]
+        if top_logprobs is not None and top_logprobs > cap:
+            raise bad_request(
+                f"top_logprobs={top_logprobs} is more than the {self.name} backend's limit "
+                f"of {cap}", param="top_logprobs", code="unsupported_parameter")
 
     def validate(self, params: SamplingParams) -> None:  # noqa: B027 - optional hook
         """Refuse (raise `wire.errors.bad_request`) what this backend cannot honour.

@@ -20,7 +20,7 @@ import jinja2
 import llama_cpp
 
 from wire.errors import bad_request
-from worker.backends import llama_grammar
+from worker.backends import invariance, llama_grammar
 from worker.backends.base import Backend, BackendError, SamplingParams, Sequence
 from worker.backends.llama_batch import BatchLoop, token_bytes
 from worker.backends.llama_chat import ChatTemplate
@@ -135,6 +135,8 @@ class LlamaBackend(Backend):
         # made every later token 2-3x slower on 2 cores (bench/llama_threads.py).
         loop.start()
         self.calibrated_tokens_per_second = self._calibrate(loop)
+        # The probe ends by emptying the KV cache, so it leaves no prefix behind.
+        invariance.probe(self, loop.submit, on_last_finish=loop.forget)
         self._loop = loop
 
     def close(self) -> None:

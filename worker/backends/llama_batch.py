@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import threading
 import time
@@ -26,8 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from worker.backends.base import Sequence
+from worker.backends.llama_logprobs import logprob_entry
 from worker.backends.llama_sampling import Detokenizer, sampler_chain
 
 log = logging.getLogger("corral.llama")
@@ -60,6 +63,10 @@ class Run:
     out: int = -1  # index of this run's logits in the current batch, -1 if none
     chunk: int = 0  # prompt tokens this run adds in the current batch
     grammar: Any = None  # llama_grammar.GrammarSampler of a constrained sequence
+    # n > 1: a fork waits (decodes nothing) until its parent has evaluated the prompt,
+    # then gets a copy of the parent's KV sequence and samples from the same logits.
+    waiting: bool = False
+    forks: list[Run] = field(default_factory=list)
 
     @property
     def prefilling(self) -> bool:
@@ -178,9 +185,9 @@ class BatchLoop:
             self._incoming.clear()
         self._reap_cancelled()
         self._admit()
-        runs = [s.run for s in self.slots if s.run is not None]
+        runs = [s.run for s in self.slots if s.run is not None and not s.run.waiting]
         if not runs:
-            return False
+            return any(s.run for s in self.slots)
         n = self._fill(runs)
         if n == 0:
             return True
@@ -216,6 +223,8 @@ class BatchLoop:
             free = [s for s in self.slots if s.run is None]
             if not free:
                 return
+            if len(free) < 1 + len(self._waiting[0].forks):
+                return  # n choices start together; the engine frees the slots they need
             seq = self._waiting.popleft()
             prompt = seq.prompt
             best, best_len = None, 0
@@ -230,12 +239,22 @@ class BatchLoop:
                 best = min(free, key=lambda s: (bool(s.tokens), s.last_used))
                 best_len = common_prefix(best.tokens, prompt)
             keep = min(best_len, len(prompt) - 1)
-            self._start(seq, best, keep)
+            run = self._start(seq, best, keep)
+            others = sorted((s for s in free if s is not best),
+                            key=lambda s: (bool(s.tokens), s.last_used))
+            for fork, slot in zip(seq.forks, others, strict=False):
+                if run is None:  # the parent could not start: neither can its forks
+                    _finish_once(fork, "error", "the request could not start")
+                    continue
+                child = self._start(fork, slot, 0)
+                if child is not None:
+                    child.waiting = True
+                    run.forks.append(child)
 
-    def _start(self, seq: Sequence, slot: Slot, keep: int) -> None:
+    def _start(self, seq: Sequence, slot: Slot, keep: int) -> Run | None:
         if not seq.prompt or len(seq.prompt) > self.n_ctx_seq:
             _finish_once(seq, "error", "the prompt does not fit this model's context")
-            return
+            return None
         if keep < len(slot.tokens) and not llama_cpp.llama_memory_seq_rm(
             self.mem, slot.seq_id, keep, -1
         ):
@@ -246,12 +265,16 @@ class BatchLoop:
         if keep:
             self.stats["prompt_cache_hits"] += 1
             self.stats["prompt_cache_reused_tokens"] += keep
+        params = seq.params
+        if seq.index and params.seed is not None:  # choice i of a seeded request: seed + i
+            params = dataclasses.replace(params, seed=params.seed + seq.index)
         try:
-            sampler = sampler_chain(seq.params, self.n_vocab, self.n_ctx_seq)
+            sampler = sampler_chain(params, self.n_vocab, self.n_ctx_seq)
         except Exception as exc:  # a broken sampler must not take the loop down
             _finish_once(seq, "error", f"sampler setup failed: {exc}")
-            return
+            return None
         slot.run = Run(seq, slot, sampler, grammar=seq.constraint)
+        return slot.run
 
     def _leave(self, run: Run, reason: str, error: str | None) -> None:
         slot = run.slot
@@ -268,6 +291,10 @@ class BatchLoop:
             if n:
                 _emit(run.seq, run.detok.flush(), n)
         _finish_once(run.seq, reason, error)
+        for f in run.forks:  # left before the prompt was evaluated: so do its forks
+            if f.slot.run is f:
+                self._leave(f, reason if reason == "error" else "stop", error)
+        run.forks = []
 
     # ------------------------------------------------------------------ one step
     def _fill(self, runs: list[Run]) -> int:
@@ -325,12 +352,24 @@ class BatchLoop:
             r.slot.tokens.append(r.next_token)
         if r.out < 0:
             return
+        forks, r.forks = r.forks, []
+        for f in forks:  # the prompt is in: each fork gets a copy of it and samples
+            if f.slot.run is not f:
+                continue  # cancelled meanwhile
+            llama_cpp.llama_memory_seq_cp(self.mem, r.slot.seq_id, f.slot.seq_id, -1, -1)
+            f.slot.tokens = list(r.slot.tokens)
+            f.waiting = False
+            self._sample(f, r.out)
+        self._sample(r, r.out)
+
+    def _sample(self, r: Run, out: int) -> None:
+        row = self._logits(out) if r.seq.logprobs is not None else None
         if r.grammar is None:
-            token = llama_cpp.llama_sampler_sample(r.sampler, self.ctx, r.out)
+            token = llama_cpp.llama_sampler_sample(r.sampler, self.ctx, out)
         else:
             try:
                 p = r.seq.params
-                token = r.grammar.sample(r.sampler, self.ctx, r.out, self._is_eog,
+                token = r.grammar.sample(r.sampler, self.ctx, out, self._is_eog,
                                          stateful=p.repeat_penalty != 1.0
                                          or bool(p.presence_penalty or p.frequency_penalty))
             except Exception as exc:  # a grammar failure ends this sequence, not the loop
@@ -339,10 +378,14 @@ class BatchLoop:
                 return
         r.generated += 1
         if llama_cpp.llama_vocab_is_eog(self.vocab, token):
-            r.detok.pending_tokens += 1
+            r.detok.pending_tokens += 1  # no logprob entry: OpenAI leaves the stop out
             self._leave(r, "stop", None)
             return
-        text = r.detok.push(self._piece(token))
+        piece = self._piece(token)
+        if row is not None and r.seq.on_logprobs is not None:
+            r.seq.on_logprobs([logprob_entry(row, token, piece, r.seq.logprobs or 0,
+                                             self._piece)])
+        text = r.detok.push(piece)
         if text:
             _emit(r.seq, text, r.detok.take())
         if r.generated >= r.seq.max_tokens or len(r.slot.tokens) >= self.n_ctx_seq:
@@ -360,6 +403,10 @@ class BatchLoop:
             llama_cpp.llama_memory_seq_rm(self.mem, r.slot.seq_id, -1, -1)
             r.slot.tokens.clear()
             self._leave(r, "error", f"llama_decode failed ({rc})")
+
+    def _logits(self, out: int) -> Any:
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, out)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)

@@ -36,8 +36,8 @@ import openvino as ov
 import openvino_genai as ovg
 
 from wire.errors import bad_request
-from worker.backends import openvino_structured
-from worker.backends.base import Backend, BackendError, SamplingParams, Sequence
+from worker.backends import invariance, openvino_structured
+from worker.backends.base import Backend, BackendError, SamplingParams, Sequence, TokenLogprob
 
 log = logging.getLogger("corral.worker.openvino")
 
@@ -70,12 +70,17 @@ def _env_flag(name: str, default: bool) -> bool:
 def _properties(device: str, compiled_cache: Path | None, batch_invariant: bool) -> dict[str, Any]:
     props: dict[str, Any] = {}
     if device == "CPU" and batch_invariant:
-        # CPU dynamic quantization of activations makes a sequence's greedy output depend on
-        # which other sequences share its batch; without it greedy text is the same alone or
-        # batched (which the gateway's failover continuation relies on), at a cost of ~40%
-        # of CPU decode throughput on this model. CORRAL_OPENVINO_BATCH_INVARIANT=0 trades
-        # that back.
+        # Greedy text the same alone or batched (the gateway's failover continuation relies
+        # on it) needs three CPU plugin defaults changed, each measured on an AMD EPYC with
+        # AVX-512 (bench/openvino_invariance.py): bf16 inference, the default wherever the CPU
+        # has AVX512_BF16 or AMX, rounds differently by batch shape; dynamic quantization of
+        # activations quantizes a whole step's rows together; and the u8 KV cache quantizes
+        # per block, so what a sequence reads back depends on what shared its steps. f32
+        # compute and an f16 KV cache are the same on AVX2 and AVX-512 hosts.
+        # CORRAL_OPENVINO_BATCH_INVARIANT=0 trades this for throughput.
+        props["INFERENCE_PRECISION_HINT"] = "f32"
         props["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
+        props["KV_CACHE_PRECISION"] = "f16"
     if compiled_cache is not None:
         props["CACHE_DIR"] = str(compiled_cache)
     return props
@@ -83,10 +88,10 @@ def _properties(device: str, compiled_cache: Path | None, batch_invariant: bool)
 
 @dataclass
 class _Live:
-    """A sequence inside the pipeline, with its incremental detokenizer state."""
+    """A sequence (one choice) inside the pipeline, with its incremental detokenizer state."""
 
     seq: Sequence
-    handle: Any
+    handle: Any  # shared by the choices of one request
     tokens: list[int] = field(default_factory=list)
     prefix: int = 0  # detokenizer: the window starts here
     read: int = 0  # ... and the text up to here has been emitted
@@ -94,6 +99,22 @@ class _Live:
     unsent: int = 0  # tokens whose text is held back (an incomplete UTF-8 character)
     finish: str | None = None
     last: bool = False  # the pipeline is done with it: flush and finish
+    ended: bool = False  # on_finish sent (a choice cut by its stop string, before the rest)
+
+
+@dataclass
+class _Request:
+    """One pipeline request: its choices (num_return_sequences) by the pipeline's output key."""
+
+    handle: Any
+    choices: list[_Live]
+    keys: dict[int, int] = field(default_factory=dict)  # output key -> choice index
+
+    def choice(self, key: int) -> _Live | None:
+        i = self.keys.get(key)
+        if i is None and len(self.keys) < len(self.choices):
+            i = self.keys[key] = len(self.keys)
+        return None if i is None else self.choices[i]
 
 
 class OpenVINOBackend(Backend):
@@ -113,7 +134,9 @@ class OpenVINOBackend(Backend):
         self.default_max_tokens = None
         self.calibrated_tokens_per_second = 0.0
         self.cache_dir = Path(cache_dir) if cache_dir else cache_root()
-        self.batch_invariant = (
+        # Whether the batch-invariant CPU properties are asked for; `batch_invariant` (the
+        # Backend attribute) is what the load-time probe then measures.
+        self.invariant_props = (
             _env_flag("CORRAL_OPENVINO_BATCH_INVARIANT", True)
             if batch_invariant is None else batch_invariant
         )
@@ -125,7 +148,8 @@ class OpenVINOBackend(Backend):
         self._bos_text = ""
         self._bos_id = -1
         self._pending: list[Sequence] = []
-        self._live: dict[int, _Live] = {}
+        self._live: dict[int, _Request] = {}
+        self._pieces: dict[int, bytes] = {}
         self._next_id = 0
         self._cv = threading.Condition()
         self._closing = False
@@ -165,10 +189,14 @@ class OpenVINOBackend(Backend):
         self.calibrated_tokens_per_second = self._calibrate()
         self._thread = threading.Thread(target=self._run, name="openvino-decode", daemon=True)
         self._thread.start()
+        if self.device == "CPU" and not self.invariant_props:
+            self.batch_invariant = False  # by request: no probe needed to know
+        else:
+            invariance.probe(self, self.submit)
         log.warning(
-            "openvino: %s on %s in %.1fs (%s), calibrated %.0f tok/s",
+            "openvino: %s on %s in %.1fs (%s), calibrated %.0f tok/s, batch-invariant: %s",
             Path(self.model_path).name, self.device, self.load_seconds, self.load_source,
-            self.calibrated_tokens_per_second,
+            self.calibrated_tokens_per_second, self.batch_invariant,
         )
 
     def _kv_cache_gb(self) -> int:
@@ -178,7 +206,7 @@ class OpenVINOBackend(Backend):
         return max(1, min(8, (need + 32767) // 32768))
 
     def _props(self, compiled_cache: Path | None) -> dict[str, Any]:
-        return _properties(self.device, compiled_cache, self.batch_invariant)
+        return _properties(self.device, compiled_cache, self.invariant_props)
 
     def _open(self, sc: Any) -> Any:
         """The pipeline, from the cached IR when there is one, else from the GGUF (saving IR)."""
@@ -311,6 +339,20 @@ class OpenVINOBackend(Backend):
                 code="unsupported_parameter",
             )
 
+    def capabilities(self) -> dict[str, int]:
+        # OpenVINO GenAI reports only the chosen token's logprob: no alternatives (a greedy
+        # request may still ask for top_logprobs=1, which is the chosen token).
+        return {"top_logprobs": 0, "n": self.slots}
+
+    def validate_choices(self, n: int, top_logprobs: int | None, greedy: bool) -> None:
+        if top_logprobs is not None and top_logprobs > (1 if greedy else 0):
+            raise bad_request(
+                f"top_logprobs={top_logprobs}: the openvino backend reports only the chosen "
+                "token's logprob, so top_logprobs is limited to 0 (1 with temperature 0); "
+                "use the llama backend for more", param="top_logprobs",
+                code="unsupported_parameter")
+        super().validate_choices(n, None, greedy)
+
     def _config(self, seq: Sequence) -> Any:
         p = seq.params
         self.validate(p)
@@ -320,9 +362,19 @@ class OpenVINOBackend(Backend):
             cfg.eos_token_id = self._eos
         cfg.stop_token_ids = set(self._stop_ids)
         cfg.repetition_penalty = float(p.repeat_penalty)
-        if p.greedy:
+        n = 1 + len(seq.forks)
+        if seq.logprobs is not None:
+            cfg.logprobs = 1  # the chosen token's, of the model's own distribution
+        if p.greedy and n > 1:
+            # n greedy choices: OpenVINO forks only when sampling; top-1 sampling is greedy.
+            cfg.do_sample = True
+            cfg.top_k = 1
+            cfg.num_return_sequences = n
+            cfg.rng_seed = 0
+        elif p.greedy:
             cfg.do_sample = False
         else:
+            cfg.num_return_sequences = n
             cfg.do_sample = True
             cfg.temperature = float(p.temperature)
             cfg.top_p = float(p.top_p)
@@ -389,8 +441,10 @@ class OpenVINOBackend(Backend):
                 self._end(rid, "error", "the worker is shutting down")
 
     def _start(self, seq: Sequence) -> None:
-        if seq.cancelled.is_set():
-            seq.on_finish("stop", None)
+        group = [seq, *seq.forks]
+        if all(s.cancelled.is_set() for s in group):
+            for s in group:
+                s.on_finish("stop", None)
             return
         try:
             cfg = self._config(seq)
@@ -399,47 +453,75 @@ class OpenVINOBackend(Backend):
             self._next_id += 1
             handle = self._pipe.add_request(rid, ids, cfg)
         except Exception as exc:
-            seq.on_finish("error", f"the openvino backend refused the request: {exc}")
+            for s in group:
+                s.on_finish("error", f"the openvino backend refused the request: {exc}")
             return
-        self._live[rid] = _Live(seq, handle)
+        self._live[rid] = _Request(handle, [_Live(s, handle) for s in group])
 
     def _reap_cancelled(self) -> None:
-        for rid, live in list(self._live.items()):
-            if live.seq.cancelled.is_set():
-                live.handle.cancel()
-                self._end(rid, "stop", None)
+        for rid, req in list(self._live.items()):
+            for live in req.choices:
+                if live.seq.cancelled.is_set() and not live.ended:
+                    live.ended = True  # one choice cut (its stop string): the rest go on
+                    live.seq.on_finish("stop", None)
+            if all(live.ended for live in req.choices):
+                req.handle.cancel()
+                self._live.pop(rid)
 
     def _collect(self) -> None:
         """Reads every request's new tokens; one batched detokenizer call covers them all."""
         work: list[_Live] = []
         done: list[tuple[int, str, str | None]] = []
-        for rid, live in self._live.items():
-            h = live.handle
+        for rid, req in self._live.items():
+            h = req.handle
             if h.can_read():
-                for out in h.read().values():
+                for key, out in h.read().items():
+                    live = req.choice(key)
+                    if live is None or live.ended:
+                        continue
+                    if live.seq.on_logprobs is not None:
+                        self._logprobs(live, out)
                     live.tokens.extend(out.generated_ids)
                     reason = _FINISH.get(out.finish_reason)
                     if reason:
                         live.finish = reason
-            fresh = len(live.tokens) > live.counted
-            if fresh:
-                live.unsent += len(live.tokens) - live.counted
-                live.counted = len(live.tokens)
             status = h.get_status()
-            if (status == ovg.GenerationStatus.RUNNING and live.finish is None) or h.can_read():
-                live.last = False
-            elif status == ovg.GenerationStatus.IGNORED:
-                live.last = True
+            running = status == ovg.GenerationStatus.RUNNING or h.can_read()
+            for live in req.choices:
+                if live.ended:
+                    continue
+                fresh = len(live.tokens) > live.counted
+                if fresh:
+                    live.unsent += len(live.tokens) - live.counted
+                    live.counted = len(live.tokens)
+                live.last = not (running and live.finish is None)
+                if fresh or (live.last and live.unsent):
+                    work.append(live)
+            if status == ovg.GenerationStatus.IGNORED:
                 done.append((rid, "error", "the request did not fit in the KV cache"))
-            else:
-                live.last = True
-                done.append((rid, live.finish or "stop", None))
-            if fresh or (live.last and live.unsent):
-                work.append(live)
+            elif any(live.last and not live.ended for live in req.choices):
+                done.append((rid, "", None))  # a choice may end before its siblings
         if work:
             self._detokenize(work)
         for rid, reason, error in done:
             self._end(rid, reason, error)
+
+    def _logprobs(self, live: _Live, out: Any) -> None:
+        ids, lps = list(out.generated_ids), list(out.generated_log_probs)
+        fresh = [i for i in ids if i not in self._pieces]
+        if fresh:
+            texts = self._tok.decode([[i] for i in fresh])
+            self._pieces.update((i, t.encode("utf-8")) for i, t in zip(fresh, texts,
+                                                                           strict=True))
+        top = live.seq.logprobs or 0
+        entries = []
+        for tid, lp in zip(ids, lps, strict=False):
+            if tid in self._stop_ids:
+                continue  # OpenAI leaves the stop token out
+            piece = self._pieces[tid]
+            entries.append(TokenLogprob(piece, float(lp), ((piece, float(lp)),) if top else ()))
+        if entries:
+            live.seq.on_logprobs(entries)  # type: ignore[misc]
 
     def _detokenize(self, work: list[_Live]) -> None:
         """Sends each sequence's new text; holds back an incomplete UTF-8 character.
@@ -468,7 +550,19 @@ class OpenVINOBackend(Backend):
                 live.prefix, live.read = live.read, len(live.tokens)
 
     def _end(self, rid: int, reason: str, error: str | None) -> None:
-        self._live.pop(rid).seq.on_finish(reason, error)
+        """Finishes the request's choices that are done (all of them on an error, or when
+        the pipeline is done with the request); `reason` "" means each its own."""
+        req = self._live[rid]
+        whole = bool(error) or all(live.ended or live.last for live in req.choices)
+        for live in req.choices:
+            if live.ended or not (whole or live.last):
+                continue
+            live.ended = True
+            live.seq.on_finish(reason or live.finish or "stop", error)
+        if whole:
+            self._live.pop(rid)
+            if req.handle.get_status() == ovg.GenerationStatus.RUNNING:
+                req.handle.cancel()  # e.g. choices cut by their stop strings
 
     # ------------------------------------------------------------------ facts
     def _calibrate(self) -> float:
@@ -506,7 +600,7 @@ class OpenVINOBackend(Backend):
             "devices": devices,
             "engine": f"openvino-genai {ovg.get_version()}",
             "load_seconds": round(self.load_seconds, 2),
-            "batch_invariant": self.batch_invariant,
+            "batch_invariant_properties": self.invariant_props,
         }
 
     def stats(self) -> dict[str, int]:

@@ -11,6 +11,7 @@ import itertools
 import threading
 import time
 
+from wire.errors import bad_request
 from worker.backends.base import Backend, Sequence
 
 _FILLER = (
@@ -59,8 +60,19 @@ class SimBackend(Backend):
 
     def submit(self, seq: Sequence) -> None:
         with self._cv:
-            heapq.heappush(self._heap, (time.monotonic() + self.ttft, next(self._order), seq, 0))
+            due = time.monotonic() + self.ttft
+            for s in (seq, *seq.forks):  # n > 1: identical filler for every choice
+                heapq.heappush(self._heap, (due, next(self._order), s, 0))
             self._cv.notify()
+
+    def capabilities(self) -> dict[str, int]:
+        return {"top_logprobs": 0, "n": self.slots}
+
+    def validate_choices(self, n: int, top_logprobs: int | None, greedy: bool) -> None:
+        if top_logprobs is not None:
+            raise bad_request("logprobs are not supported by the sim backend",
+                              param="logprobs", code="unsupported_parameter")
+        super().validate_choices(n, top_logprobs, greedy)
 
     def cancel(self, seq: Sequence) -> None:
         seq.cancelled.set()

@@ -1,0 +1,169 @@
+"""Is greedy output the same alone and in a batch? Measured once at load, shown in `/status`.
+
+Mid-stream failover continues a stream on another worker from the text already sent; with
+greedy decoding the whole answer then equals an uninterrupted one only if a sequence's
+tokens do not depend on which other sequences share its decode steps. Whether they do is a
+property of the kernels a backend picks on this CPU (bf16 on AVX512_BF16 parts, dynamic
+activation quantization, a KV cache quantized per block), so it is measured here, on this
+box, rather than assumed: a few prompts decoded greedily one at a time, then together with
+staggered starts (so that a newcomer's prefill shares steps with the others' decoding), and
+the texts compared. A probe can only ever prove a difference; equal texts are evidence, and
+the prompts are chosen to diverge early where kernels differ (measured: the unfixed
+OpenVINO setup on an AMD EPYC with AVX-512 diverged within 6-15 tokens on 3 of 4 prompts).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from worker.backends.base import Backend, SamplingParams, Sequence
+
+log = logging.getLogger("corral.worker")
+
+#: Chat prompts (the text real requests decode); the llama backend empties its KV cache
+#: afterwards, so no probe prefix lingers for a real chat to reuse.
+PROMPTS = (
+    "What is 2+2?",
+    "Tell me about cats.",
+    "Write a haiku about rain.",
+    "Name three colors and a number.",
+)
+TOKENS = 48
+#: The second and third prompts start once the first has produced this many tokens each.
+STAGGER = 3
+
+
+@dataclass
+class Verdict:
+    invariant: bool | None  # None: could not be measured (timed out, or an error)
+    detail: str
+
+
+@dataclass
+class _Probe:
+    seq: Sequence
+    parts: list[str] = field(default_factory=list)
+    produced: int = 0
+    finish: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def probe(backend: Backend, submit: Callable[[Sequence], None],
+          on_last_finish: Callable[[], None] | None = None) -> None:
+    """Sets `backend.batch_invariant` from `measure`, and logs why when it is not. Call at
+    the end of `load`, once the decode loop runs."""
+
+    def render(user: str) -> str:
+        return backend.render_chat([{"role": "user", "content": user}])
+
+    verdict = measure(submit, backend.tokenize, render, backend.slots,
+                      on_last_finish=on_last_finish)
+    backend.batch_invariant = verdict.invariant
+    if verdict.invariant is not True:
+        log.warning("%s: greedy output is not batch-invariant on this host (%s); mid-stream "
+                    "failover still continues from the exact text sent, but the rest may "
+                    "differ from an uninterrupted answer", backend.name, verdict.detail)
+
+
+def measure(
+    submit: Callable[[Sequence], None],
+    tokenize: Callable[[str], list[int]],
+    render: Callable[[str], str],
+    slots: int,
+    *,
+    on_last_finish: Callable[[], None] | None = None,
+    timeout: float = 120.0,
+) -> Verdict:
+    """Runs the probe through `submit` (the backend's own path); blocking, off the event loop.
+
+    `on_last_finish` runs on the backend's thread inside the last sequence's `on_finish`,
+    when no probe sequence is running (the llama backend empties its KV cache there).
+    """
+    if slots < 2:
+        if on_last_finish is not None:
+            _run_one(submit, tokenize(render(PROMPTS[0])), timeout, on_last_finish)
+        return Verdict(True, "one slot: sequences are never batched")
+    prompts = [tokenize(render(p)) for p in PROMPTS[: min(len(PROMPTS), slots)]]
+    try:
+        alone = [_run(submit, [p], timeout)[0] for p in prompts]
+        together = _run(submit, prompts, timeout, on_last_finish)
+    except TimeoutError as exc:
+        return Verdict(None, f"not measured: {exc}")
+    for i, (a, b) in enumerate(zip(alone, together, strict=True)):
+        if a.finish == "error" or b.finish == "error":
+            return Verdict(None, "not measured: a probe sequence failed")
+        if (a.text, a.finish) != (b.text, b.finish):
+            at = next((k for k, (x, y) in enumerate(zip(a.text, b.text, strict=False))
+                       if x != y),
+                      min(len(a.text), len(b.text)))
+            lo = max(0, at - 20)
+            return Verdict(False, f"prompt {i} differs at character {at}: "
+                                  f"{a.text[lo:at + 30]!r} alone, {b.text[lo:at + 30]!r} batched")
+    return Verdict(True, f"{len(prompts)} prompts x {TOKENS} greedy tokens equal alone and "
+                         "batched")
+
+
+def _run_one(submit: Callable[[Sequence], None], prompt: list[int], timeout: float,
+             on_last_finish: Callable[[], None]) -> None:
+    try:
+        _run(submit, [prompt], timeout, on_last_finish)
+    except TimeoutError:
+        log.warning("batch-invariance probe: timed out")
+
+
+def _run(
+    submit: Callable[[Sequence], None],
+    prompts: list[list[int]],
+    timeout: float,
+    on_last_finish: Callable[[], None] | None = None,
+) -> list[_Probe]:
+    """Greedy-decodes `prompts`, the later ones starting as the first one produces."""
+    lock = threading.Lock()
+    left = [len(prompts)]
+    started = threading.Event()
+    probes: list[_Probe] = []
+
+    def make(i: int, prompt: list[int]) -> _Probe:
+        def on_tokens(text: str, n: int) -> None:
+            probe.parts.append(text)
+            probe.produced += n
+            if i == 0:
+                started.set()
+
+        def on_finish(reason: str, _error: str | None) -> None:
+            probe.finish = reason
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last and on_last_finish is not None:
+                on_last_finish()
+            started.set()
+            probe.done.set()
+
+        seq = Sequence(f"invariance-{i}", prompt, TOKENS, SamplingParams(temperature=0.0),
+                       on_tokens, on_finish)
+        probe = _Probe(seq)
+        return probe
+
+    probes.extend(make(i, p) for i, p in enumerate(prompts))
+    submit(probes[0].seq)
+    for k, probe in enumerate(probes[1:], start=1):
+        # Wait until the first sequence is decoding (STAGGER x k tokens in), then join it.
+        while not probes[0].done.is_set() and probes[0].produced < STAGGER * k:
+            if not started.wait(timeout):
+                raise TimeoutError(f"no token within {timeout:.0f} s")
+            started.clear()
+        submit(probe.seq)
+    for probe in probes:
+        if not probe.done.wait(timeout):
+            for p in probes:
+                p.seq.cancelled.set()
+            raise TimeoutError(f"a probe sequence did not finish within {timeout:.0f} s")
+    return probes
