@@ -101,16 +101,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--backends", default="llama,openvino")
+    ap.add_argument("--attach", action="append", default=[], metavar="BACKEND=URL",
+                    help="measure a worker already running (same flags as below)")
     args = ap.parse_args()
+    attached = dict(a.split("=", 1) for a in args.attach)
     where = machine()
     rows = []
     for backend in args.backends.split(","):
-        extra = ("--threads", "2") if backend == "llama" else ("--device", "CPU")
-        w = start_worker("--parallel", "4", *extra, backend=backend)
-        try:
-            m = measure(w.url, args.rounds, args.max_tokens)
-        finally:
-            w.proc.stop()
+        if backend in attached:
+            m = measure(attached[backend], args.rounds, args.max_tokens)
+        else:
+            extra = ("--threads", "2") if backend == "llama" else ("--device", "CPU")
+            w = start_worker("--parallel", "4", *extra, backend=backend)
+            try:
+                m = measure(w.url, args.rounds, args.max_tokens)
+            finally:
+                w.proc.stop()
         print(backend, {k: round(v, 1) for k, v in m.items()}, flush=True)
         rows.append((backend, m))
     lines = [
