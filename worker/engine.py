@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from wire.errors import APIError, bad_request, overloaded
 from wire.openai import new_id
@@ -199,6 +200,7 @@ class Engine:
         max_tokens: int,
         params: SamplingParams,
         stop: list[str] | None = None,
+        constraint: Any = None,
     ) -> AsyncIterator[Delta]:
         """Yields text deltas; the final one has `finish` set. Cancels the backend on exit."""
         loop = asyncio.get_running_loop()
@@ -228,7 +230,8 @@ class Engine:
         def on_finish(reason: str, error: str | None) -> None:
             loop.call_soon_threadsafe(finished_in_loop, reason, error)
 
-        seq = Sequence(new_id("seq"), prompt, max_tokens, params, on_tokens, on_finish)
+        seq = Sequence(new_id("seq"), prompt, max_tokens, params, on_tokens, on_finish,
+                       constraint=constraint)
         matcher = _StopMatcher(stop or [])
         produced = 0
         first_at: float | None = None

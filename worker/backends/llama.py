@@ -20,7 +20,7 @@ import jinja2
 import llama_cpp
 
 from wire.errors import bad_request
-from worker.backends import invariance
+from worker.backends import invariance, llama_grammar
 from worker.backends.base import Backend, BackendError, SamplingParams, Sequence
 from worker.backends.llama_batch import BatchLoop, token_bytes
 from worker.backends.llama_chat import ChatTemplate
@@ -240,6 +240,22 @@ class LlamaBackend(Backend):
         if token == llama_cpp.LLAMA_TOKEN_NULL:
             return ""
         return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace")
+
+    def render_tools(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                     continue_final: bool = False) -> str:
+        """Like `render_chat`, with tool definitions for a template that knows tools."""
+        try:
+            return self._template.render(messages, continue_final, tools=tools)
+        except jinja2.TemplateError as exc:
+            raise bad_request(f"The model's chat template refused the messages: {exc}",
+                              param="messages") from None
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._template.source
+
+    def compile_constraint(self, constraint: Any) -> Any:
+        return llama_grammar.sampler_for(self, constraint)
 
     # ------------------------------------------------------------------ sequences
     def submit(self, seq: Sequence) -> None:

@@ -36,7 +36,7 @@ import openvino as ov
 import openvino_genai as ovg
 
 from wire.errors import bad_request
-from worker.backends import invariance
+from worker.backends import invariance, openvino_structured
 from worker.backends.base import Backend, BackendError, SamplingParams, Sequence, TokenLogprob
 
 log = logging.getLogger("corral.worker.openvino")
@@ -309,6 +309,32 @@ class OpenVINOBackend(Backend):
             raise BackendError("the chat template dropped the final assistant message")
         return text[:cut] + final
 
+    @property
+    def chat_template(self) -> str | None:
+        return self._tok.chat_template if self._tok is not None else None
+
+    def render_tools(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                     continue_final: bool = False) -> str:
+        """`render_chat` with tool definitions and tool history (OpenVINO's own template
+        engine takes `tools` and nested message fields as Hugging Face passes them)."""
+        history = [{**m, "content": m.get("content") or ""} for m in messages]
+        try:
+            if not continue_final:
+                return self._tok.apply_chat_template(history, True, tools=tools)
+            final = history[-1]["content"]
+            history[-1] = {"role": "assistant", "content": _MARKER}
+            text = self._tok.apply_chat_template(history, False, tools=tools)
+        except Exception as exc:
+            raise bad_request(f"The model's chat template refused the messages: {exc}",
+                              param="messages") from None
+        cut = text.rfind(_MARKER)
+        if cut < 0:
+            raise BackendError("the chat template dropped the final assistant message")
+        return text[:cut] + final
+
+    def compile_constraint(self, constraint: Any) -> Any:
+        return openvino_structured.compile_config(constraint)
+
     # ------------------------------------------------------------------ requests
     def validate(self, params: SamplingParams) -> None:
         if params.presence_penalty or params.frequency_penalty:
@@ -369,6 +395,8 @@ class OpenVINOBackend(Backend):
             cfg.min_p = float(p.min_p)
             seed = random.getrandbits(63) if p.seed is None else p.seed & _SEED_MASK
             cfg.rng_seed = seed
+        if seq.constraint is not None:
+            cfg.structured_output_config = seq.constraint
         cfg.validate()
         return cfg
 
