@@ -72,6 +72,9 @@ def test_a_dead_workers_file_is_not_counted_and_is_removed(tmp_path: Path) -> No
         b.pin(None)
         b.refresh()
         assert a.refresh() == 2
+        # Another crash, this time of the next to last: the last one out still cleans up.
+        os.close(a._fd)
+        a._fd = None
     finally:
         for h in (a, b, fixed):
             h.close()

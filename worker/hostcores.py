@@ -167,8 +167,9 @@ class HostCores:
             with contextlib.suppress(OSError):
                 os.unlink(self.dir / name)
         os.close(fd)
-        with contextlib.suppress(OSError):  # only if no other worker is left in it
-            self.dir.rmdir()
+        with contextlib.suppress(OSError):
+            self.scan()  # reaps dead workers' files, so the last one out leaves nothing
+            self.dir.rmdir()  # only if no other worker is left in it
 
     def pin(self, threads: int | None) -> None:
         """Publishes that this worker decodes on `threads` whatever its share (a backend
