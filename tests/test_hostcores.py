@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,15 +22,20 @@ from procs import wait_for
 from test_dashboard import browser  # noqa: F401 - the fixture: headless chromium
 
 from gateway.hostload import HostWatch, oversubscribed
-from worker.hostcores import HostCores, Peer, fair_share, usable_cpus
+from worker.hostcores import HostCores, Peer, default_root, fair_share, usable_cpus
 
 needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                  reason="llama-cpp-python is not installed")
 LIGHT = ("--parallel", "1", "--ctx-size", "512")
 
 
-def _host() -> str:
-    return f"test-{uuid.uuid4().hex[:10]}"
+@pytest.fixture
+def host() -> Iterator[str]:
+    """A host id of the test's own; afterwards the files a SIGKILLed last worker left.
+    Name it first: fixtures end in reverse order, so this ends after the workers."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    yield name
+    shutil.rmtree(default_root() / name, ignore_errors=True)
 
 
 def _hw(w) -> dict:
@@ -103,11 +110,11 @@ def test_oversubscribed_hosts_are_named_once_settled() -> None:
 
 
 @needs_llama
-def test_workers_on_one_host_share_its_cores_and_grow_back(worker_factory) -> None:
+def test_workers_on_one_host_share_its_cores_and_grow_back(host, worker_factory) -> None:
     cpus = usable_cpus()
     if cpus < 2:
         pytest.skip("sharing needs at least 2 CPUs")
-    n, host = min(3, cpus), _host()
+    n = min(3, cpus)
     ws = [worker_factory("--host-id", host, *LIGHT, wait=False) for _ in range(n)]
     for w in ws:
         w.wait_ready()
@@ -138,8 +145,9 @@ def test_workers_on_one_host_share_its_cores_and_grow_back(worker_factory) -> No
 
 
 @needs_llama
-def test_explicit_threads_are_kept_and_the_gateway_warns(worker_factory, gateway_factory) -> None:
-    cpus, host = usable_cpus(), _host()
+def test_explicit_threads_are_kept_and_the_gateway_warns(host, worker_factory,
+                                                         gateway_factory) -> None:
+    cpus = usable_cpus()
     fixed = worker_factory("--host-id", host, "--threads", str(cpus + 1), *LIGHT, wait=False)
     shared = worker_factory("--host-id", host, *LIGHT, wait=False)
     fixed.wait_ready()
@@ -178,9 +186,9 @@ def test_explicit_threads_are_kept_and_the_gateway_warns(worker_factory, gateway
 
 
 @needs_llama
-def test_the_dashboard_shows_a_host_warning(browser, worker_factory,  # noqa: F811
-                                            gateway_factory) -> None:
-    cpus, host = usable_cpus(), _host()
+def test_the_dashboard_shows_a_host_warning(host, browser,  # noqa: F811
+                                            worker_factory, gateway_factory) -> None:
+    cpus = usable_cpus()
     w = worker_factory("--host-id", host, "--threads", str(cpus + 1), *LIGHT)
     g = gateway_factory("--worker", w.url)
     browser.get(f"{g.url}/")
