@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from gateway import placer
 from gateway.admission import Admission
 from gateway.affinity import Affinity
-from gateway.api import admin, cluster, openai
+from gateway.api import admin, cluster, embeddings, openai
 from gateway.auth import Auth
 from gateway.config import GatewayConfig
 from gateway.guard import BodyGuard
@@ -85,6 +85,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
                        body_timeout=cfg.body_timeout)
     errors.install(app)
     app.include_router(openai.router)
+    app.include_router(embeddings.router)
     app.include_router(cluster.router)
     app.include_router(admin.router)
     app.include_router(placer.router)

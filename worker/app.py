@@ -13,6 +13,7 @@ from worker import control
 from worker.api import router
 from worker.backends.base import Backend
 from worker.config import WorkerConfig
+from worker.embed import router as embeddings_router
 from worker.join import join_loop
 from worker.state import WorkerState
 
@@ -47,5 +48,6 @@ def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
     app.state.worker = state
     http.install(app)
     app.include_router(router)
+    app.include_router(embeddings_router)
     control.install(app, state)
     return app

@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
+from gateway import capabilities
 from gateway.affinity import SESSION_HEADER, session_key
 from gateway.limits import Reservation, estimate_tokens
 from gateway.upstream import Call, _error
@@ -177,7 +178,8 @@ async def models(request: Request) -> Response:
         gw.auth.api_key(request)
     except errors.APIError as err:
         return _error(err, GATEWAY)
-    cards = [{"id": m, "object": "model", "created": gw.started, "owned_by": "corral"}
+    cards = [{"id": m, "object": "model", "created": gw.started, "owned_by": "corral",
+              "capabilities": capabilities.of_model(gw.registry, m)}
              for m in gw.registry.models()]
     return json_response({"object": "list", "data": cards}, headers={WORKER_HEADER: GATEWAY})
 
@@ -191,5 +193,6 @@ async def model(request: Request, model: str) -> Response:
             raise errors.not_found(f"The model {model!r} does not exist.")
     except errors.APIError as err:
         return _error(err, GATEWAY)
-    card = {"id": model, "object": "model", "created": gw.started, "owned_by": "corral"}
+    card = {"id": model, "object": "model", "created": gw.started, "owned_by": "corral",
+            "capabilities": capabilities.of_model(gw.registry, model)}
     return json_response(card, headers={WORKER_HEADER: GATEWAY})

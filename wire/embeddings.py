@@ -1,0 +1,77 @@
+"""`POST /v1/embeddings`: the request model and the response builder, as OpenAI shapes them.
+
+Shared by the worker (which computes) and the gateway (which validates once at the edge and
+estimates tokens for the key's tpm). Import-light: numpy and pydantic only.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: OpenAI's own bound on the number of inputs in one request.
+MAX_INPUTS = 2048
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request. `input`: a string, strings, a token array or token arrays."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+    # Token arrays first: a list of ints must not be read as strings, nor [] as anything.
+    input: str | list[int] | list[str] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, v: Any) -> Any:
+        items = [v] if isinstance(v, str) else v
+        if not items:
+            raise ValueError("input must not be empty")
+        if isinstance(items[0], int):  # one token array
+            items = [items]
+        if len(items) > MAX_INPUTS:
+            raise ValueError(f"at most {MAX_INPUTS} inputs are allowed in one request")
+        for i, item in enumerate(items):
+            if not item:
+                raise ValueError(f"input[{i}] is empty; every input needs some text or tokens")
+        return v
+
+    @property
+    def items(self) -> list[str | list[int]]:
+        """The inputs as a list: each a string or a token array."""
+        v = self.input
+        if isinstance(v, str):
+            return [v]
+        if v and isinstance(v[0], int):
+            return [v]  # type: ignore[list-item]
+        return list(v)  # type: ignore[arg-type]
+
+    def text_chars(self) -> int:
+        """Characters (strings) or tokens (arrays) in, for a tpm estimate before tokenizing."""
+        return sum(len(x) for x in self.items)
+
+
+def encode(vector: np.ndarray, fmt: str) -> Any:
+    """One embedding as OpenAI sends it: a float32 array, or its little-endian bytes in base64."""
+    v = np.ascontiguousarray(vector, dtype="<f4")
+    if fmt == "base64":
+        return base64.b64encode(v.tobytes()).decode("ascii")
+    return v  # written by orjson with OPT_SERIALIZE_NUMPY: float32's shortest form, no copy
+
+
+def response(model: str, vectors: list[np.ndarray], fmt: str, prompt_tokens: int
+             ) -> dict[str, Any]:
+    """The response body; `usage` comes last, where the gateway's accounting looks for it."""
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encode(v, fmt)}
+                 for i, v in enumerate(vectors)],
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
