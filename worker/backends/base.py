@@ -126,6 +126,8 @@ class Backend(ABC):
         None when it cannot compute any (then `embed` is a 400)."""
         return None
 
+    #: Why `embed` refuses, when the backend knows better than "cannot".
+    embeddings_unavailable: str = ""
     #: Tokens the longest embedding input may have.
     embed_window: int = 0
     #: Token ids run from 0 to this (token-array inputs are checked against it).
@@ -135,8 +137,9 @@ class Backend(ABC):
               ) -> concurrent.futures.Future[list[Any]]:
         """Starts computing one normalised vector per input (token lists within
         `embed_window`); the future is set from the backend's thread."""
+        why = f" {self.embeddings_unavailable}" if self.embeddings_unavailable else ""
         raise bad_request(f"The {self.name} backend on this worker cannot compute embeddings "
-                          "for this model.", param="model", code="embeddings_unsupported")
+                          f"for this model.{why}", param="model", code="embeddings_unsupported")
 
     def validate(self, params: SamplingParams) -> None:  # noqa: B027 - optional hook
         """Refuse (raise `wire.errors.bad_request`) what this backend cannot honour.

@@ -89,6 +89,8 @@ class Embedder:
         self._mem: Any = None
         self._batch: Any = None
         self._broken: str | None = None
+        # Counted on the loop's thread; read by /status (ints: a torn read is impossible).
+        self.stats = {"requests": 0, "inputs": 0, "decodes": 0}
 
     @property
     def available(self) -> bool:
@@ -98,7 +100,8 @@ class Embedder:
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {"pooling": POOLING[self.pooling], "dimensions": self.n_embd,
                                "window": self.window, "normalized": "l2",
-                               "context": "open" if self._ctx else "on first use"}
+                               "context": "open" if self._ctx else "on first use",
+                               **self.stats}
         if self.note:
             out["pooling_note"] = self.note
         if self._broken:
@@ -156,6 +159,7 @@ class Embedder:
         if len(job.vectors) < len(job.inputs):
             self.submit(job)  # the rest after the next generation step
         else:
+            self.stats["requests"] += 1
             job.future.set_result(job.vectors)
 
     def _decode_some(self, job: EmbedJob) -> None:
@@ -183,6 +187,8 @@ class Embedder:
         b.n_tokens = i
         rc = llama_cpp.llama_decode(self._ctx, b)
         job.decodes += 1
+        self.stats["decodes"] += 1
+        self.stats["inputs"] += end - start
         try:
             if rc != 0:
                 raise BackendError(f"llama_decode returned {rc} for an embedding batch")
