@@ -1,4 +1,4 @@
-"""`corral up|gateway|worker|status|bench`.
+"""`corral up|gateway|worker|status|keys|bench`.
 
 Every flag also reads `CORRAL_<FLAG>` from the environment (flags win). Heavy modules
 (llama_cpp, openvino) are imported only by the command that needs them.
@@ -103,7 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="the cluster as a table")
     s.add_argument("--gateway", default="http://127.0.0.1:8000")
     s.add_argument("--json", action="store_true", help="print /cluster as JSON")
+    s.add_argument("--token", default=None,
+                   help="the cluster token, for a closed gateway (default: "
+                   "$CORRAL_CLUSTER_TOKEN)")
+    s.add_argument("--api-key", default=None, help="or an API key, for a closed gateway")
     s.set_defaults(func=_cmd_status)
+
+    from corral import keys
+
+    keys.add_parser(sub)
 
     b = sub.add_parser("bench", help="load generator for any OpenAI-compatible endpoint")
     b.add_argument("--base-url", required=True)
@@ -148,16 +156,32 @@ def _cmd_worker(a: argparse.Namespace) -> int:
     return run(cfg)
 
 
+def _config_error(command: str, exc: Exception) -> int:
+    """A config file that cannot be used: one clear message, no traceback, exit 2."""
+    print(f"corral {command}: {exc}", file=sys.stderr)
+    return 2
+
+
 def _cmd_gateway(a: argparse.Namespace) -> int:
-    from gateway.config import load_config
+    from gateway.config_file import ConfigError, load_config
+
+    try:
+        cfg = load_config(a)
+    except ConfigError as exc:
+        return _config_error("gateway", exc)
     from gateway.serve import run
 
-    return run(load_config(a))
+    return run(cfg)
 
 
 def _cmd_up(a: argparse.Namespace) -> int:
     from corral.up import run
+    from gateway.config_file import ConfigError, load
 
+    try:  # before starting anything: the gateway child would refuse it anyway
+        load(a.config)
+    except ConfigError as exc:
+        return _config_error("up", exc)
     return run(a)
 
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-_STATE_STYLE = {"ready": "green", "busy": "yellow", "loading": "cyan", "down": "red"}
+_STATE_STYLE = {"ready": "green", "busy": "yellow", "loading": "cyan", "idle": "blue",
+                "down": "red", "unplaceable": "bold red", "broken": "red", "draining": "yellow"}
 
 
 def _gib(n: object) -> str:
@@ -19,8 +22,15 @@ def _gib(n: object) -> str:
 
 def run(a: argparse.Namespace) -> int:
     base = a.gateway.rstrip("/")
+    secret = (getattr(a, "api_key", None) or getattr(a, "token", None)
+              or os.environ.get("CORRAL_CLUSTER_TOKEN", ""))
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     try:
-        r = httpx.get(f"{base}/cluster", timeout=5.0)
+        r = httpx.get(f"{base}/cluster", timeout=5.0, headers=headers)
+        if r.status_code == 401:
+            print(f"corral status: {base}/cluster is closed (API keys are configured): pass "
+                  "--token (or CORRAL_CLUSTER_TOKEN) or --api-key", file=sys.stderr)
+            return 1
         r.raise_for_status()
         data = r.json()
     except (httpx.HTTPError, ValueError) as exc:
@@ -58,8 +68,16 @@ def render(data: dict, console: Console) -> None:
             cpu,
         )
     console.print(table)
-    placements = data.get("placements") or []
-    if placements:
-        console.print("placements: " + "; ".join(
-            f"{p['model']} ({p['mode']}) on {', '.join(p['workers']) or 'none'}"
-            for p in placements))
+    for p in data.get("placements") or []:
+        console.print(_placement_line(p), highlight=False)
+
+
+def _placement_line(p: dict) -> str:
+    """One line per placement; one that cannot be placed says why, with the numbers."""
+    state = p.get("state") or "ready"
+    tag = f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]"
+    if state == "unplaceable":
+        return f"placement {p.get('model')}: {tag}: {escape(str(p.get('reason') or ''))}"
+    workers = ", ".join(p.get("workers") or []) or "none"
+    head = f", head {p['head']}" if p.get("mode") == "split" and p.get("head") else ""
+    return f"placement {p.get('model')} ({p.get('mode')}) on {workers}{head}: {tag}"

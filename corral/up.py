@@ -119,10 +119,16 @@ def _placed_by_gateway(a: argparse.Namespace) -> bool:
     return a.backend == "llama"
 
 
+def _auth() -> dict[str, str]:
+    """The cluster token for /cluster, closed once API keys are configured (auth.py)."""
+    token = os.environ.get("CORRAL_CLUSTER_TOKEN", "")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _settled(base: str, n: int) -> bool:
     """All n workers joined, every declared model placed and serving, and no worker still
     loading a placement (with a split, some workers serve nothing themselves)."""
-    c = httpx.get(f"{base}/cluster", timeout=2.0).json()
+    c = httpx.get(f"{base}/cluster", timeout=2.0, headers=_auth()).json()
     if len(c.get("workers", [])) < n:
         return False
     placements = c.get("placements", [])
@@ -132,8 +138,16 @@ def _settled(base: str, n: int) -> bool:
         p.get("state", "ready") == "ready" for p in placements)
 
 
+def _unplaceable(base: str, n: int) -> list[str]:
+    """Why each declared model cannot be placed, once the plan counted all n workers."""
+    c = httpx.get(f"{base}/cluster", timeout=2.0, headers=_auth()).json()
+    return [f"model {p['model']} cannot be placed: {p.get('reason')}"
+            for p in c.get("placements", []) if p.get("state") == "unplaceable"
+            and (p.get("offer") or {}).get("workers", 0) >= n]
+
+
 def _ready_count(base: str) -> tuple[int, list[str]]:
-    r = httpx.get(f"{base}/cluster", timeout=2.0)
+    r = httpx.get(f"{base}/cluster", timeout=2.0, headers=_auth())
     ws = r.json().get("workers", [])
     ready = [w for w in ws if w.get("state") in ("ready", "busy")]
     models = sorted({m for w in ready for m in w.get("models", [])})
@@ -146,6 +160,7 @@ def run(a: argparse.Namespace) -> int:
     cores = os.cpu_count() or 1
     threads = a.threads or max(1, cores // n)
     token = os.environ.get("CORRAL_CLUSTER_TOKEN") or secrets.token_urlsafe(24)
+    os.environ["CORRAL_CLUSTER_TOKEN"] = token  # _auth(): /cluster may be closed
     env = {**os.environ, "CORRAL_CLUSTER_TOKEN": token, "PYTHONUNBUFFERED": "1"}
     host = "127.0.0.1" if a.host in ("0.0.0.0", "::", "") else a.host
     base = f"http://{host}:{a.port}"
@@ -194,11 +209,18 @@ def _wait_ready(console: Console, children: Children, base: str, n: int) -> bool
                 return False
             try:
                 ready, _ = _ready_count(base)
+                stuck = _unplaceable(base, n)
             except (httpx.HTTPError, ValueError):
                 time.sleep(0.25)
                 continue
             if ready >= n or (ready and _settled(base, n)):
                 return True
+            if stuck:  # every worker is in, and still it fits nowhere: waiting is pointless
+                for line in stuck:
+                    console.print(f"[red]{line}[/]", highlight=False)
+                console.print("[red]stopping: give the workers more memory (--memory-limit) "
+                              "or more workers (--workers)[/]")
+                return False
             status.update(f"loading the model: {ready}/{n} worker(s) ready…")
             time.sleep(0.25)
     console.print(f"[yellow]not every worker became ready within {READY_TIMEOUT:g}s; "

@@ -1,13 +1,14 @@
 """Session affinity: the turns of one conversation go to the worker that holds its KV cache.
 
-A conversation is named by a key, computed once per request at the edge (`session_key`):
-the client's `x-session-id` header, else its `user` field, else (chat only) a hash of the
-leading messages — the system prompt and the first user message, the same for every turn
-of one chat. Every request records where its key went; routing *prefers* that worker for
-requests that continue something: an explicit session/user, or a chat that already holds
-an assistant turn. So identical one-shot requests still spread over the workers, while a
-conversation's later turns go back to its cache — unless that worker is much busier than
-the least-loaded one (routing.py's load guard, `affinity_slack`).
+A conversation is named by a key, computed once per request at the edge (`session_key`): the
+client's `x-session-id` header, else the chat id a trusted front end forwards (identity.py:
+Open WebUI's `X-OpenWebUI-Chat-Id`), else its `user` field, else (chat only) a hash of the
+leading messages — the system prompt and the first user message, the same for every turn of
+one chat. Every request records where its key went; routing *prefers* that worker for
+requests that continue something: an explicit session/user, or a chat that already holds an
+assistant turn. So identical one-shot requests still spread over the workers, while a
+conversation's later turns go back to its cache — unless that worker is much busier than the
+least-loaded one (routing.py's load guard, `affinity_slack`).
 
 The map lives in shared state (state.py: memory, or Redis for several replicas) with a
 TTL. A local dict in front of it answers the hot path without a round trip; only a key
@@ -37,11 +38,15 @@ LOCAL_MAX = 100_000  # keys cached in this process (oldest dropped first)
 LOOKUP_TIMEOUT = 0.05  # seconds a shared-state lookup may add to a request
 
 
-def session_key(model: str, header: str | None, body: dict[str, Any]
+def session_key(model: str, header: str | None, body: dict[str, Any], chat: str | None = None
                 ) -> tuple[str, bool] | None:
-    """(the conversation's affinity key, whether to prefer its worker), or None."""
+    """(the conversation's affinity key, whether to prefer its worker), or None. `chat`: the
+    chat id a trusted front end forwarded (identity.py), which names one conversation better
+    than its `user` field (every chat of that person)."""
     if header:
         return f"{model}\x00s\x00{header[:256]}", True
+    if chat:
+        return f"{model}\x00c\x00{chat[:256]}", True
     user = body.get("user")
     if isinstance(user, str) and user:
         return f"{model}\x00u\x00{user[:256]}", True

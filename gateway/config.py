@@ -2,31 +2,60 @@
 
 Flags and `CORRAL_<FLAG>` environment variables arrive already merged by the CLI (flags
 win). The config file adds what flags can't say: the cluster token, API keys, workers and
-models. Precedence: flag/env > config file > default.
+models. Precedence: flag/env > config file > default. `config_file.load_config` builds it
+(and validates the file); this module is only the types.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import secrets
-import tomllib
+import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 
 @dataclass(frozen=True)
 class ApiKey:
-    """A client key; `rpm`/`tpm` limits are enforced by limits.py (None: unlimited)."""
+    """A client key; `rpm`/`tpm` limits are enforced by limits.py (None: unlimited).
+
+    A key marked as a `frontend` (a chat UI the whole team reaches Corral through) has its
+    forwarded end-user identity trusted (identity.py); `user_rpm`/`user_tpm` then limit each
+    end user inside the key's own limits. Budgets (budgets.py) cap tokens per UTC day or
+    month, for the key and for each of its end users. Keys added at run time (keys.py) carry
+    only the digest of their secret (`key` is "").
+    """
 
     key: str
     user: str
     rpm: int | None = None
     tpm: int | None = None
+    frontend: str | None = None  # "openwebui" or "headers" (identity.py)
+    frontend_jwt_secret: str | None = None
+    frontend_headers: tuple[tuple[str, str], ...] = ()  # (field, header name) overrides
+    user_rpm: int | None = None
+    user_tpm: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    user_tokens_per_day: int | None = None
+    user_tokens_per_month: int | None = None
+    digest: str = ""  # sha256 hex of the secret; computed from `key` when empty
+    source: str = "config"  # "config" (file or env) or "runtime" (keys.py)
 
-    def __repr__(self) -> str:  # never print a key
-        return f"ApiKey(user={self.user!r}, rpm={self.rpm}, tpm={self.tpm})"
+    def __post_init__(self) -> None:
+        if not self.digest and self.key:
+            object.__setattr__(self, "digest", hashlib.sha256(self.key.encode()).hexdigest())
+
+    @property
+    def id(self) -> str:
+        """A public name for the key (listing, revoking): never the secret."""
+        return "key_" + self.digest[:12]
+
+    @property
+    def has_budget(self) -> bool:
+        return bool(self.tokens_per_day or self.tokens_per_month
+                    or self.user_tokens_per_day or self.user_tokens_per_month)
+
+    def __repr__(self) -> str:  # never print a key or a secret
+        return (f"ApiKey(id={self.id!r}, user={self.user!r}, rpm={self.rpm}, tpm={self.tpm}, "
+                f"frontend={self.frontend!r})")
 
 
 @dataclass
@@ -68,67 +97,11 @@ class GatewayConfig:
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413
     head_timeout: float = 10.0  # seconds a client may take to send a request's headers
     body_timeout: float = 30.0  # seconds a client may take to send a request's body (408)
+    # Closed views (auth.py): with API keys configured, /cluster, the dashboard and
+    # /openapi.json need a key or the cluster token, unless the dashboard is public.
+    public_dashboard: bool = False
+    metrics_token: str = ""  # when set, GET /metrics needs it (or the cluster token)
 
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
         return (f"GatewayConfig(host={self.host!r}, port={self.port}, workers={self.workers}, "
                 f"models={self.models}, api_keys={len(self.api_keys)})")
-
-
-def _keys_from_env(raw: str | None) -> list[ApiKey]:
-    if not raw:
-        return []
-    return [ApiKey(k.strip(), f"key{i}") for i, k in enumerate(raw.split(",")) if k.strip()]
-
-
-def _keys_from_file(items: Any) -> list[ApiKey]:
-    keys = []
-    if not isinstance(items, list):
-        raise ValueError("api_keys must be an array of tables ([[api_keys]])")
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("key"), str) or not item["key"]:
-            raise ValueError(f"api_keys[{i}] needs a non-empty string 'key'")
-        keys.append(ApiKey(item["key"], str(item.get("user") or f"key{i}"),
-                           _opt_int(item.get("rpm")), _opt_int(item.get("tpm"))))
-    return keys
-
-
-def _opt_int(v: Any) -> int | None:
-    return None if v is None else int(v)
-
-
-def read_file(path: str | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    with Path(path).open("rb") as f:
-        return tomllib.load(f)
-
-
-def load_config(args: argparse.Namespace) -> GatewayConfig:
-    """Builds the config from the CLI's namespace (flags + CORRAL_* env) and `--config`."""
-    file = read_file(getattr(args, "config", None))
-    workers = list(getattr(args, "worker", None) or []) + list(file.get("workers", []))
-    models = list(getattr(args, "model", None) or []) + list(file.get("models", []))
-    token = getattr(args, "cluster_token", None) or file.get("cluster_token") or ""
-    generated = not token
-    if generated:
-        # Cluster writes always need a token; with none configured, make one up and say it.
-        token = secrets.token_urlsafe(24)
-    keys = _keys_from_file(file.get("api_keys", [])) + _keys_from_env(
-        os.environ.get("CORRAL_API_KEYS"))
-    cfg = GatewayConfig(
-        host=args.host, port=args.port,
-        workers=list(dict.fromkeys(w.rstrip("/") for w in workers)),
-        models=list(dict.fromkeys(models)),
-        redis_url=getattr(args, "redis_url", None) or file.get("redis_url"),
-        cluster_token=token, cluster_token_generated=generated, api_keys=keys,
-        log_level=getattr(args, "log_level", None) or "warning",
-    )
-    gw = file.get("gateway", {})  # optional [gateway] table for tuning knobs
-    for name in ("probe_interval", "probe_timeout", "join_ttl", "queue_size", "queue_timeout",
-                 "worker_queue_allowance", "down_grace", "max_attempts", "connect_timeout",
-                 "read_timeout", "stall_timeout", "max_connections", "lean_transport",
-                 "affinity", "affinity_ttl", "affinity_slack", "max_body_bytes", "head_timeout",
-                 "body_timeout"):
-        if name in gw:
-            setattr(cfg, name, type(getattr(cfg, name))(gw[name]))
-    return cfg

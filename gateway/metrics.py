@@ -9,11 +9,15 @@ else is counted as `other`, so clients cannot blow up the label cardinality.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gateway.registry import Registry
+
+if TYPE_CHECKING:
+    from gateway.placer import Placer
 
 disable_created_metrics()  # no `_created` series: half the scrape size, no loss
 
@@ -26,6 +30,7 @@ class _WorkerCollector:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.queue_length: Callable[[], int] | None = None
+        self.placer: Placer | None = None
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("corral_worker_up", "1 when the worker is healthy.",
@@ -44,6 +49,22 @@ class _WorkerCollector:
         if self.queue_length is not None:
             yield GaugeMetricFamily("corral_queue_length", "Requests waiting in the gateway "
                                     "queue for a worker.", self.queue_length())
+        if self.placer is not None:
+            yield from _placement(self.placer)
+
+
+def _placement(placer: Placer) -> Iterator[Metric]:
+    """The placer's rounds, how many changed the plan (a flapping plan shows here), and the
+    declared models it cannot place."""
+    yield CounterMetricFamily("corral_placement_rounds", "Placement rounds planned.",
+                              placer.rounds)
+    yield CounterMetricFamily("corral_placement_changes", "Placement rounds that changed "
+                              "the plan.", placer.changes)
+    un = GaugeMetricFamily("corral_model_unplaceable", "1 for a declared model that fits no "
+                           "worker and no split of them.", labels=["model"])
+    for name in sorted(placer.catalog):
+        un.add_metric([name], 1.0 if name in placer.unplaceable else 0.0)
+    yield un
 
 
 class Metrics:

@@ -15,7 +15,12 @@ model first: the smallest free worker that holds it (best fit), or, if none can,
 free workers whose memory adds up (largest first) as one split, the largest of them the
 head, `tensor_split` proportional to their memory. Then each remaining worker takes a
 replica of a model it holds, the model with the fewest replicas first. Current members are
-preferred on ties, so a re-plan on the same inventory changes nothing.
+preferred on ties, so a re-plan on the same inventory changes nothing. The plan comes in a
+canonical order (`canonical`), so two plans that place the same roles compare equal even when
+free memory that moved between two probes changed which worker was picked first.
+
+A model left out of the plan is explained (`explain`): what it needs, the largest single
+offer and what all the workers together offer, so it is never silently missing.
 """
 
 from __future__ import annotations
@@ -116,15 +121,24 @@ def _proportional(memories: Sequence[int]) -> tuple[float, ...]:
     return tuple(round(m / total, 6) for m in memories)
 
 
+def canonical(placements: Iterable[Placement]) -> list[Placement]:
+    """The placements sorted by model, mode and members: one form per set of roles."""
+    return sorted(placements, key=lambda p: (p.model, p.mode, p.workers, p.head or ""))
+
+
 def plan(models: Sequence[ModelSpec], workers: Iterable[WorkerSpec],
          current: Iterable[Placement] = ()) -> list[Placement]:
-    """Placements for `models` on `workers`. A model that fits nowhere, even split, is left out.
+    """Placements for `models` on `workers`, in canonical order. A model that fits nowhere,
+    even split, is left out (`explain` says why).
 
     Replicas come one placement per worker (mode "replica", one id in `workers`), so a
     worker's role is always read from exactly one placement.
     """
     pool = {w.id: w for w in workers}
+    current = list(current)
     was = {(wid, p.model, p.mode) for p in current for wid in p.workers}
+    splits = {p.model: p for p in current
+              if p.mode == "split" and p.workers and len(p.tensor_split) == len(p.workers)}
     free = set(pool)
     out: list[Placement] = []
     replicas: dict[str, int] = {m.name: 0 for m in models}
@@ -150,10 +164,18 @@ def plan(models: Sequence[ModelSpec], workers: Iterable[WorkerSpec],
                 break
         else:
             continue  # not even all free workers together hold it
-        for c in chosen:
-            free.discard(c.id)
-        out.append(Placement(m.name, "split", tuple(c.id for c in chosen), chosen[0].id,
-                             _proportional([c.memory for c in chosen])))
+        members = tuple(c.id for c in chosen)
+        ratios = _proportional([c.memory for c in chosen])
+        prev = splits.get(m.name)
+        if (prev is not None and len(prev.workers) <= len(members)
+                and all(w in free for w in prev.workers)
+                and sum(pool[w].memory for w in prev.workers) >= m.need):
+            # The running split still holds it with no more workers: keep its members, head
+            # and ratios. Free memory moves between probes; a new head or tensor_split
+            # would restart a split that serves fine.
+            members, ratios = prev.workers, prev.tensor_split
+        free.difference_update(members)
+        out.append(Placement(m.name, "split", members, members[0], ratios))
 
     # 2. Every other worker replicates a model it holds, the least replicated first.
     order = {m.name: i for i, m in enumerate(models)}
@@ -166,7 +188,56 @@ def plan(models: Sequence[ModelSpec], workers: Iterable[WorkerSpec],
                                      order[m.name]))
         replicas[m.name] += 1
         out.append(Placement(m.name, "replica", (wid,), wid, (1.0,)))
-    return out
+    return canonical(out)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+@dataclass(frozen=True)
+class Unplaceable:
+    """A model the plan left out, and the numbers that say why."""
+
+    model: str
+    need: MemoryNeed
+    largest: int  # bytes the largest single worker offers
+    largest_worker: str
+    split: int  # bytes all the workers offer together (the best any split could get)
+    workers: int
+
+    @property
+    def reason(self) -> str:
+        n = self.need
+        head = (f"it needs {_mib(n.total)} (weights {_mib(n.weights)}, KV cache "
+                f"{_mib(n.kv_cache)}, compute {_mib(n.compute)}, runtime {_mib(n.runtime)})")
+        if self.split >= n.total:  # enough memory in all, but other models hold it
+            return (f"{head}; the {self.workers} worker(s) offer {_mib(self.split)} together, "
+                    "but other models are placed on the workers it would need")
+        return (f"{head}, but the largest worker ({self.largest_worker}) offers "
+                f"{_mib(self.largest)} and all {self.workers} worker(s) together "
+                f"{_mib(self.split)}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The `/cluster` placement entry of a model that cannot be placed."""
+        return {"model": self.model, "mode": None, "workers": [], "head": None,
+                "tensor_split": [], "state": "unplaceable", "need": self.need.to_json(),
+                "offer": {"largest": self.largest, "largest_worker": self.largest_worker,
+                          "split": self.split, "workers": self.workers},
+                "reason": self.reason}
+
+
+def explain(needs: dict[str, MemoryNeed], workers: Sequence[WorkerSpec],
+            placements: Iterable[Placement]) -> dict[str, Unplaceable]:
+    """The models in `needs` that `placements` leave out, each with its numbers. Nothing
+    without workers: no worker at all is "no healthy worker", not a model too big."""
+    if not workers:
+        return {}
+    placed = {p.model for p in placements}
+    big = max(workers, key=lambda w: (w.memory, w.id))
+    total = sum(w.memory for w in workers)
+    return {name: Unplaceable(name, need, big.memory, big.id, total, len(workers))
+            for name, need in needs.items() if name not in placed}
 
 
 def roles(placements: Iterable[Placement]) -> dict[str, tuple[str, Placement]]:

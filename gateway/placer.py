@@ -16,8 +16,12 @@ broke (a dead head is restarted with fresh shards). A worker that stops answerin
 given `DEAD_AFTER` seconds before the plan moves its work elsewhere. Requests for a split
 model reach its head by ordinary routing: the head is the member that reports the model.
 
-The gateway also serves the declared files (`GET /cluster/models/{name}/file`, Range
-requests, cluster token), so a worker that lacks a model fetches it from here.
+A declared model the plan leaves out (it fits no worker and no split of them) is never
+silent: one log line when it becomes unplaceable, an `unplaceable` entry with the numbers in
+`/cluster` placements, and a 503 `model_unplaceable` saying why for requests (`refusal`).
+The plan is logged only when it changes (plans come in a canonical order).
+
+The declared files are served to workers by `api/models.py`, from `catalog` here.
 """
 
 from __future__ import annotations
@@ -32,15 +36,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, Response
 
-from gateway.placement import ModelSpec, Placement, WorkerSpec, estimate, plan, summary
-from wire.errors import not_found
-from wire.http import json_response
+from gateway.placement import (
+    MemoryNeed,
+    ModelSpec,
+    Placement,
+    Unplaceable,
+    WorkerSpec,
+    estimate,
+    explain,
+    plan,
+    summary,
+)
+from wire.errors import APIError
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
     from gateway.config import GatewayConfig
     from gateway.registry import Registry, Worker
 
@@ -78,6 +88,9 @@ class Placer:
         self.current: list[Placement] = []
         self.draining: list[Placement] = []  # still serving until their successor is ready
         self.generation = 0
+        self.unplaceable: dict[str, Unplaceable] = {}  # declared models the plan left out
+        self.rounds = 0  # planning rounds, and how many changed the plan (metrics)
+        self.changes = 0
         self.errors: dict[str, str] = {}  # worker id -> last push error
         self._down_since: dict[str, float] = {}
         self._retries: dict[str, tuple[int, float]] = {}  # broken worker -> (count, next)
@@ -150,11 +163,10 @@ class Placer:
         mem = w.status.get("memory") or {}
         return int(mem.get("available") or 0) + int(mem.get("model_bytes") or 0)
 
-    def _specs(self, workers: list[Worker]) -> list[ModelSpec]:
+    def _needs(self, workers: list[Worker]) -> dict[str, MemoryNeed]:
         n_ctx = max((int(w.status.get("n_ctx") or 0) for w in workers), default=0) or 2048
         slots = max((int(w.status.get("slots_total") or 1) for w in workers), default=1)
-        return [ModelSpec(m.name, estimate(m.path, n_ctx, slots).total)
-                for m in self.catalog.values()]
+        return {m.name: estimate(m.path, n_ctx, slots) for m in self.catalog.values()}
 
     async def tick(self) -> None:
         if not self._catalog_read:
@@ -170,13 +182,18 @@ class Placer:
             return
         workers = [w for w in self.managed() if self._alive(w, now)]
         if not workers and not self.current:
+            self.unplaceable = {}  # no worker at all: "no healthy worker", not "too big"
             return
-        models = await asyncio.to_thread(self._specs, workers)
+        needs = await asyncio.to_thread(self._needs, workers)
+        models = [ModelSpec(name, need.total) for name, need in needs.items()]
         specs = [WorkerSpec(w.id, self.capacity(w)) for w in workers]
         new = plan(models, specs, self.current or self._running(workers))
-        if new != self.current:
-            log.warning("placement: %s", [p.to_json() for p in new] or "nothing fits")
+        self.rounds += 1
+        if new != self.current:  # both canonical: equal roles compare equal
+            self.changes += 1
+            log.warning("placement: %s", [p.to_json() for p in new] or "nothing placed")
         self.current = new
+        self._note_unplaceable(explain(needs, specs, new), {w.id for w in workers})
         by_id = {w.id: w for w in workers}
         for w in workers:  # a placement that serves again starts its retry count afresh
             if self._reported(w).get("state") == "ready":
@@ -197,6 +214,27 @@ class Placer:
             if w.id not in placed | keep and self._reported(w).get("role") != "none":
                 jobs.append(self._push(w, {"role": "none"}))
         await asyncio.gather(*jobs)
+
+    def _note_unplaceable(self, found: dict[str, Unplaceable], managed: set[str]) -> None:
+        """Keeps `unplaceable`, logging each model once when it becomes so (and when it
+        stops). A model some worker we do not place serves is not a dead end."""
+        served = {m for w in self.registry.workers.values()
+                  if w.id not in managed and w.healthy for m in w.models}
+        found = {k: u for k, u in found.items() if k not in served}
+        for name, u in found.items():
+            if name not in self.unplaceable:
+                log.error("model %s cannot be placed: %s", name, u.reason)
+        for name in self.unplaceable.keys() - found.keys():
+            log.warning("model %s is no longer unplaceable", name)
+        self.unplaceable = found
+
+    def refusal(self, model: str) -> APIError | None:
+        """The 503 for a request to a model that cannot be placed, while nothing serves it."""
+        u = self.unplaceable.get(model)
+        if u is None or self.registry.by_model.get(model):
+            return None
+        return APIError(503, f"The model {model!r} cannot be placed on this cluster: "
+                        f"{u.reason}.", "service_unavailable", None, "model_unplaceable")
 
     def _serving(self, p: Placement, by_id: dict[str, Worker]) -> bool:
         for wid in p.workers:
@@ -329,6 +367,7 @@ class Placer:
         for e in summary(self.draining):
             e["state"] = "draining"
             out.append(e)
+        out.extend(u.to_json() for u in self.unplaceable.values())
         return out
 
     def _state(self, e: dict[str, Any]) -> str:
@@ -341,32 +380,3 @@ class Placer:
         if all(s == "ready" for s in states):
             return "ready"
         return "loading"
-
-
-# --------------------------------------------------------------------------- HTTP
-
-
-router = APIRouter()
-
-
-def _gw(request: Request) -> Gateway:
-    return request.app.state.gateway
-
-
-@router.get("/cluster/models")
-async def list_models(request: Request) -> Response:
-    gw = _gw(request)
-    gw.auth.cluster(request)
-    return json_response({"data": [{"name": m.name, "size": m.size, "sha256": m.sha256}
-                                   for m in gw.placer.catalog.values()]})
-
-
-@router.get("/cluster/models/{name}/file")
-async def model_file(request: Request, name: str) -> Response:
-    gw = _gw(request)
-    gw.auth.cluster(request)
-    m = gw.placer.catalog.get(name)
-    if m is None:
-        raise not_found(f"The gateway has no file for model {name!r}.")
-    return FileResponse(m.path, media_type="application/octet-stream",
-                        filename=f"{m.name}.gguf")

@@ -2,8 +2,9 @@
 
 Workers come from `--worker`, the config file, or join by themselves. Each is probed with
 `GET /status` every `probe_interval` seconds, so its load view is never much older than
-that. States: `loading` (known, not serving yet), `ready`, `busy` (every slot taken),
-`down` (unreachable or failing). A worker is ejected at once on a connect error, a 5xx or a
+that. States: `loading` (known, not serving yet), `idle` (holds no model by design: started
+without `--model`, waiting to be placed), `ready`, `busy` (every slot taken), `down`
+(unreachable or failing). A worker is ejected at once on a connect error, a 5xx or a
 timeout seen by a real request (passive), and re-admitted by the next probe that succeeds
 after the ejection. A joined worker that stops heartbeating for `join_ttl` is dropped.
 
@@ -34,6 +35,7 @@ from gateway.transport import LeanTransport
 log = logging.getLogger("corral.gateway")
 
 HEALTHY = ("ready", "busy")
+STATES = ("ready", "busy", "loading", "idle", "down")  # what a worker may report
 DOWN_MARK_SECONDS = 5.0  # an ejection reported by another replica is applied this long
 
 
@@ -314,9 +316,15 @@ class Registry:
         w.external = max(0, busy + queued - ours)
         w.slots_busy, w.queue_depth = busy, queued
         reported = st.get("state", "ready")
-        new_state = reported if reported in ("ready", "busy", "loading", "down") else "ready"
+        new_state = reported if reported in STATES else "ready"
         if new_state in HEALTHY and not models:
             new_state = "loading"
+        pl = st.get("placement") or {}
+        if new_state == "loading" and not models and pl.get("managed") \
+                and pl.get("state") == "idle":
+            # A worker that says `loading` with placement phase `idle` (before workers said
+            # `idle` themselves) is waiting to be placed, not loading anything.
+            new_state = "idle"
         changed = (models != w.models or slots != w.slots_total
                    or tps != w.tokens_per_second)
         w.models, w.slots_total, w.tokens_per_second = models, slots, tps

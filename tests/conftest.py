@@ -16,7 +16,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from procs import Gateway, Proc, Worker, start_gateway, start_redis, start_worker  # noqa: E402
+from procs import (  # noqa: E402
+    Gateway,
+    Proc,
+    Worker,
+    start_gateway,
+    start_redis,
+    start_worker,
+    wait_for,
+)
 
 MODEL = "smollm2-135m"
 
@@ -70,6 +78,48 @@ def serve_worker(*args: str, **kw) -> Iterator[Worker]:
         yield w
     finally:
         w.proc.stop()
+
+
+#: What a worker offers in `unplaceable_cluster`: far below the bundled model's 317 MiB.
+SMALL = 70 << 20
+
+
+@dataclass
+class SmallCluster:
+    """A gateway declaring the bundled model, and workers too small for it, even together."""
+
+    gateway: Gateway
+    workers: list[Worker]
+
+    def cluster(self) -> dict:
+        return httpx.get(f"{self.gateway.url}/cluster", timeout=5).json()
+
+    def unplaceable(self) -> dict | None:
+        return next((p for p in self.cluster()["placements"]
+                     if p.get("state") == "unplaceable" and p["model"] == MODEL), None)
+
+
+@pytest.fixture(scope="module")
+def unplaceable_cluster() -> Iterator[SmallCluster]:
+    """Two llama workers started without --model (the gateway places them) offering 70 MiB
+    each, joined to a gateway with `--model smollm2-135m`. Nothing loads: it never fits."""
+    g = start_gateway("--model", MODEL)
+    ws: list[Worker] = []
+    try:
+        for _ in range(2):
+            ws.append(start_worker("--join", g.url, "--memory-limit", str(SMALL), wait=False,
+                                   env={"CORRAL_CLUSTER_TOKEN": g.token}))
+        c = SmallCluster(g, ws)
+
+        def settled() -> bool:
+            u = c.unplaceable()
+            return bool(u) and u["offer"]["workers"] == len(ws)
+
+        wait_for(settled, 60, 0.1, "the model reported unplaceable over both workers")
+        yield c
+    finally:
+        for p in (*ws, g):
+            p.proc.stop()
 
 
 @pytest.fixture

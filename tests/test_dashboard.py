@@ -152,3 +152,22 @@ def test_dashboard_shows_workers_and_a_crash(browser, cluster) -> None:
     assert card.get_attribute("data-state") == "down"
     assert browser.find_element("id", "k-workers").text.strip() == "1 / 2"
     browser.save_screenshot(os.path.join(tempfile.gettempdir(), "corral-dashboard-down.png"))
+
+
+def test_dashboard_shows_an_unplaceable_model_and_idle_workers(browser,
+                                                               unplaceable_cluster) -> None:
+    c = unplaceable_cluster
+    ids = [w["id"] for w in c.cluster()["workers"]]
+    browser.get(f"{c.gateway.url}/")
+    wait_for(lambda: all(_card_states(browser).get(i) == "idle" for i in ids), 20, 0.2,
+             f"cards for {ids} in state idle")
+    card = browser.find_element("css selector", '.placement[data-model="smollm2-135m"]')
+    assert card.get_attribute("data-state") == "unplaceable"
+    text = card.text
+    assert "UNPLACEABLE" in text.upper() and "70.0 MiB" in text and "317.2 MiB" in text, text
+    for i in ids:
+        worker = browser.find_element("css selector", f'.worker[data-worker-id="{i}"]')
+        assert "waiting to be placed" in worker.text and worker.get_attribute(
+            "data-state") == "idle"
+    assert browser.find_element("id", "k-workers").text.strip() == "2 / 2"  # idle is up
+    browser.save_screenshot(os.path.join(tempfile.gettempdir(), "corral-dashboard-unplaced.png"))

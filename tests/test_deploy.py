@@ -24,7 +24,7 @@ DEPLOY = ROOT / "deploy"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 # Read from the environment by the gateway's config (the contract), not through a flag.
-NON_FLAG_VARS = {"CORRAL_API_KEYS"}
+NON_FLAG_VARS = {"CORRAL_API_KEYS", "CORRAL_METRICS_TOKEN"}
 # Kubernetes downward-API helpers, used only inside CORRAL_* values.
 K8S_HELPERS = {"POD_IP", "NODE_NAME"}
 

@@ -36,7 +36,9 @@ def sim(factory: Callable[..., Worker], *extra: str, rate: float = 100, parallel
 
 
 def cluster(g: Gateway) -> dict:
-    return httpx.get(f"{g.url}/cluster", timeout=5).json()
+    # The cluster token: /cluster is closed when API keys are configured.
+    auth = {"Authorization": f"Bearer {g.token}"} if g.token else {}
+    return httpx.get(f"{g.url}/cluster", timeout=5, headers=auth).json()
 
 
 def states(g: Gateway) -> dict[str, str]:
@@ -429,6 +431,7 @@ def test_api_keys_from_config(worker_factory, gateway_factory, tmp_path: Path) -
                     '[[api_keys]]\nkey = "sk-alice"\nuser = "alice"\nrpm = 60\ntpm = 1000\n'
                     '[[api_keys]]\nkey = "sk-bob"\nuser = "bob"\n')
     g = gateway_factory("--config", str(conf), token="")
+    g.token = "from-the-file"  # what cluster() sends: /cluster is closed with keys
     w = sim(worker_factory, "--join", g.url, env={"CORRAL_CLUSTER_TOKEN": "from-the-file"})
     wait_state(g, w.id, "ready", timeout=20)
     for key in ("none", "sk-alicex", "sk-alic"):

@@ -10,7 +10,8 @@ import collections
 import pytest
 
 from gateway.admission import Admission
-from gateway.config import GatewayConfig, load_config
+from gateway.config import GatewayConfig
+from gateway.config_file import load_config
 from gateway.metrics import Metrics
 from gateway.registry import Registry, Worker
 from gateway.routing import Router

@@ -6,10 +6,12 @@ import pytest
 
 from gateway.placement import (
     RUNTIME_BYTES,
+    MemoryNeed,
     ModelSpec,
     Placement,
     WorkerSpec,
     estimate,
+    explain,
     plan,
     roles,
     summary,
@@ -82,6 +84,49 @@ def test_split_needs_three_when_two_are_not_enough() -> None:
 
 def test_unplaceable_model_is_left_out() -> None:
     assert plan([ModelSpec("m", 10_000 * MB)], [W("a", 100), W("b", 100)]) == []
+
+
+def test_free_memory_moving_between_rounds_does_not_change_the_plan() -> None:
+    # Two boxes offering their free memory: which one is smaller flips between probes, so
+    # which one gets the model's home first flips too. The roles do not: same plan.
+    m = [ModelSpec("m", 300 * MB)]
+    first = plan(m, [W("a", 1000), W("b", 1001)])
+    again = plan(m, [W("a", 1001), W("b", 1000)], first)
+    assert again == first and len(first) == 2
+
+
+def test_a_kept_split_keeps_its_ratios_when_free_memory_moves() -> None:
+    m = [ModelSpec("m", 350 * MB)]
+    (first,) = plan(m, [W("a", 200), W("b", 201)])
+    (again,) = plan(m, [W("a", 202), W("b", 199)], [first])
+    assert again.workers == first.workers and again.tensor_split == first.tensor_split
+    # New members get ratios of their own.
+    (other,) = plan(m, [W("c", 300), W("d", 100)], [first])
+    assert other.tensor_split == (0.75, 0.25)
+
+
+def test_a_model_left_out_is_explained_with_the_numbers() -> None:
+    need = MemoryNeed(100 * MB, 45 * MB, 100 * MB)
+    ws = [W("a", 70), W("b", 60)]
+    (u,) = explain({"m": need}, ws, plan([ModelSpec("m", need.total)], ws)).values()
+    assert (u.model, u.largest, u.largest_worker, u.split, u.workers) == (
+        "m", 70 * MB, "a", 130 * MB, 2)
+    assert u.reason == ("it needs 325.0 MiB (weights 100.0 MiB, KV cache 45.0 MiB, compute "
+                        "100.0 MiB, runtime 80.0 MiB), but the largest worker (a) offers "
+                        "70.0 MiB and all 2 worker(s) together 130.0 MiB")
+    view = u.to_json()
+    assert view["state"] == "unplaceable" and view["need"]["total"] == need.total
+    assert view["offer"] == {"largest": 70 * MB, "largest_worker": "a", "split": 130 * MB,
+                             "workers": 2}
+    # Enough memory in all, but another model holds it: the reason says so.
+    small = MemoryNeed(10 * MB, 0, 0, 0)
+    ws = [W("a", 400)]
+    ps = plan([ModelSpec("big", 400 * MB), ModelSpec("m", small.total)], ws)
+    left = explain({"big": MemoryNeed(400 * MB, 0, 0, 0), "m": small}, ws, ps)
+    assert list(left) == ["m"] and "other models are placed" in left["m"].reason
+    # Placed models, or no workers at all, are not unplaceable.
+    assert explain({"m": small}, ws, plan([ModelSpec("m", small.total)], ws)) == {}
+    assert explain({"m": need}, [], []) == {}
 
 
 def test_no_workers_no_placements() -> None:

@@ -57,7 +57,9 @@ def sim(factory: Callable[..., Worker], *extra: str, rate: float = 200, parallel
 
 
 def states(g: Gateway) -> dict[str, str]:
-    return {w["id"]: w["state"] for w in httpx.get(f"{g.url}/cluster", timeout=5).json()[
+    # /cluster is closed when API keys are configured: the cluster token opens it.
+    return {w["id"]: w["state"] for w in httpx.get(
+        f"{g.url}/cluster", timeout=5, headers={"Authorization": f"Bearer {TOKEN}"}).json()[
         "workers"]}
 
 

@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 WORKER_HEADER = "x-corral-worker"
 
 
-WorkerState = Literal["ready", "busy", "loading", "down"]
+#: `idle`: holds no model by design, waiting for the gateway to place one (placeable, not
+#: routable, not down).
+WorkerState = Literal["ready", "busy", "loading", "idle", "down"]
 
 
 class Memory(BaseModel):

@@ -15,7 +15,7 @@ from wire.http import json_response, read_json, validation_error
 from wire.status import JoinRequest
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.core import Gateway
 
 router = APIRouter()
 
@@ -26,6 +26,7 @@ def _gw(request: Request) -> Gateway:
 
 @router.get("/cluster")
 async def cluster(request: Request) -> Response:
+    _gw(request).auth.viewer(request)  # closed once API keys exist (auth.py)
     reg = _gw(request).registry
     return json_response({
         "workers": [{**w.to_json(), "capabilities": capabilities.of_worker(w)}
@@ -59,6 +60,13 @@ async def leave(request: Request, worker_id: str) -> Response:
     return json_response({"id": worker_id, "deleted": True})
 
 
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi(request: Request) -> Response:
+    """The OpenAPI document: a view like /cluster (closed once API keys exist)."""
+    _gw(request).auth.viewer(request)
+    return json_response(request.app.openapi())
+
+
 @router.get("/healthz")
 async def healthz() -> Response:
     return json_response({"status": "ok"})
@@ -74,4 +82,5 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
+    _gw(request).auth.metrics(request)  # needs metrics_token when one is set
     return Response(generate_latest(_gw(request).metrics.prom), media_type=CONTENT_TYPE_LATEST)

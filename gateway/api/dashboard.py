@@ -50,9 +50,24 @@ def _asset(name: str) -> str:
     return resources.files("gateway").joinpath("static", name).read_text(encoding="utf-8")
 
 
+def _allowed(request: Request) -> bool:
+    """Closed views (auth.py): a key or the cluster token once API keys exist."""
+    gw = getattr(request.app.state, "gateway", None)
+    if gw is None:
+        return True
+    try:
+        gw.auth.viewer(request)
+    except Exception:  # noqa: BLE001 - an APIError 401
+        return False
+    return True
+
+
 @router.get("/", include_in_schema=False)
-async def page() -> HTMLResponse:
-    return HTMLResponse(_asset("dashboard.html"), headers=_NO_CACHE)
+async def page(request: Request) -> HTMLResponse:
+    # Without credentials the page still loads, with a 401: it holds no data, asks for a
+    # key or the cluster token, keeps it in sessionStorage and sends it to /cluster.
+    status = 200 if _allowed(request) else 401
+    return HTMLResponse(_asset("dashboard.html"), status, headers=_NO_CACHE)
 
 
 @router.get("/dashboard/static/{name}", include_in_schema=False)
@@ -126,6 +141,11 @@ def _bound(le: str) -> float | None:
 
 @router.get("/dashboard/summary", include_in_schema=False)
 async def summary(request: Request) -> JSONResponse:
+    if not _allowed(request):
+        return JSONResponse({"error": {"message": "This view needs an API key or the cluster "
+                                       "token.", "type": "invalid_request_error",
+                                       "param": None, "code": "invalid_api_key"}}, 401,
+                            headers={"WWW-Authenticate": "Bearer"})
     try:
         body = summarize(_registry(request))
     except Exception as exc:  # the page must keep working even if metrics do not

@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import capabilities
 from gateway.affinity import SESSION_HEADER, session_key
+from gateway.identity import EndUser, resolve
 from gateway.limits import Reservation, estimate_tokens
 from gateway.upstream import Call, _error
 from wire import errors
@@ -28,8 +29,8 @@ from wire.http import json_response, read_json, validation_error
 from wire.status import WORKER_HEADER
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
     from gateway.config import ApiKey
+    from gateway.core import Gateway
 
 router = APIRouter()
 
@@ -53,11 +54,13 @@ def _prompt_chars(req: oa.SamplingFields) -> int:
 class Accounted(Response):
     """Sends the upstream response, then settles the key's tokens and records usage."""
 
-    def __init__(self, inner: Response, gw: Gateway, res: Reservation, user: str | None) -> None:
+    def __init__(self, inner: Response, gw: Gateway, res: Reservation, user: str | None,
+                 end: EndUser | None = None) -> None:
         self.inner = inner
         self.gw = gw
         self.res = res
         self.user = user
+        self.end = end
         self.status_code = inner.status_code
         self.background = None
         self.raw_headers = inner.raw_headers
@@ -68,7 +71,9 @@ class Accounted(Response):
         finally:
             status, prompt, completion = self._outcome()
             self.gw.limits.settle(self.res, prompt + completion)
-            self.gw.usage.record(self.user, status, prompt, completion)
+            self.gw.usage.record(self.user, status, prompt, completion, self.end)
+            self.gw.budgets.spend(self.res.key, self.end.id if self.end else None,
+                                  prompt + completion)
 
     def _outcome(self) -> tuple[int, int, int]:
         relay: Any = getattr(self.inner, "relay", None)
@@ -90,16 +95,25 @@ async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]
     started = time.perf_counter()
     model = ""
     key: ApiKey | None = None
+    end: EndUser | None = None
     try:
         key = gw.auth.api_key(request)
         body = await read_json(request)
+        end = resolve(key, request.headers, body)  # a trusted front end's end user
+        eid = end.id if end is not None else None
         try:
             req = model_cls.model_validate(body)
         except ValidationError as exc:
             raise validation_error(exc) from None
         model = req.model
+        refused = gw.placer.refusal(model)  # a model too big for every worker and split
+        if refused is not None:
+            gw.metrics.rejected.labels("model_unplaceable").inc()
+            raise refused
+        await gw.budgets.check(key, eid)
         res = await gw.limits.admit(key, estimate_tokens(_prompt_chars(req), req.limit)
-                                    if key is not None and key.tpm else 0)
+                                    if key is not None and (key.tpm or key.user_tpm) else 0,
+                                    eid)
         stream = req.stream
         if stream:
             # Always ask the worker for usage (exact token metrics); the relay drops that
@@ -110,12 +124,14 @@ async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]
             raw = orjson.dumps(body)
         else:
             raw = await request.body()  # cached by starlette: forwarded as the client sent it
-        call = Call(model, path, raw, stream, req.include_usage, key.user if key else req.user)
+        who = end.queue_user if end is not None else (key.user if key else req.user)
+        call = Call(model, path, raw, stream, req.include_usage, who)
         top = req.top_n  # type: ignore[attr-defined]
         if req.n > 1 or top is not None:
             call.need = (-1 if top is None else top, req.n)
         if gw.cfg.affinity:
-            sk = session_key(model, request.headers.get(SESSION_HEADER), body)
+            sk = session_key(model, request.headers.get(SESSION_HEADER), body,
+                             end.chat if end is not None else None)
             if sk is not None:
                 call.session, call.affine = sk
         call.started = started
@@ -126,11 +142,13 @@ async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]
         else:
             if err.code == "rate_limit_exceeded":
                 gw.metrics.rejected.labels("rate_limited").inc()
+            elif err.code == "insufficient_quota":
+                gw.metrics.rejected.labels("insufficient_quota").inc()
             if key is not None or gw.auth.open:
-                gw.usage.record(key.user if key else None, err.status, 0, 0)
+                gw.usage.record(key.user if key else None, err.status, 0, 0, end)
         return _error(err, GATEWAY)
     resp = await gw.upstream.handle(request, call)
-    return Accounted(resp, gw, res, key.user if key else None)
+    return Accounted(resp, gw, res, key.user if key else None, end)
 
 
 # Routes read the raw JSON (validated once, by hand); the OpenAPI document still describes

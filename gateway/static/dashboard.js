@@ -46,11 +46,33 @@ function naturalCompare(a, b) {
   return String(a).localeCompare(String(b), undefined, { numeric: true, sensitivity: "base" });
 }
 
+// A closed gateway (API keys configured) answers 401: ask for a key or the cluster token
+// once, keep it for this browser session only (sessionStorage), and send it as a bearer.
+const TOKEN_KEY = "corral-token";
+
+function askToken() {
+  const form = document.getElementById("login");
+  if (!form || !form.hidden) return;
+  form.hidden = false;
+  form.onsubmit = (ev) => {
+    ev.preventDefault();
+    const v = document.getElementById("login-token").value.trim();
+    if (v) sessionStorage.setItem(TOKEN_KEY, v);
+    form.hidden = true;
+  };
+}
+
 async function getJSON(path) {
   const ctrl = new AbortController();
   const timer = setTimeout(() => ctrl.abort(), 3000);
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  const headers = token ? { Authorization: "Bearer " + token } : {};
   try {
-    const r = await fetch(path, { cache: "no-store", signal: ctrl.signal });
+    const r = await fetch(path, { cache: "no-store", signal: ctrl.signal, headers });
+    if (r.status === 401) {
+      sessionStorage.removeItem(TOKEN_KEY);
+      askToken();
+    }
     if (!r.ok) throw new Error(path + ": HTTP " + r.status);
     return await r.json();
   } finally {
@@ -133,7 +155,8 @@ function setText(id, text, cls) {
 
 function renderKpis(cluster) {
   const workers = cluster.workers || [];
-  const up = workers.filter((w) => w.state === "ready" || w.state === "busy").length;
+  // An idle worker (no model by design, waiting to be placed) is up, not a problem.
+  const up = workers.filter((w) => ["ready", "busy", "idle"].includes(w.state)).length;
   setText("k-workers", up + " / " + workers.length,
     workers.length && up < workers.length ? "warn" : (workers.length ? "" : "bad"));
   let busy = 0, total = 0, queued = 0, capacity = 0;
@@ -232,6 +255,15 @@ function renderPlacements(cluster) {
   for (const p of placements) {
     const card = el("div", "placement");
     card.dataset.model = p.model;
+    if (p.state === "unplaceable") {
+      // Fits no worker and no split of them: say so, with the numbers, never just omit it.
+      card.dataset.state = "unplaceable";
+      const title = el("div", "name", p.model);
+      title.append(el("span", "badge unplaceable", "unplaceable"));
+      card.append(title, el("div", "reason-text", p.reason || "fits no worker"));
+      box.append(card);
+      continue;
+    }
     const name = el("div", "name", p.model);
     name.append(el("span", "badge " + (p.mode === "split" ? "split" : "replica"),
       p.mode === "split" ? "split" : "replica ×" + (p.workers || []).length));
@@ -325,7 +357,10 @@ function workerCard(w, placements) {
     if (role !== "replica") chip.append(el("span", "role", role));
     models.append(chip);
   }
-  if (!roles.size) models.append(el("span", "empty", "no model placed"));
+  if (!roles.size) {
+    models.append(el("span", "empty", w.state === "idle" ? "idle: waiting to be placed"
+      : "no model placed"));
+  }
   // Placement progress from the worker (worker.control): a model download, a broken split.
   const pl = w.placement || {};
   const dl = pl.download;

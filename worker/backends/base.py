@@ -9,7 +9,6 @@ Stop strings, queueing and accounting live in the engine, once for every backend
 from __future__ import annotations
 
 import concurrent.futures
-import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -17,8 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wire.errors import bad_request
-
-log = logging.getLogger("corral.worker")
 
 
 @dataclass(frozen=True)
@@ -157,25 +154,6 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Stop the decode loop and free the model."""
-
-    def measure_batch_invariance(
-        self, submit: Callable[[Sequence], None],
-        on_last_finish: Callable[[], None] | None = None,
-    ) -> None:
-        """Sets `batch_invariant` from the load-time probe (`invariance.measure`); logs why
-        when it is not. Call at the end of `load`, once the decode loop runs."""
-        from worker.backends.invariance import measure
-
-        def render(user: str) -> str:
-            return self.render_chat([{"role": "user", "content": user}])
-
-        verdict = measure(submit, self.tokenize, render, self.slots,
-                          on_last_finish=on_last_finish)
-        self.batch_invariant = verdict.invariant
-        if verdict.invariant is not True:
-            log.warning("%s: greedy output is not batch-invariant on this host (%s); mid-stream "
-                        "failover still continues from the exact text sent, but the rest may "
-                        "differ from an uninterrupted answer", self.name, verdict.detail)
 
     def stats(self) -> dict[str, int]:
         """Backend counters for `/status` (prompt cache hits, reused tokens, …)."""

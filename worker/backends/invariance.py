@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from worker.backends.base import SamplingParams, Sequence
+from worker.backends.base import Backend, SamplingParams, Sequence
 
 log = logging.getLogger("corral.worker")
 
@@ -53,6 +53,23 @@ class _Probe:
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+
+def probe(backend: Backend, submit: Callable[[Sequence], None],
+          on_last_finish: Callable[[], None] | None = None) -> None:
+    """Sets `backend.batch_invariant` from `measure`, and logs why when it is not. Call at
+    the end of `load`, once the decode loop runs."""
+
+    def render(user: str) -> str:
+        return backend.render_chat([{"role": "user", "content": user}])
+
+    verdict = measure(submit, backend.tokenize, render, backend.slots,
+                      on_last_finish=on_last_finish)
+    backend.batch_invariant = verdict.invariant
+    if verdict.invariant is not True:
+        log.warning("%s: greedy output is not batch-invariant on this host (%s); mid-stream "
+                    "failover still continues from the exact text sent, but the rest may "
+                    "differ from an uninterrupted answer", backend.name, verdict.detail)
 
 
 def measure(

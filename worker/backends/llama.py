@@ -20,6 +20,7 @@ import jinja2
 import llama_cpp
 
 from wire.errors import bad_request
+from worker.backends import invariance
 from worker.backends.base import Backend, BackendError, SamplingParams, Sequence
 from worker.backends.llama_batch import BatchLoop, token_bytes
 from worker.backends.llama_chat import ChatTemplate
@@ -137,7 +138,7 @@ class LlamaBackend(Backend):
         loop.start()
         self.calibrated_tokens_per_second = self._calibrate(loop)
         # The probe ends by emptying the KV cache, so it leaves no prefix behind.
-        self.measure_batch_invariance(loop.submit, on_last_finish=loop.forget)
+        invariance.probe(self, loop.submit, on_last_finish=loop.forget)
         self._loop = loop
         self.vocab_size = n_vocab
         self._embedder = Embedder(model, loop, self.threads, min(EMBED_WINDOW, self.n_ctx))

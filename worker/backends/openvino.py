@@ -36,6 +36,7 @@ import openvino as ov
 import openvino_genai as ovg
 
 from wire.errors import bad_request
+from worker.backends import invariance
 from worker.backends.base import Backend, BackendError, SamplingParams, Sequence, TokenLogprob
 
 log = logging.getLogger("corral.worker.openvino")
@@ -191,7 +192,7 @@ class OpenVINOBackend(Backend):
         if self.device == "CPU" and not self.invariant_props:
             self.batch_invariant = False  # by request: no probe needed to know
         else:
-            self.measure_batch_invariance(self.submit)
+            invariance.probe(self, self.submit)
         log.warning(
             "openvino: %s on %s in %.1fs (%s), calibrated %.0f tok/s, batch-invariant: %s",
             Path(self.model_path).name, self.device, self.load_seconds, self.load_source,
