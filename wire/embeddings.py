@@ -7,7 +7,7 @@ estimates tokens for the key's tpm). Import-light: numpy and pydantic only.
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -41,6 +41,14 @@ class EmbeddingRequest(BaseModel):
             if not item:
                 raise ValueError(f"input[{i}] is empty; every input needs some text or tokens")
         return v
+
+    # What the gateway's shared request path (gateway/api/openai._proxy) reads of a
+    # request: an embeddings request never streams, has one "choice" and no completion.
+    stream: ClassVar[bool] = False
+    include_usage: ClassVar[bool] = False
+    n: ClassVar[int] = 1
+    top_n: ClassVar[None] = None
+    limit: ClassVar[None] = None
 
     @property
     def items(self) -> list[str | list[int]]:
