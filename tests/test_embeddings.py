@@ -132,6 +132,7 @@ BAD = [
     ({"input": ["fine", ""]}, "input", None),
     ({"input": [[]]}, "input", None),
     ({"input": 5}, "input", None),
+    ({"input": [1, "a"]}, "input", None),
     ({"input": "x", "encoding_format": "hex"}, "encoding_format", None),
     ({"input": "x", "dimensions": 64}, "dimensions", "unsupported_parameter"),
     ({"input": [10**8]}, "input", None),

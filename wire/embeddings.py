@@ -27,6 +27,20 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _shape(cls, v: Any) -> Any:
+        # One clear message (param "input") instead of one per member of the union.
+        ok = isinstance(v, str) or (isinstance(v, list) and (
+            all(isinstance(x, str) for x in v)
+            or all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            or all(isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                               for t in x) for x in v)))
+        if not ok:
+            raise ValueError("input must be a string, a list of strings, a token array "
+                             "(integers) or a list of token arrays")
+        return v
+
     @field_validator("input")
     @classmethod
     def _not_empty(cls, v: Any) -> Any:
