@@ -8,7 +8,7 @@ CMAKE_ARGS ?= -DGGML_RPC=ON -DGGML_NATIVE=ON
 EXTRAS ?= llama,openvino,test,dev,bench
 STAMP  := $(VENV)/.corral-installed
 
-.PHONY: install run test lint soak bench clean
+.PHONY: install run test lint soak bench lab-bench clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ bench: install
 	$(PY) bench/overhead.py
 	$(PY) bench/scaling.py
 	$(PY) bench/balancing.py
+
+# The seeds' experiment over emulated links (root: network namespaces; ~15 min): local,
+# replicas-2/3 and split-2/3 on each link profile of tests/lab.py, 1 and 4 streams.
+lab-bench: install
+	$(PY) bench/lab_bench.py $(LAB_BENCH_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

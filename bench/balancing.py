@@ -1,6 +1,7 @@
 """Balancing heterogeneous workers: Corral vs round-robin vs an oracle (vs LiteLLM least-busy).
 
     .venv/bin/python bench/balancing.py [--requests 120] [--utilization 0.8] [--no-litellm]
+    .venv/bin/python bench/balancing.py --scenario prefill   # long/short prompts (prefill_mix.py)
 
 Three sim workers decode at 1x, 2x and 4x a base rate (same slots each). An open-loop
 Poisson load at `--utilization` of their combined capacity is sent through each router in
@@ -26,6 +27,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import orjson  # noqa: E402
+import prefill_mix  # noqa: E402
 from common import (  # noqa: E402
     HOST,
     Proc,
@@ -52,10 +55,14 @@ def serve(policy: str, port: int, upstreams: list[str]) -> None:
     from starlette.responses import Response, StreamingResponse
     from starlette.routing import Route
 
-    ups = []  # [url, seconds per request on one slot, slots, in flight]
-    for u in upstreams:
-        url, per_request, slots = u.rsplit(",", 2)
-        ups.append([url, float(per_request), int(slots), 0])
+    ups: list[list[Any]] = []  # [url, seconds per request on one slot, slots, in flight]
+    if policy == "oracle-prefill":  # [url, prefill, decode, slots, in flight, reader free]
+        ups = prefill_mix.serve_oracle(upstreams)
+    else:
+        for u in upstreams:
+            url, per_request, slots = u.rsplit(",", 2)
+            ups.append([url, float(per_request), int(slots), 0])
+    flight = 4 if policy == "oracle-prefill" else 3  # the in-flight column
     cycle = itertools.cycle(range(len(ups)))
     client = httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=1000),
                                trust_env=False)
@@ -67,15 +74,16 @@ def serve(policy: str, port: int, upstreams: list[str]) -> None:
         return min(ups, key=lambda u: u[1] * (1 + max(0, u[3] + 1 - u[2]) / u[2]))
 
     async def chat(request: Request) -> Response:
-        up = pick()
-        up[3] += 1
         body = await request.body()
+        up = (prefill_mix.oracle_pick(ups, body, orjson.loads(body)["max_tokens"])
+              if policy == "oracle-prefill" else pick())
+        up[flight] += 1
         req = client.build_request("POST", up[0] + "/v1/chat/completions", content=body,
                                    headers={"content-type": "application/json"})
         try:
             r = await client.send(req, stream=True)
         except BaseException:
-            up[3] -= 1
+            up[flight] -= 1
             raise
 
         async def relay():
@@ -84,7 +92,7 @@ def serve(policy: str, port: int, upstreams: list[str]) -> None:
                     yield chunk
             finally:
                 await r.aclose()
-                up[3] -= 1
+                up[flight] -= 1
 
         keep = {k: v for k, v in r.headers.items() if k == "x-corral-worker"}
         return StreamingResponse(relay(), status_code=r.status_code, headers=keep,
@@ -117,13 +125,21 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-litellm", action="store_true")
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--serve", choices=["rr", "oracle"], help=argparse.SUPPRESS)
+    ap.add_argument("--scenario", choices=["speeds", "prefill"], default="speeds",
+                    help="speeds: 1x/2x/4x decoders; prefill: 1x/1x/3x prompt readers, "
+                         "20%% long prompts")
+    ap.add_argument("--prefill-rate", type=float, default=1000.0,
+                    help="prefill scenario: 1x prompt tokens/s")
+    ap.add_argument("--serve", choices=["rr", "oracle", "oracle-prefill"],
+                    help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--upstream", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
         serve(a.serve, a.port, a.upstream)
         return 0
+    if a.scenario == "prefill":
+        return prefill_mix.run(a, start_proxy)
 
     ttft = 0.05
     speeds = (1, 2, 4)

@@ -95,11 +95,10 @@ def measure(path: str, props: dict, tokens: int) -> dict:
     alone = [p.run([x])[0] for x in PROMPTS]
     mismatches, runs = 0, 0
     for stagger in (0, 2, 3, 5, 7):
-        for half in (PROMPTS[:4], PROMPTS[4:]):
-            got = p.run(half, stagger)
-            want = alone[:4] if half is PROMPTS[:4] else alone[4:]
-            mismatches += sum(a != b for a, b in zip(want, got, strict=True))
-            runs += len(half)
+        for lo in (0, 4):
+            got = p.run(PROMPTS[lo:lo + 4], stagger)
+            mismatches += sum(a != b for a, b in zip(alone[lo:lo + 4], got, strict=True))
+            runs += len(got)
     t = time.perf_counter()
     out = p.run(PROMPTS[:4])
     batch_rate = sum(map(len, out)) / (time.perf_counter() - t)

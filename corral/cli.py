@@ -60,6 +60,9 @@ def _worker_flags(p: argparse.ArgumentParser, with_endpoint: bool = True) -> Non
                    help="sim backend: decode rate per slot")
     p.add_argument("--sim-ttft", type=float, default=0.05,
                    help="sim backend: seconds to first token")
+    p.add_argument("--sim-prefill-tokens-per-second", type=float, default=0.0,
+                   help="sim backend: prompt tokens read per second, one prompt at a time "
+                        "(0 keeps the fixed --sim-ttft)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--join", default=None, help="gateway URL to join")
     w.add_argument("--advertise-url", default=None, help="URL the gateway reaches us at")
     w.add_argument("--cluster-token", default=None, help="token for joining a gateway")
+    w.add_argument("--discover", action="store_true", default=None,
+                   help="find the gateway by mDNS without --join (default: when --host is "
+                        "not loopback)")
+    w.add_argument("--cluster", default=None,
+                   help="with discovery: join the gateway of this cluster name")
     w.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot")
     w.add_argument("--rpc-host", default=None,
                    help="interface an RPC shard listens on when placed (default --host)")
@@ -87,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Redis URL for state shared by gateway replicas")
     g.add_argument("--config", default=None, help="corral.toml")
     g.add_argument("--cluster-token", default=None, help="token workers join with")
+    g.add_argument("--cluster", default="corral",
+                   help="cluster name advertised by mDNS (workers pick it with --cluster)")
+    g.add_argument("--discover", action="store_true", default=None,
+                   help="advertise by mDNS (default: when --host is not loopback)")
     g.add_argument("--log-level", default="warning")
     g.set_defaults(func=_cmd_gateway)
 
@@ -145,15 +157,24 @@ def _cmd_worker(a: argparse.Namespace) -> int:
         host=a.host, port=a.port, backend=a.backend,
         # Without --model a worker that joins a gateway waits to be placed (a replica, a
         # split head or an RPC shard); one on its own serves the default model.
-        model=a.model or (None if a.join and a.backend != "sim" else DEFAULT_MODEL),
+        model=a.model or (None if _joins(a) and a.backend != "sim" else DEFAULT_MODEL),
         rpc_host=a.rpc_host,
         id=a.id, join=a.join, advertise_url=a.advertise_url, cluster_token=a.cluster_token,
+        discover=a.discover, cluster=a.cluster,
         parallel=a.parallel or (4 if a.backend == "sim" else 1), threads=a.threads,
         ctx_size=a.ctx_size, max_queue=a.max_queue, memory_limit=a.memory_limit,
         device=a.device, sim_tokens_per_second=a.sim_tokens_per_second,
-        sim_ttft=a.sim_ttft, log_level=a.log_level,
+        sim_ttft=a.sim_ttft, sim_prefill_tokens_per_second=a.sim_prefill_tokens_per_second,
+        log_level=a.log_level,
     )
     return run(cfg)
+
+
+def _joins(a: argparse.Namespace) -> bool:
+    """The worker will join a gateway: by --join, or by mDNS discovery."""
+    from wire.mdns import wanted
+
+    return bool(a.join) or wanted(a.host, a.discover)
 
 
 def _config_error(command: str, exc: Exception) -> int:

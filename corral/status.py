@@ -46,9 +46,11 @@ def run(a: argparse.Namespace) -> int:
 def render(data: dict, console: Console) -> None:
     workers = data.get("workers", [])
     table = Table(title=f"Corral cluster: {len(workers)} worker(s)", title_justify="left")
-    for col in ("id", "state", "backend", "models", "queue", "slots", "tok/s", "memory",
-                "cpu"):
-        table.add_column(col, justify="right" if col in ("queue", "slots", "tok/s") else "left")
+    # Two speeds per worker: prompt reading (prefill) and generation (decode), tokens/s.
+    for col in ("id", "state", "backend", "models", "queue", "slots", "prefill tok/s",
+                "decode tok/s", "memory", "cpu"):
+        table.add_column(col, justify="right" if col in (
+            "queue", "slots", "prefill tok/s", "decode tok/s") else "left")
     for w in workers:
         state = w.get("state", "?")
         hw = w.get("hardware") or {}
@@ -63,13 +65,26 @@ def render(data: dict, console: Console) -> None:
             ", ".join(w.get("models") or []) or "-",
             str(w.get("queue_depth", 0)),
             f"{w.get('slots_busy', 0)}/{w.get('slots_total', 0)}",
-            f"{w.get('tokens_per_second', 0):.1f}",
+            f"{w.get('prefill_tokens_per_second') or 0:.0f}" if w.get(
+                "prefill_tokens_per_second") else "-",
+            f"{w.get('decode_tokens_per_second') or w.get('tokens_per_second') or 0:.1f}",
             f"{_gib(mem.get('available'))} free / {_gib(mem.get('total'))}",
             cpu,
         )
     console.print(table)
     for p in data.get("placements") or []:
         console.print(_placement_line(p), highlight=False)
+    links = data.get("links") or []
+    if links:
+        lt = Table(title="Links (measured)", title_justify="left")
+        for col in ("from", "to", "RTT ms", "Mbit/s"):
+            lt.add_column(col)
+        for k in links:
+            rtt, mbit = k.get("rtt_ms"), k.get("mbit_s")
+            lt.add_row(str(k.get("from")), str(k.get("to")),
+                       "-" if rtt is None else f"{rtt:.2f}",
+                       "-" if mbit is None else f"{mbit:.0f}")
+        console.print(lt)
 
 
 def _placement_line(p: dict) -> str:

@@ -89,7 +89,8 @@ def _worker_args(a: argparse.Namespace, port: int, join: str, threads: int) -> l
             "--port", str(port), "--backend", a.backend, "--join", join,
             "--threads", str(threads), "--ctx-size", str(a.ctx_size), "--device", a.device,
             "--sim-tokens-per-second", str(a.sim_tokens_per_second),
-            "--sim-ttft", str(a.sim_ttft)]
+            "--sim-ttft", str(a.sim_ttft),
+            "--sim-prefill-tokens-per-second", str(a.sim_prefill_tokens_per_second)]
     # llama workers start without a model: the gateway places it (replicas where it fits,
     # an RPC split where it fits no worker's --memory-limit).
     if a.model and not _placed_by_gateway(a):

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Collection, Iterator
 
 from gateway.config import GatewayConfig
+from gateway.cost import Job
 from gateway.fairqueue import FairQueue
 from gateway.metrics import Metrics
 from gateway.registry import Registry, Worker
@@ -86,14 +87,14 @@ class Admission:
 
     async def acquire(self, model: str, exclude: Collection[str] = (),
                       user: str | None = None, prefer: str | None = None,
-                      need: Need | None = None) -> Worker:
+                      need: Need | None = None, job: Job | None = None) -> Worker:
         """A worker reserved for this request (release it with `release`). `prefer`: the
         worker holding the conversation's cache (affinity; honoured when not queueing)."""
         grace = self.check_model(model)
         if exclude and not self.router.any_unexcluded(model, exclude, need):
             raise Exhausted
         if not self.queue:
-            w = self.router.pick(model, exclude, prefer, need)
+            w = self.router.pick(model, exclude, prefer, need, job)
             if w is not None:
                 return w
         if len(self.queue) >= self.cfg.queue_size:
@@ -101,7 +102,7 @@ class Admission:
             raise overloaded("Every worker is busy and the gateway queue is full; retry "
                              "shortly.", retry_after=self._retry_after())
         loop = asyncio.get_running_loop()
-        waiter = Waiter(model, exclude, loop.create_future(), user, need)
+        waiter = Waiter(model, exclude, loop.create_future(), user, need, job)
         self.queue.put(waiter)
         wait = self.cfg.queue_timeout if grace is None else min(self.cfg.queue_timeout, grace)
         timer = loop.call_later(wait, self._expire, waiter)
@@ -136,7 +137,7 @@ class Admission:
                 continue
             if waiter.model in blocked:
                 continue
-            w = pick(waiter.model, waiter.exclude, None, waiter.need)
+            w = pick(waiter.model, waiter.exclude, None, waiter.need, waiter.job)
             if w is None:
                 if not waiter.exclude and waiter.need is None:
                     blocked.add(waiter.model)

@@ -17,6 +17,7 @@ from fastapi.responses import Response
 
 from gateway.admission import Admission
 from gateway.config import GatewayConfig
+from gateway.cost import Job
 from gateway.metrics import Metrics
 from gateway.registry import Registry, Worker
 
@@ -28,7 +29,7 @@ class Call:
     """One client request on its way through the gateway."""
 
     __slots__ = ("model", "path", "body", "stream", "client_usage", "user", "started",
-                 "tried", "session", "affine", "need")
+                 "tried", "session", "affine", "need", "job")
 
     def __init__(self, model: str, path: str, body: bytes, stream: bool, client_usage: bool,
                  user: str | None = None, session: str | None = None) -> None:
@@ -45,6 +46,7 @@ class Call:
         # logprobs or n > 1: (top_logprobs or -1, n), what the worker must honour
         # (routing.Need); None for every other request.
         self.need: tuple[int, int] | None = None
+        self.job: Job | None = None  # its expected work, for cost routing (cost.py)
 
 
 class Retry(Exception):

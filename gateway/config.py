@@ -67,6 +67,8 @@ class GatewayConfig:
     redis_url: str | None = None
     cluster_token: str = ""
     cluster_token_generated: bool = False
+    cluster_name: str = "corral"  # advertised by mDNS (wire/mdns.py); never the token
+    discover: bool | None = None  # mDNS advertising; None: when bound off loopback
     api_keys: list[ApiKey] = field(default_factory=list)
     log_level: str = "warning"
     # Health and load probing.
@@ -89,10 +91,19 @@ class GatewayConfig:
     stall_timeout: float = 15.0
     max_connections: int = 1024
     lean_transport: bool = True  # httptools-based transport for worker traffic (transport.py)
+    # Routing (routing.py): by each request's expected finish time on each worker, from its
+    # prompt length and the workers' prefill and decode rates (cost.py); false: by load
+    # over capacity alone (slots x decode speed), the scoring before both rates were known.
+    cost_routing: bool = True
     # Session affinity (affinity.py): a conversation goes back to the worker holding its KV.
     affinity: bool = True
     affinity_ttl: float = 1800.0  # seconds a conversation's worker is remembered
     affinity_slack: int = 2  # leave the preferred worker when it has this many more in flight
+    # Stored Responses API responses (responses/store.py): kept this long, records over
+    # this size not stored, at most this many in memory (Redis: bounded by the TTL).
+    responses_ttl: float = 30 * 86400.0
+    responses_max_bytes: int = 4 * 1024 * 1024
+    responses_max_entries: int = 10_000
     # Guards at the door (guard.py).
     max_body_bytes: int = 8 * 1024 * 1024  # larger request bodies get 413
     head_timeout: float = 10.0  # seconds a client may take to send a request's headers

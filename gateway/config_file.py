@@ -220,6 +220,8 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
         redis_url=getattr(args, "redis_url", None) or file.redis_url,
         cluster_token=token, cluster_token_generated=generated, api_keys=keys,
         log_level=getattr(args, "log_level", None) or "warning",
+        cluster_name=getattr(args, "cluster", None) or "corral",
+        discover=getattr(args, "discover", None),
     )
     for name, value in file.gateway.model_dump(exclude_none=True).items():
         setattr(cfg, name, value)  # the optional [gateway] table of tuning knobs

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import orjson
@@ -35,7 +36,8 @@ _ROLE = b'"delta":{"role":"assistant"'
 class Continuation:
     """The continuation state and steps of a relay (mixed into `relay.Relay`)."""
 
-    __slots__ = ("pieces", "text", "sent_tokens", "head", "rewrite", "skip_role", "failovers")
+    __slots__ = ("pieces", "text", "sent_tokens", "head", "rewrite", "skip_role", "failovers",
+                 "calls")
 
     # The relay's own state, which a continuation reads and swaps (set by `relay.Relay`).
     up: StreamOpener
@@ -54,6 +56,7 @@ class Continuation:
         self.pieces: list[bytes] = []
         self.text = ""
         self.sent_tokens = 0
+        self.calls: list[dict[str, Any]] = []  # streamed tool calls, rebuilt at a break
         self.head: bytes | None = None
         self.rewrite: tuple[bytes, bytes] | None = None
         self.skip_role = False
@@ -78,10 +81,13 @@ class Continuation:
                 if self.head is None and isinstance(obj.get("id"), str):
                     self.head = _head(ev)
                 for ch in obj.get("choices") or ():
-                    part = (ch.get("delta") or {}).get("content") if chat else ch.get("text")
+                    delta = ch.get("delta") or {}
+                    part = delta.get("content") if chat else ch.get("text")
                     if part:
                         self.text += part
                         self.sent_tokens += _tokens(ch.get("logprobs"), chat)
+                    if delta.get("tool_calls"):
+                        self.sent_tokens += _add_calls(self.calls, delta["tool_calls"])
                     if ch.get("finish_reason"):
                         finish = ch["finish_reason"]
                         finished.add(ch.get("index", 0))
@@ -117,6 +123,9 @@ class Continuation:
                 msgs[-1] = {**last, "content": prior + self.text}
             else:
                 msgs.append({"role": "assistant", "content": self.text})
+            if self.calls:  # the worker re-renders them and advances the constraint over them
+                msgs[-1] = {**msgs[-1], "content": msgs[-1]["content"] or None,
+                            "tool_calls": [*(msgs[-1].get("tool_calls") or []), *self.calls]}
             body["messages"] = msgs
             body["continue_final_message"] = True
         else:
@@ -153,7 +162,7 @@ class Continuation:
             log.warning("a stream with n=%d broke on %s mid-answer; ending it with an error "
                         "event", self._choices(), self.worker.id)
             return None
-        if self.head is None or not self.text:
+        if self.head is None or not (self.text or self.calls):
             # Nothing of the answer reached the client: start afresh, same id rewritten.
             body: bytes | None = call.body
         else:
@@ -172,7 +181,7 @@ class Continuation:
         for _ in range(up.cfg.max_attempts):
             try:
                 w = await up.admission.acquire(call.model, call.tried, call.user,
-                                               need=call.need)
+                                               need=call.need, job=call.job)
             except (Exhausted, APIError):
                 return None
             up.metrics.retries.labels("midstream").inc()
@@ -185,8 +194,11 @@ class Continuation:
             except BaseException:
                 up.admission.release(w)
                 raise
-            if isinstance(opened, Response):  # the worker refused it (4xx): give up
+            if isinstance(opened, Response):  # the worker refused it (4xx): give up ...
                 up.admission.release(w)
+                if b"unsupported_continuation" in bytes(opened.body):
+                    call.tried.append(w.id)  # ... unless another kind of worker can do it
+                    continue
                 return None
             self.resp, self.it, first = opened
             self.worker = w
@@ -245,3 +257,21 @@ def _head(ev: bytes) -> bytes:
     keeps the dict's order: id, object, created, model)."""
     i = ev.find(b'"model":')
     return ev[6:i] if i > 0 else b""
+
+
+def _add_calls(calls: list[dict[str, Any]], deltas: list[Any]) -> int:
+    """Folds streamed `delta.tool_calls` into whole calls (by index); returns the count."""
+    n = 0
+    for d in deltas:
+        if not isinstance(d, dict) or not isinstance(d.get("index"), int):
+            continue
+        i, fn = d["index"], d.get("function") or {}
+        while len(calls) <= i:
+            calls.append({"id": "", "type": "function",
+                          "function": {"name": "", "arguments": ""}})
+        call = calls[i]
+        call["id"] = d.get("id") or call["id"]
+        call["function"]["name"] += fn.get("name") or ""
+        call["function"]["arguments"] += fn.get("arguments") or ""
+        n += 1
+    return n

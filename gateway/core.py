@@ -19,8 +19,10 @@ from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.placer import Placer
 from gateway.registry import Registry
+from gateway.responses.store import ResponseStore
 from gateway.routing import Router
 from gateway.state import SharedState, make_state
+from gateway.topology import Topology
 from gateway.upstream import Upstream
 from gateway.usage import Usage
 
@@ -37,27 +39,34 @@ class Gateway:
         self.auth = Auth(cfg, self.keys)
         self.registry = Registry(cfg, self.state)
         self.metrics = Metrics(self.registry)
-        self.router = Router(self.registry, cfg.worker_queue_allowance, cfg.affinity_slack)
+        self.router = Router(self.registry, cfg.worker_queue_allowance, cfg.affinity_slack,
+                             cfg.cost_routing)
         self.admission = Admission(cfg, self.registry, self.router, self.metrics)
         self.upstream = Upstream(cfg, self.registry, self.admission, self.metrics)
         if cfg.affinity:
             self.upstream.affinity = Affinity(cfg, self.state)
-        self.placer = Placer(cfg, self.registry)
+        self.topology = Topology(
+            lambda: {w.id: w.url for w in self.registry.workers.values()}, cfg.cluster_token)
+        self.placer = Placer(cfg, self.registry, self.topology)
         self.metrics.collector.placer = self.placer
         self.limits = Limiter(redis)
         self.budgets = Budgets(redis)
         self.usage = Usage(self.metrics.prom, [k.user for k in cfg.api_keys], redis)
+        self.responses = ResponseStore(redis, cfg.responses_ttl, cfg.responses_max_bytes,
+                                       cfg.responses_max_entries)
 
     async def start(self) -> None:
         await self.keys.start()
         await self.budgets.start()
         await self.registry.start()
+        await self.topology.start()
         await self.placer.start()
         await self.limits.start()
         await self.usage.start()
 
     async def stop(self) -> None:
         await self.placer.stop()
+        await self.topology.stop()
         await self.usage.stop()
         await self.limits.stop()
         await self.budgets.stop()

@@ -26,8 +26,9 @@ offer and what all the workers together offer, so it is never silently missing.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,10 +127,39 @@ def canonical(placements: Iterable[Placement]) -> list[Placement]:
     return sorted(placements, key=lambda p: (p.model, p.mode, p.workers, p.head or ""))
 
 
+SplitCost = Callable[[str, Sequence[str]], float]
+MAX_SEARCH = 12  # free workers searched for the fastest split set (C(12, 6) = 924 sets)
+
+
+def _fastest(by_size: Sequence[WorkerSpec], k: int, need: int,
+             cost: SplitCost) -> list[WorkerSpec] | None:
+    """The `k` workers holding `need` together whose links cost least; ties go to the
+    largest-first order. Each set's head is its largest worker, as without a topology."""
+    best: tuple[float, int, list[WorkerSpec]] | None = None
+    pool = list(by_size[:MAX_SEARCH])
+    for rank, combo in enumerate(itertools.combinations(pool, k)):
+        if sum(w.memory for w in combo) < need:
+            continue
+        c = cost(combo[0].id, [w.id for w in combo])
+        if best is None or (c, rank) < (best[0], best[1]):
+            best = (c, rank, list(combo))
+    return best[2] if best else None
+
+
+def _clearly_faster(cost: SplitCost, new: Sequence[str], old: Sequence[str]) -> bool:
+    """A running split gives way only to a set at least 1.5x and 0.5 ms per token faster:
+    RTT noise must not restart a split that serves fine."""
+    return cost(new[0], new) * 1.5 + 0.5 < cost(old[0], old)
+
+
 def plan(models: Sequence[ModelSpec], workers: Iterable[WorkerSpec],
-         current: Iterable[Placement] = ()) -> list[Placement]:
+         current: Iterable[Placement] = (), cost: SplitCost | None = None) -> list[Placement]:
     """Placements for `models` on `workers`, in canonical order. A model that fits nowhere,
     even split, is left out (`explain` says why).
+
+    `cost(head, members)` (the measured topology's network ms per token) picks, among the
+    sets of the fewest workers that hold a split, the fastest-linked one; a running split
+    is kept unless another set is clearly faster (`_clearly_faster`).
 
     Replicas come one placement per worker (mode "replica", one id in `workers`), so a
     worker's role is always read from exactly one placement.
@@ -164,12 +194,15 @@ def plan(models: Sequence[ModelSpec], workers: Iterable[WorkerSpec],
                 break
         else:
             continue  # not even all free workers together hold it
+        if cost is not None:
+            chosen = _fastest(by_size, len(chosen), m.need, cost) or chosen
         members = tuple(c.id for c in chosen)
         ratios = _proportional([c.memory for c in chosen])
         prev = splits.get(m.name)
         if (prev is not None and len(prev.workers) <= len(members)
                 and all(w in free for w in prev.workers)
-                and sum(pool[w].memory for w in prev.workers) >= m.need):
+                and sum(pool[w].memory for w in prev.workers) >= m.need
+                and not (cost and _clearly_faster(cost, members, prev.workers))):
             # The running split still holds it with no more workers: keep its members, head
             # and ratios. Free memory moves between probes; a new head or tensor_split
             # would restart a split that serves fine.

@@ -53,6 +53,7 @@ from wire.errors import APIError
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
     from gateway.registry import Registry, Worker
+    from gateway.topology import Topology
 
 log = logging.getLogger("corral.gateway")
 
@@ -61,6 +62,7 @@ TICK_SECONDS = 1.0
 # from before planning, so a partial view does not move placements that are running fine.
 STARTUP_GRACE = 4.0
 DEAD_AFTER = 2.0
+PROBE_MAX = 8  # split candidates whose pairs are probed (n(n-1)/2 short probes)
 PUSH_TIMEOUT = 30.0
 
 
@@ -79,9 +81,11 @@ def _sha256(path: Path) -> str:
 
 
 class Placer:
-    def __init__(self, cfg: GatewayConfig, registry: Registry) -> None:
+    def __init__(self, cfg: GatewayConfig, registry: Registry,
+                 topology: Topology | None = None) -> None:
         self.cfg = cfg
         self.registry = registry
+        self.topology = topology
         self.declared = list(cfg.models)
         self.catalog: dict[str, ModelFile] = {}
         self._catalog_read = False
@@ -187,7 +191,14 @@ class Placer:
         needs = await asyncio.to_thread(self._needs, workers)
         models = [ModelSpec(name, need.total) for name, need in needs.items()]
         specs = [WorkerSpec(w.id, self.capacity(w)) for w in workers]
-        new = plan(models, specs, self.current or self._running(workers))
+        cost = None
+        if self.topology is not None and any(
+                all(w.memory < m.need for w in specs) for m in models):
+            # A split is needed: measure its candidates' links (once per PAIR_TTL).
+            if len(specs) <= PROBE_MAX:
+                await self.topology.probe_pairs([w.id for w in specs], self._client)
+            cost = self.topology.cost
+        new = plan(models, specs, self.current or self._running(workers), cost)
         self.rounds += 1
         if new != self.current:  # both canonical: equal roles compare equal
             self.changes += 1
@@ -363,6 +374,10 @@ class Placer:
                 out.append({**p, "workers": ids})
         for e in summary(self.current):
             e["state"] = self._state(e)
+            if e.get("mode") == "split" and self.topology is not None:
+                # What the chosen set's links add to each decoded token (topology.cost).
+                e["expected_network_ms_per_token"] = round(
+                    self.topology.cost(e["head"], e["workers"]), 3)
             out.append(e)
         for e in summary(self.draining):
             e["state"] = "draining"

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import orjson
 
+from gateway import cost
 from gateway.config import GatewayConfig
 from gateway.state import SharedState
 from gateway.transport import LeanTransport
@@ -50,7 +51,8 @@ class Worker:
     __slots__ = ("id", "url", "source", "state", "models", "slots_total", "slots_busy",
                  "queue_depth", "tokens_per_second", "status", "inflight", "others",
                  "external", "capacity", "last_seen", "ejected_at", "fails", "last_error",
-                 "task", "base", "answered", "stalled", "watched")
+                 "task", "base", "answered", "stalled", "watched",
+                 "decode_tps", "prefill_tps", "decode_rate", "prefill_rate", "reader_free")
 
     def __init__(self, id: str, url: str, source: str) -> None:
         self.id = id
@@ -76,6 +78,12 @@ class Worker:
         self.answered = time.monotonic()  # the last probe it answered (or when it was added)
         self.stalled = False  # declared frozen; cleared by the next probe it answers
         self.watched: set[Any] = set()  # the in-flight calls on it (upstream.py), to move
+        # Its two speeds as reported (0: not yet), the effective ones routing uses (cost.py:
+        # a missing one is the others' mean), and when it should be done reading the
+        # prompts this gateway sent it (monotonic seconds).
+        self.decode_tps = self.prefill_tps = 0.0
+        self.decode_rate, self.prefill_rate = 1.0, 0.0
+        self.reader_free = 0.0
 
     @property
     def healthy(self) -> bool:
@@ -102,6 +110,8 @@ class Worker:
             "hardware": st.get("hardware", {}),
             "memory": st.get("memory", {}),
             "tokens_per_second": self.tokens_per_second,
+            "decode_tokens_per_second": self.decode_tps,
+            "prefill_tokens_per_second": self.prefill_tps,
             "inflight": self.inflight + self.others,
             "source": self.source,
             "last_error": self.last_error or None,
@@ -245,6 +255,7 @@ class Registry:
         default = sum(speeds) / len(speeds) if speeds else 1.0
         for w in self.workers.values():
             w.capacity = max(1, w.slots_total) * (w.tokens_per_second or default)
+        cost.weigh(self.workers.values())
 
     def _notify(self) -> None:
         for fn in self.listeners:
@@ -309,6 +320,9 @@ class Registry:
         busy = int(st.get("slots_busy") or 0)
         queued = int(st.get("queue_depth") or 0)
         tps = float(st.get("tokens_per_second") or 0.0)
+        # Older workers report one speed: decode.
+        dec = float(st.get("decode_tokens_per_second") or 0.0) or tps
+        pre = float(st.get("prefill_tokens_per_second") or 0.0)
         # Requests the worker holds that no gateway counted (clients hitting it directly).
         # Requests of ours that finished during the probe make this an underestimate, the
         # safe side.
@@ -326,8 +340,10 @@ class Registry:
             # `idle` themselves) is waiting to be placed, not loading anything.
             new_state = "idle"
         changed = (models != w.models or slots != w.slots_total
-                   or tps != w.tokens_per_second)
+                   or tps != w.tokens_per_second or dec != w.decode_tps
+                   or pre != w.prefill_tps)
         w.models, w.slots_total, w.tokens_per_second = models, slots, tps
+        w.decode_tps, w.prefill_tps = dec, pre
         if w.state != new_state:
             self._set_state(w, new_state, "" if new_state in HEALTHY else w.last_error)
             if new_state in HEALTHY:

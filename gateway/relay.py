@@ -87,7 +87,8 @@ class Relay(Continuation):
                             piece = self._rewritten(piece)
                         self.events += piece.count(b"\n\n")
                         if self.ttft is None and (b'"delta":{"content":' in piece
-                                                  or b'"text":"' in piece):
+                                                  or b'"text":"' in piece
+                                                  or b'"delta":{"tool_calls":' in piece):
                             self.ttft = time.perf_counter() - self.call.started
                         if b'"usage":' in piece:
                             piece = self._usage(piece)

@@ -9,6 +9,15 @@ in admission instead). Ties break at random. With more than `P2C_ABOVE` candidat
 are sampled and the lighter one wins (power of two choices), which stays O(1) and avoids
 herding when load views are stale.
 
+With a request's `Job` (its prompt length and expected completion, cost.py) and
+`cost_routing` on, the score is instead its expected finish time on each worker: the
+prompt over that worker's prefill rate, the completion over its decode rate, plus the work
+queued there, so a long prompt goes to the box that reads fast and a short one to whoever
+is free; the same `full` bound, ties and power of two choices apply. The preferred worker
+(affinity) is taken within its load guard, as without a job; past the guard it still
+competes, with its cached prefix counted as nearly free, and wins ties: a long
+conversation leaves its cache only when waiting there costs more than reading it again.
+
 Affinity (affinity.py): a request may name a preferred worker (the one holding its
 conversation's KV cache). It gets it when that worker has room and is not much busier than
 the least-loaded other candidate: at most `slack` more requests in flight. Otherwise the
@@ -20,8 +29,11 @@ This is the hot path: attribute reads and arithmetic only — no JSON, no pydant
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Collection
 
+from gateway import cost
+from gateway.cost import Job
 from gateway.registry import Registry, Worker
 
 P2C_ABOVE = 4
@@ -44,18 +56,23 @@ def capable(w: Worker, need: Need) -> bool:
 
 
 class Router:
-    def __init__(self, registry: Registry, allowance: int, slack: int = 2) -> None:
+    def __init__(self, registry: Registry, allowance: int, slack: int = 2,
+                 cost_routing: bool = True) -> None:
         self.registry = registry
         self.allowance = allowance
         self.slack = slack  # affinity's load guard
+        self.cost_routing = cost_routing
+        self.lengths = cost.Lengths()  # typical completions, learned (api/openai.py)
         self._rand = random.random
         self._sample = random.sample
 
     def pick(self, model: str, exclude: Collection[str] = (),
-             prefer: str | None = None, need: Need | None = None) -> Worker | None:
+             prefer: str | None = None, need: Need | None = None,
+             job: Job | None = None) -> Worker | None:
         """The best worker with room for `model`, already reserved; None if all are full.
         `need`: the request's (top_logprobs, n); only workers that honour it are picked,
-        unless none does (then any: the worker's 400 names the limit)."""
+        unless none does (then any: the worker's 400 names the limit). `job`: its expected
+        work (cost.py); without it, the load/capacity score."""
         ws = self.registry.by_model.get(model)
         if not ws:
             return None
@@ -63,6 +80,8 @@ class Router:
             ws = [w for w in ws if capable(w, need)] or (ws if need[1] else [])
             if not ws:
                 return None
+        if job is not None and self.cost_routing:
+            return self._pick_cost(ws, exclude, prefer, job)
         allowance = self.allowance
         if prefer is not None:
             w = self._preferred(ws, prefer, exclude)
@@ -97,6 +116,56 @@ class Router:
         if best is not None:
             best.inflight += 1
         return best
+
+    def _pick_cost(self, ws: list[Worker], exclude: Collection[str], prefer: str | None,
+                   job: Job) -> Worker | None:
+        """The worker where `job` is expected to finish first (cost.finish), reserved."""
+        now = time.monotonic()
+        allowance = self.allowance
+        pref = None
+        if prefer is not None:
+            pref = next((x for x in ws if x.id == prefer), None)
+            if pref is not None and (pref.id in exclude
+                                     or pref.load >= pref.slots_total + allowance):
+                pref = None
+            if pref is not None and self._preferred(ws, prefer, exclude) is pref:
+                return self._reserve(pref, job, now, True)  # within the load guard
+            # Busier than the guard allows: it still competes, its prefix nearly free.
+        finish = cost.finish
+        if len(ws) > P2C_ABOVE:
+            a, b = self._sample(ws, 2)
+            if (a.load < a.slots_total + allowance and a.id not in exclude
+                    and b.load < b.slots_total + allowance and b.id not in exclude):
+                w = a if finish(a, job, now, a is pref) <= finish(b, job, now, b is pref) else b
+                if pref is not None and pref is not w and \
+                        finish(pref, job, now, True) <= finish(w, job, now):
+                    w = pref
+                return self._reserve(w, job, now, w is pref)
+            # One or both of the sample are full: fall back to the full scan below.
+        best = pref
+        best_cost = finish(pref, job, now, True) if pref is not None else 0.0
+        ties = 0 if pref is not None else 1
+        rand = self._rand
+        for w in ws:
+            if w is pref:
+                continue
+            load = w.load
+            if load >= w.slots_total + allowance or (exclude and w.id in exclude):
+                continue
+            c = finish(w, job, now)
+            if best is None or c < best_cost:
+                best, best_cost, ties = w, c, 1
+            elif c == best_cost and ties:  # the preferred worker keeps its ties (ties = 0)
+                ties += 1
+                if rand() * ties < 1.0:  # reservoir sampling: uniform among equals
+                    best = w
+        return self._reserve(best, job, now, best is pref) if best is not None else None
+
+    @staticmethod
+    def _reserve(w: Worker, job: Job, now: float, cached: bool) -> Worker:
+        w.inflight += 1
+        cost.reserve(w, job, now, cached)
+        return w
 
     def _preferred(self, ws: list[Worker], prefer: str,
                    exclude: Collection[str]) -> Worker | None:

@@ -148,7 +148,7 @@ class Upstream:
         for attempt in range(attempts):
             try:
                 w = await self.admission.acquire(call.model, call.tried, call.user, prefer,
-                                                   call.need)
+                                                   call.need, call.job)
             except Exhausted:
                 break
             except APIError as err:

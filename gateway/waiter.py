@@ -11,15 +11,18 @@ import asyncio
 import time
 from collections.abc import Collection
 
+from gateway.cost import Job
 from gateway.registry import Worker
 
 
 class Waiter:
-    __slots__ = ("model", "exclude", "future", "user", "since", "need")
+    __slots__ = ("model", "exclude", "future", "user", "since", "need", "job")
 
     def __init__(self, model: str, exclude: Collection[str], future: asyncio.Future[Worker],
-                 user: str | None, need: tuple[int, int] | None = None) -> None:
+                 user: str | None, need: tuple[int, int] | None = None,
+                 job: Job | None = None) -> None:
         self.need = need  # routing.Need: logprobs / n > 1 requests want a capable worker
+        self.job = job  # cost.Job: its expected work, for cost routing
         self.model = model
         self.exclude = exclude
         self.future = future

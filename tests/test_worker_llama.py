@@ -54,6 +54,13 @@ def test_status_reports_the_llama_backend(worker):
     assert {"prompt_cache_hits", "prompt_cache_reused_tokens"} <= set(s["prompt_cache"])
 
 
+def test_llama_reports_prefill_and_decode_rates(worker):
+    """Both speeds measured at load (issue 21); the old field is the decode figure."""
+    s = status(worker)
+    assert s["prefill_tokens_per_second"] > 0 and s["decode_tokens_per_second"] > 0, s
+    assert s["tokens_per_second"] == s["decode_tokens_per_second"]
+
+
 def test_exact_fit_prompt(small_worker, tokenize):
     worker = small_worker
     client = client_for(worker.url, timeout=120)

@@ -15,10 +15,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+
+from wire import tools as wt
 
 
 class _Lenient(BaseModel):
@@ -40,6 +43,8 @@ class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[wt.ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: which call this answers
 
     def text(self) -> str:
         """The message's text; image or audio parts are rejected earlier."""
@@ -100,19 +105,19 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[wt.Tool] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    response_format: wt.ResponseFormat | None = None
     # Extension (vLLM's name): render the template up to the final assistant message and
     # leave it open, so generation continues it. The gateway uses this for failover.
     continue_final_message: bool = False
+    _choice: str | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools are not supported by this model server")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ValueError("only response_format type 'text' is supported")
+        # Raises wire.errors.APIError (a 400 naming the parameter), which pydantic passes on.
+        self._choice = wt.validate(self.tools, self.tool_choice, self.response_format)
         for m in self.messages:
             if isinstance(m.content, list):
                 for p in m.content:
@@ -132,6 +137,11 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def choice(self) -> str | None:
+        """tool_choice normalised: "none" | "auto" | "required" | the forced tool's name."""
+        return self._choice
 
     @property
     def top_n(self) -> int | None:
@@ -214,11 +224,15 @@ def _completion(
 
 
 def chat_completion(
-    id: str, model: str, text: str, finish: str, use: dict[str, Any], created: int | None = None
+    id: str, model: str, text: str | None, finish: str, use: dict[str, Any],
+    created: int | None = None, tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     choice = {
         "index": 0,
-        "message": {"role": "assistant", "content": text},
+        "message": message,
         "logprobs": None,
         "finish_reason": finish,
     }

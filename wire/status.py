@@ -48,7 +48,14 @@ class WorkerStatus(BaseModel):
     slots_busy: int = 0
     hardware: Hardware = Field(default_factory=Hardware)
     memory: Memory
+    #: Single-sequence decode speed (kept for older gateways: the same figure as
+    #: decode_tokens_per_second).
     tokens_per_second: float = 0.0
+    #: Tokens/s decoding one sequence alone (bandwidth-bound), and reading a prompt
+    #: (compute-bound: an iGPU may double it while decode stays): calibrated at load, then
+    #: learned from real requests. 0: not measured yet.
+    decode_tokens_per_second: float = 0.0
+    prefill_tokens_per_second: float = 0.0
     n_ctx: int = 0
     prompt_cache: dict[str, int] = Field(default_factory=dict)
     #: What the backend honours, for routing: {"top_logprobs": max, "n": max choices,

@@ -22,6 +22,7 @@ from wire.status import WORKER_HEADER
 from worker import choices
 from worker.backends.base import SamplingParams
 from worker.engine import Delta, Engine
+from worker.tools import chat as tools_chat
 
 router = APIRouter()
 
@@ -35,6 +36,8 @@ class Job:
     prompt: list[int]
     max_tokens: int
     prefix: str = ""  # echoed prompt for legacy completions with echo=true
+    plan: tools_chat.Plan | None = None  # tools / structured output (worker/tools)
+    constraint: object = None  # the backend's compiled form of plan.constraint
 
 
 def _engine(request: Request) -> Engine:
@@ -66,6 +69,13 @@ async def _prepare_chat(request: Request) -> Job:
     req = oa.ChatCompletionRequest.model_validate(await read_json(request))
     _check_model(request, req.model)
     engine = _engine(request)
+    if tools_chat.needed(req):
+        plan = tools_chat.plan(req, engine.backend)
+        tokens = engine.backend.tokenize(plan.prompt)
+        budget = engine.check_context(len(tokens), req.limit)
+        compiled = (engine.backend.compile_constraint(plan.constraint)
+                    if plan.constraint is not None else None)
+        return Job("chat", req, tokens, budget, plan=plan, constraint=compiled)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     text = engine.backend.render_chat(messages, continue_final=req.continue_final_message)
     tokens = engine.backend.tokenize(text)
@@ -99,9 +109,14 @@ async def _serve(request: Request, job: Job) -> Response:
     engine.backend.validate(params)
     headers = {WORKER_HEADER: request.app.state.worker_id}
     if job.req.n > 1 or job.req.top_n is not None:  # several choices or logprobs
+        if job.plan is not None:  # worker/choices.py has no tool parsing or constraints
+            raise errors.bad_request(
+                "n > 1 and logprobs cannot be combined with tools or a JSON response_format "
+                "yet.", param="n" if job.req.n > 1 else "logprobs",
+                code="unsupported_parameter")
         choices.check(job, engine.backend, params)
         return await choices.serve(job, engine, params, headers, lambda: _disconnected(request))
-    gen = engine.generate(job.prompt, job.max_tokens, params, job.req.stop)
+    gen = engine.generate(job.prompt, job.max_tokens, params, job.req.stop, job.constraint)
     if job.req.stream:
         return StreamingResponse(
             _stream(job, gen), media_type="text/event-stream",
@@ -124,6 +139,14 @@ async def _serve(request: Request, job: Job) -> Response:
     use = oa.usage(len(job.prompt), last.completion_tokens, last.cached_tokens)
     rid = oa.new_id("chatcmpl" if job.kind == "chat" else "cmpl")
     model = job.req.model
+    if job.plan is not None:
+        out = job.plan.output()
+        out.feed(text)
+        out.finish()
+        content, calls = out.message()
+        finish = out.finish_reason(last.finish or "stop")
+        return json_response(oa.chat_completion(rid, model, content, finish, use,
+                                                tool_calls=calls), headers=headers)
     body = (
         oa.chat_completion(rid, model, text, last.finish or "stop", use)
         if job.kind == "chat"
@@ -157,14 +180,25 @@ async def _stream(job: Job, gen: AsyncIterator[Delta]) -> AsyncIterator[bytes]:
             yield sse(oa.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
         elif job.prefix:
             yield sse(oa.text_chunk(rid, model, created, job.prefix))
-        async for d in gen:
-            last = d
-            if d.text:
-                yield sse(
-                    oa.chat_chunk(rid, model, created, {"content": d.text})
-                    if chat
-                    else oa.text_chunk(rid, model, created, d.text)
-                )
+        if job.plan is not None:
+            out = job.plan.output()
+            async for d in gen:
+                last = d
+                for delta in out.feed(d.text):
+                    yield sse(oa.chat_chunk(rid, model, created, delta))
+            for delta in out.finish():
+                yield sse(oa.chat_chunk(rid, model, created, delta))
+            if last is not None and last.finish is not None:
+                last.finish = out.finish_reason(last.finish)
+        else:
+            async for d in gen:
+                last = d
+                if d.text:
+                    yield sse(
+                        oa.chat_chunk(rid, model, created, {"content": d.text})
+                        if chat
+                        else oa.text_chunk(rid, model, created, d.text)
+                    )
     except errors.APIError as err:
         # Headers are gone already: the error travels as a final event, never a silent cut.
         yield sse(err.body())

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from wire import http
-from worker import control
+from worker import control, linkprobe
 from worker.api import router
 from worker.backends.base import Backend
 from worker.config import WorkerConfig
 from worker.embed import router as embeddings_router
-from worker.join import join_loop
+from worker.join import discover_and_join, discovering, join_loop
 from worker.state import WorkerState
 
 
@@ -26,6 +26,8 @@ def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
         tasks = [asyncio.create_task(state.load())]
         if cfg.join:
             tasks.append(asyncio.create_task(join_loop(cfg)))
+        elif discovering(cfg):
+            tasks.append(asyncio.create_task(discover_and_join(cfg)))
         try:
             yield
         finally:
@@ -50,4 +52,5 @@ def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(embeddings_router)
     control.install(app, state)
+    app.include_router(linkprobe.router)
     return app

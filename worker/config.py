@@ -17,6 +17,8 @@ class WorkerConfig:
     join: str | None = None  # gateway URL to join
     advertise_url: str | None = None  # how the gateway reaches us (default http://host:port)
     cluster_token: str | None = None
+    discover: bool | None = None  # mDNS browse without --join; None: when bound off loopback
+    cluster: str | None = None  # the cluster to join when several gateways advertise
     parallel: int = 1
     threads: int | None = None
     ctx_size: int = 2048  # tokens per slot
@@ -26,6 +28,7 @@ class WorkerConfig:
     device: str = "CPU"  # openvino: CPU | GPU | NPU | AUTO
     sim_tokens_per_second: float = 50.0
     sim_ttft: float = 0.05
+    sim_prefill_tokens_per_second: float = 0.0  # 0: a fixed sim_ttft instead
     log_level: str = "warning"
 
     @property

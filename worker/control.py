@@ -181,6 +181,8 @@ class Control:
                 st.slots_busy = int(p.get("slots_busy", 0))
                 st.queue_depth = int(p.get("queue_depth", 0))
                 st.tokens_per_second = float(p.get("tokens_per_second", 0.0))
+                st.decode_tokens_per_second = st.tokens_per_second
+                st.prefill_tokens_per_second = float(p.get("prefill_tokens_per_second", 0.0))
                 st.n_ctx = int(p.get("n_ctx", st.n_ctx))
                 st.capabilities = dict(p.get("capabilities") or {})
                 st.state = "busy" if st.slots_busy >= st.slots_total else "ready"
@@ -317,8 +319,7 @@ class Control:
         st.model_bytes = os.stat(path).st_size
         st.model_names.clear()
         st.model_names.add(st.model_id)
-        st.engine.stats.tokens_per_second = getattr(backend, "calibrated_tokens_per_second",
-                                                    0.0)
+        st.engine.calibrate()
         st.load_error = None
         st.engine.ready = True
 

@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from wire.errors import APIError, bad_request, overloaded
 from wire.openai import new_id
@@ -39,16 +40,35 @@ class EngineStats:
     # batch run slower each; counting them would make a busy worker look slow and an idle
     # one keep its last figure, and the gateway, which weighs capacity by this, skews.)
     tokens_per_second: float = 0.0
+    # Prompt reading speed, tokens/s: the start-up calibration, then the same average over
+    # the time to first token of long prompts (at least PREFILL_MIN_TOKENS not taken from
+    # the prompt cache, where fixed overhead does not dominate) read with nobody else on
+    # the worker. The gateway weighs a prompt's cost by it (gateway/cost.py).
+    prefill_tokens_per_second: float = 0.0
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=256))
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """The decode figure under its explicit name (`tokens_per_second` is kept for
+        compatibility: it has always meant single-sequence decode speed)."""
+        return self.tokens_per_second
 
     def observe_decode(self, tokens: int, seconds: float) -> None:
         if tokens < 4 or seconds <= 0:
             return
-        rate = tokens / seconds
-        a = 0.2
-        self.tokens_per_second = (
-            rate if not self.tokens_per_second else (1 - a) * self.tokens_per_second + a * rate
-        )
+        self.tokens_per_second = _ewma(self.tokens_per_second, tokens / seconds)
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens < PREFILL_MIN_TOKENS or seconds <= 0:
+            return
+        self.prefill_tokens_per_second = _ewma(self.prefill_tokens_per_second, tokens / seconds)
+
+
+PREFILL_MIN_TOKENS = 256  # shorter prompts: the first token's fixed cost dominates
+
+
+def _ewma(old: float, rate: float, a: float = 0.2) -> float:
+    return rate if not old else (1 - a) * old + a * rate
 
 
 class _StopMatcher:
@@ -95,6 +115,19 @@ class Engine:
         self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
         self.stats = EngineStats()
         self.ready = False
+
+    def calibrate(self) -> None:
+        """Starts both speeds from the backend's measurement at load (0: not measured)."""
+        b = self.backend
+        self.stats.tokens_per_second = float(getattr(b, "calibrated_tokens_per_second", 0.0))
+        self.stats.prefill_tokens_per_second = float(
+            getattr(b, "calibrated_prefill_tokens_per_second", 0.0))
+
+    @property
+    def learns_prefill(self) -> bool:
+        """A backend whose prefix cache does not say per request what it reused (OpenVINO)
+        would make a cache hit look like a fast read: it keeps its calibrated figure."""
+        return getattr(self.backend, "reports_cached_tokens", True)
 
     # ------------------------------------------------------------------ load
     @property
@@ -167,6 +200,7 @@ class Engine:
         max_tokens: int,
         params: SamplingParams,
         stop: list[str] | None = None,
+        constraint: Any = None,
     ) -> AsyncIterator[Delta]:
         """Yields text deltas; the final one has `finish` set. Cancels the backend on exit."""
         loop = asyncio.get_running_loop()
@@ -179,6 +213,7 @@ class Engine:
         # this generator exits: a cancelled sequence may still occupy the backend for a step.
         await self._acquire()
         alone_since = self.admitted if self.slots_busy == 1 else -1  # nobody else running
+        submitted_at = time.perf_counter()
         released = False
         finished = False
 
@@ -195,7 +230,8 @@ class Engine:
         def on_finish(reason: str, error: str | None) -> None:
             loop.call_soon_threadsafe(finished_in_loop, reason, error)
 
-        seq = Sequence(new_id("seq"), prompt, max_tokens, params, on_tokens, on_finish)
+        seq = Sequence(new_id("seq"), prompt, max_tokens, params, on_tokens, on_finish,
+                       constraint=constraint)
         matcher = _StopMatcher(stop or [])
         produced = 0
         first_at: float | None = None
@@ -219,6 +255,9 @@ class Engine:
                 self.stats.generated_tokens += n
                 if first_at is None:
                     first_at = time.perf_counter()
+                    if alone_since == self.admitted and self.learns_prefill:  # read alone
+                        self.stats.observe_prefill(len(prompt) - seq.cached_tokens,
+                                                   first_at - submitted_at)
                 safe, hit = matcher.feed(text)
                 if hit:
                     self.backend.cancel(seq)

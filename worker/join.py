@@ -1,4 +1,8 @@
-"""Joining a gateway: announce, keep announcing (so a restarted gateway learns us again), leave."""
+"""Joining a gateway: announce, keep announcing (so a restarted gateway learns us again), leave.
+
+The gateway is `--join URL`, or, with none, the one mDNS finds (`wire.mdns`): found first,
+then joined over HTTP with the cluster token exactly as `--join` does.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,44 @@ import urllib.parse
 
 import httpx
 
+from wire import mdns
 from wire.status import JoinRequest
 from worker.config import WorkerConfig
 
 log = logging.getLogger("corral.worker")
 
 HEARTBEAT_SECONDS = 3.0
+WILDCARD = ("0.0.0.0", "", "::")
 
 
-async def join_loop(cfg: WorkerConfig) -> None:
-    assert cfg.join
-    base = cfg.join.rstrip("/")
+def discovering(cfg: WorkerConfig) -> bool:
+    """No --join, and bound off loopback or asked: find the gateway by mDNS."""
+    return not cfg.join and mdns.wanted(cfg.host, cfg.discover)
+
+
+def advertise_url(cfg: WorkerConfig, gateway: str) -> str:
+    """How the gateway reaches us: --advertise-url, else our bound address, else (bound to
+    every interface) the address of the interface that routes to the gateway."""
+    if cfg.advertise_url or cfg.host not in WILDCARD:
+        return cfg.url
+    host = urllib.parse.urlsplit(gateway).hostname or "127.0.0.1"
+    return f"http://{mdns.source_address(host)}:{cfg.port}"
+
+
+async def discover_and_join(cfg: WorkerConfig) -> None:
+    log.warning("no --join: looking for a gateway%s by mDNS (%s)",
+                f" of cluster {cfg.cluster!r}" if cfg.cluster else "", mdns.SERVICE)
+    url = await mdns.find_gateway(cfg.host, cfg.cluster)
+    log.warning("found gateway %s by mDNS", url)
+    cfg.join = url  # as if given: rpc_hosts() routes a wildcard-bound shard by it
+    await join_loop(cfg, url)
+
+
+async def join_loop(cfg: WorkerConfig, gateway: str | None = None) -> None:
+    base = (gateway or cfg.join or "").rstrip("/")
+    assert base
     headers = {"Authorization": f"Bearer {cfg.cluster_token}"} if cfg.cluster_token else {}
-    body = JoinRequest(url=cfg.url, id=cfg.worker_id).model_dump()
+    body = JoinRequest(url=advertise_url(cfg, base), id=cfg.worker_id).model_dump()
     joined = False
     async with httpx.AsyncClient(timeout=5.0, headers=headers) as client:
         try:

@@ -27,7 +27,8 @@ def make_backend(cfg: WorkerConfig, model_path: Path | None) -> Backend:
     if cfg.backend == "sim":
         from worker.backends.sim import SimBackend
 
-        return SimBackend(cfg.sim_tokens_per_second, cfg.sim_ttft, cfg.parallel, cfg.ctx_size)
+        return SimBackend(cfg.sim_tokens_per_second, cfg.sim_ttft, cfg.parallel, cfg.ctx_size,
+                          prefill_tokens_per_second=cfg.sim_prefill_tokens_per_second)
     if model_path is None:
         raise ValueError(f"the {cfg.backend} backend needs a model")
     if cfg.backend == "llama":
@@ -89,6 +90,8 @@ class WorkerState:
                 self.cfg.threads),
             memory=hardware.memory(self.cfg.memory_limit, self.model_bytes),
             tokens_per_second=round(e.stats.tokens_per_second, 2),
+            decode_tokens_per_second=round(e.stats.decode_tokens_per_second, 2),
+            prefill_tokens_per_second=round(e.stats.prefill_tokens_per_second, 2),
             n_ctx=self.backend.n_ctx,
             prompt_cache=self.backend.stats(),
             capabilities=self.backend.capabilities(),
@@ -104,10 +107,6 @@ class WorkerState:
             self.load_error = str(exc)
             log.exception("loading the model failed")
             return
-        calibrated = getattr(self.backend, "calibrated_tokens_per_second", 0.0)
-        if calibrated:
-            self.engine.stats.tokens_per_second = calibrated
-        elif self.backend.name == "sim":
-            self.engine.stats.tokens_per_second = self.cfg.sim_tokens_per_second
+        self.engine.calibrate()
         self.engine.ready = True
         log.warning("worker %s ready: %s on %s", self.worker_id, self.model_id, self.backend.name)

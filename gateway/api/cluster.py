@@ -32,6 +32,7 @@ async def cluster(request: Request) -> Response:
         "workers": [{**w.to_json(), "capabilities": capabilities.of_worker(w)}
                     for w in list(reg.workers.values())],
         "placements": _gw(request).placer.placements(reg.placements()),
+        "links": _gw(request).topology.to_json(),
         "models": capabilities.models(reg),
     })
 

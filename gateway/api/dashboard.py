@@ -26,6 +26,7 @@ router = APIRouter()
 
 _ASSETS = {
     "dashboard.js": "text/javascript; charset=utf-8",
+    "topology.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
 }
 _NO_CACHE = {"Cache-Control": "no-cache"}

@@ -52,12 +52,26 @@ def _prompt_chars(req: oa.SamplingFields) -> int:
     return len(req.prompt_text) if isinstance(req, oa.CompletionRequest) else 0
 
 
+def _new_chars(req: oa.SamplingFields, total: int) -> int:
+    """The part of the prompt a worker holding the conversation's cache has not read: the
+    messages after the last assistant turn (its cache holds everything before them)."""
+    if not isinstance(req, oa.ChatCompletionRequest):
+        return total
+    new = 0
+    for m in reversed(req.messages):
+        if m.role == "assistant":
+            return new
+        new += len(m.text()) + 8
+    return total
+
+
 class Accounted(Response):
     """Sends the upstream response, then settles the key's tokens and records usage."""
 
     def __init__(self, inner: Response, gw: Gateway, res: Reservation, user: str | None,
-                 end: EndUser | None = None) -> None:
+                 end: EndUser | None = None, model: str = "") -> None:
         self.inner = inner
+        self.model = model
         self.gw = gw
         self.res = res
         self.user = user
@@ -73,6 +87,8 @@ class Accounted(Response):
             status, prompt, completion = self._outcome()
             self.gw.limits.settle(self.res, prompt + completion)
             self.gw.usage.record(self.user, status, prompt, completion, self.end)
+            if status == 200:  # what this model's answers take, for cost routing
+                self.gw.router.lengths.observe(self.model, completion)
             self.gw.budgets.spend(self.res.key, self.end.id if self.end else None,
                                   prompt + completion)
 
@@ -137,6 +153,9 @@ async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]
             raw = await request.body()  # cached by starlette: forwarded as the client sent it
         who = end.queue_user if end is not None else (key.user if key else req.user)
         call = Call(model, path, raw, stream, req.include_usage, who)
+        chars = _prompt_chars(req)
+        if estimate is None:  # other routes (embeddings) generate nothing: load/capacity
+            call.job = gw.router.lengths.job(model, chars, _new_chars(req, chars), req.limit)
         top = req.top_n  # type: ignore[attr-defined]
         if req.n > 1 or top is not None:
             call.need = (-1 if top is None else top, req.n)
@@ -161,7 +180,7 @@ async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]
                 gw.usage.record(key.user if key else None, err.status, 0, 0, end)
         return _error(err, GATEWAY)
     resp = await gw.upstream.handle(request, call)
-    return Accounted(resp, gw, res, key.user if key else None, end)
+    return Accounted(resp, gw, res, key.user if key else None, end, model)
 
 
 # Routes read the raw JSON (validated once, by hand); the OpenAPI document still describes

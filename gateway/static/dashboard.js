@@ -323,7 +323,8 @@ function workerCard(w, placements) {
     stat("Slots", busy + " / " + total, total && busy >= total ? "warn" : ""),
     stat("Queue", String(w.queue_depth || 0), w.queue_depth ? "warn" : ""),
     stat("In flight", w.inflight === undefined ? "–" : String(w.inflight)),
-    stat("Tok/s/slot", fmtNum(w.tokens_per_second)),
+    stat("Prefill tok/s", w.prefill_tokens_per_second ? fmtNum(w.prefill_tokens_per_second) : "–"),
+    stat("Decode tok/s/slot", fmtNum(w.decode_tokens_per_second || w.tokens_per_second)),
   );
   const slots = el("div", "slots");
   slots.title = busy + " of " + total + " slots busy";

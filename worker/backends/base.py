@@ -61,6 +61,8 @@ class Sequence:
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Filled by the backend: how many prompt tokens came from its prompt cache.
     cached_tokens: int = 0
+    # What `Backend.compile_constraint` made of the request's constraint (None: free text).
+    constraint: Any = None
     # Log-probabilities: None = off, k = the chosen token's plus the top k alternatives'.
     # The backend calls `on_logprobs` (its thread) just before the `on_tokens` that
     # covers the same tokens; it may report a token's logprob before its text.
@@ -143,6 +145,15 @@ class Backend(ABC):
 
         Called by the API before a response starts, so the client gets a 400, not a cut.
         """
+
+    def compile_constraint(self, constraint: Any) -> Any:
+        """Backend form of a `worker.tools.constraint.Constraint` (called before a
+        response starts); a 400 naming the parameter when this backend cannot enforce it."""
+        from wire.errors import bad_request
+
+        param = "tools" if constraint.kind == "tools" else "response_format"
+        raise bad_request(f"The {self.name} backend does not do constrained decoding.",
+                          param=param)
 
     @abstractmethod
     def submit(self, seq: Sequence) -> None:

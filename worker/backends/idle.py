@@ -17,6 +17,7 @@ class IdleBackend:
 
     model_path = None
     default_max_tokens = None
+    batch_invariant = None  # nothing loaded, nothing measured (/status reads it)
 
     def __init__(self, slots: int = 1, n_ctx: int = 2048, name: str = "llama") -> None:
         # What a placed model will get: the planner sizes its KV cache from these. The name
@@ -33,6 +34,9 @@ class IdleBackend:
 
     def stats(self) -> dict[str, int]:
         return {}
+
+    def capabilities(self) -> dict[str, int]:
+        return {"top_logprobs": 0, "n": self.slots}  # nothing to serve yet
 
     def describe(self) -> dict[str, Any]:
         return {"device": "CPU", "devices": ["CPU"]}

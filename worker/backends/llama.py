@@ -20,7 +20,7 @@ import jinja2
 import llama_cpp
 
 from wire.errors import bad_request
-from worker.backends import invariance
+from worker.backends import invariance, llama_grammar
 from worker.backends.base import Backend, BackendError, SamplingParams, Sequence
 from worker.backends.llama_batch import BatchLoop, token_bytes
 from worker.backends.llama_chat import ChatTemplate
@@ -47,6 +47,9 @@ _quiet()  # as early as possible: importing may already have set a noisy callbac
 # Counting never ends early, so the calibration always sees all its tokens.
 _CALIBRATION_PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 _CALIBRATION_TOKENS = 32
+# Prompt reading: a prompt long enough that the first token's fixed cost does not dominate.
+_PREFILL_CALIBRATION_TEXT = " ".join(f"item {i}: a horse in the corral." for i in range(80))
+_PREFILL_CALIBRATION_TOKENS = 256
 
 
 class LlamaBackend(Backend):
@@ -76,6 +79,7 @@ class LlamaBackend(Backend):
         self.threads = threads or cores
         self.n_batch = max(n_batch, self.slots)
         self.calibrated_tokens_per_second = 0.0
+        self.calibrated_prefill_tokens_per_second = 0.0
         self._model: Any = None
         self._ctx: Any = None
         self._vocab: Any = None
@@ -137,6 +141,7 @@ class LlamaBackend(Backend):
         # made every later token 2-3x slower on 2 cores (bench/llama_threads.py).
         loop.start()
         self.calibrated_tokens_per_second = self._calibrate(loop)
+        self.calibrated_prefill_tokens_per_second = self._calibrate_prefill(loop)
         # The probe ends by emptying the KV cache, so it leaves no prefix behind.
         invariance.probe(self, loop.submit, on_last_finish=loop.forget)
         self._loop = loop
@@ -169,6 +174,28 @@ class LlamaBackend(Backend):
 
         The median time between tokens, so that a stall (another process taking the CPU
         for a moment) does not skew the figure the gateway routes by."""
+        _, marks = self._timed(loop, self.tokenize(_CALIBRATION_PROMPT), _CALIBRATION_TOKENS)
+        pairs = zip(marks, marks[1:], strict=False)
+        per_token = [(t1 - t0) / n for (t0, _), (t1, n) in pairs if n > 0 and t1 > t0]
+        if not per_token:
+            return 0.0
+        return round(1.0 / statistics.median(per_token), 2)
+
+    def _calibrate_prefill(self, loop: BatchLoop) -> float:
+        """Reads one long prompt alone (after `_calibrate` warmed the kernels): prompt
+        tokens per second to its first token, the figure long prompts are routed by."""
+        limit = min(_PREFILL_CALIBRATION_TOKENS, self.n_ctx - 8)
+        prompt = self.tokenize(_PREFILL_CALIBRATION_TEXT)[:limit]
+        sent, marks = self._timed(loop, prompt, 1)
+        if not marks or marks[0][0] <= sent:
+            return 0.0
+        return round(len(prompt) / (marks[0][0] - sent), 2)
+
+    @staticmethod
+    def _timed(loop: BatchLoop, prompt: list[int], max_tokens: int
+               ) -> tuple[float, list[tuple[float, int]]]:
+        """Runs one greedy sequence alone; (when it was submitted, (time, tokens) marks).
+        It leaves no prefix behind (the KV cache is emptied at its end)."""
         marks: list[tuple[float, int]] = []
         done = threading.Event()
 
@@ -176,22 +203,18 @@ class LlamaBackend(Backend):
             loop.forget()  # on the loop's thread, as its last act for this sequence
             done.set()
 
-        prompt = self.tokenize(_CALIBRATION_PROMPT)
         seq = Sequence(
-            "calibration", prompt, _CALIBRATION_TOKENS, SamplingParams(temperature=0.0),
+            "calibration", prompt, max_tokens, SamplingParams(temperature=0.0),
             on_tokens=lambda _t, n: marks.append((time.perf_counter(), n)),
             on_finish=finished,
         )
+        sent = time.perf_counter()
         loop.submit(seq)
         if not done.wait(120):  # a box this slow has bigger problems; serve uncalibrated
             seq.cancelled.set()
             loop.wake()
             done.wait(30)
-        pairs = zip(marks, marks[1:], strict=False)
-        per_token = [(t1 - t0) / n for (t0, _), (t1, n) in pairs if n > 0 and t1 > t0]
-        if not per_token:
-            return 0.0
-        return round(1.0 / statistics.median(per_token), 2)
+        return sent, marks
 
     # ------------------------------------------------------------------ text
     def tokenize(self, text: str) -> list[int]:
@@ -225,6 +248,22 @@ class LlamaBackend(Backend):
         if token == llama_cpp.LLAMA_TOKEN_NULL:
             return ""
         return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", "replace")
+
+    def render_tools(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                     continue_final: bool = False) -> str:
+        """Like `render_chat`, with tool definitions for a template that knows tools."""
+        try:
+            return self._template.render(messages, continue_final, tools=tools)
+        except jinja2.TemplateError as exc:
+            raise bad_request(f"The model's chat template refused the messages: {exc}",
+                              param="messages") from None
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._template.source
+
+    def compile_constraint(self, constraint: Any) -> Any:
+        return llama_grammar.sampler_for(self, constraint)
 
     # ------------------------------------------------------------------ sequences
     def submit(self, seq: Sequence) -> None:

@@ -65,6 +65,7 @@ class Run:
     next_token: int | None = None  # sampled, to be decoded in the next step
     out: int = -1  # index of this run's logits in the current batch, -1 if none
     chunk: int = 0  # prompt tokens this run adds in the current batch
+    grammar: Any = None  # llama_grammar.GrammarSampler of a constrained sequence
     # n > 1: a fork waits (decodes nothing) until its parent has evaluated the prompt,
     # then gets a copy of the parent's KV sequence and samples from the same logits.
     waiting: bool = False
@@ -304,7 +305,7 @@ class BatchLoop:
         except Exception as exc:  # a broken sampler must not take the loop down
             _finish_once(seq, "error", f"sampler setup failed: {exc}")
             return None
-        slot.run = Run(seq, slot, sampler)
+        slot.run = Run(seq, slot, sampler, grammar=seq.constraint)
         return slot.run
 
     def _leave(self, run: Run, reason: str, error: str | None) -> None:
@@ -313,6 +314,8 @@ class BatchLoop:
         slot.last_used = time.monotonic()
         with contextlib.suppress(Exception):
             llama_cpp.llama_sampler_free(run.sampler)
+        if run.grammar is not None:
+            run.grammar.free()
         if reason != "error":
             # The tokens decoded so far stay in the KV for the next request to reuse;
             # still uncounted tokens (an incomplete character) are reported now.
@@ -393,7 +396,18 @@ class BatchLoop:
 
     def _sample(self, r: Run, out: int) -> None:
         row = self._logits(out) if r.seq.logprobs is not None else None
-        token = llama_cpp.llama_sampler_sample(r.sampler, self.ctx, out)
+        if r.grammar is None:
+            token = llama_cpp.llama_sampler_sample(r.sampler, self.ctx, out)
+        else:
+            try:
+                p = r.seq.params
+                token = r.grammar.sample(r.sampler, self.ctx, out, self._is_eog,
+                                         stateful=p.repeat_penalty != 1.0
+                                         or bool(p.presence_penalty or p.frequency_penalty))
+            except Exception as exc:  # a grammar failure ends this sequence, not the loop
+                log.error("constrained sampling failed: %s", exc)
+                self._leave(r, "error", f"constrained sampling failed: {exc}")
+                return
         r.generated += 1
         if llama_cpp.llama_vocab_is_eog(self.vocab, token):
             r.detok.pending_tokens += 1  # no logprob entry: OpenAI leaves the stop out
@@ -410,6 +424,9 @@ class BatchLoop:
             self._leave(r, "length", None)
             return
         r.next_token = token
+
+    def _is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
     def _decode_failed(self, runs: list[Run], rc: int) -> None:
         # Keep the loop alive: the sequences of this batch fail, their KV is dropped.

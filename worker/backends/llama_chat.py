@@ -9,6 +9,7 @@ marker, which works for any template without knowing its end-of-turn tokens.
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from typing import Any
@@ -37,26 +38,37 @@ class ChatTemplate:
         )
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = _tojson  # as Hugging Face renders it (no HTML escaping)
         self.source = source or CHATML
         self._template = env.from_string(self.source)
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None) -> str:
+        extra = {"tools": tools} if tools else {}
         return self._template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token,
             eos_token=self.eos_token,
+            **extra,
         )
 
-    def render(self, messages: list[dict[str, Any]], continue_final: bool = False) -> str:
+    def render(self, messages: list[dict[str, Any]], continue_final: bool = False,
+               tools: list[dict[str, Any]] | None = None) -> str:
         if not continue_final:
-            return self._render(messages, add_generation_prompt=True)
+            return self._render(messages, True, tools)
         final = messages[-1]
         marker = f"CORRALCONTINUE{uuid.uuid4().hex}"
-        text = self._render([*messages[:-1], {**final, "content": marker}], False)
+        text = self._render([*messages[:-1], {**final, "content": marker}], False, tools)
         cut = text.find(marker)
         if cut < 0:  # the template dropped the message: fall back to an open assistant turn
-            return self._render(messages[:-1], True) + (final.get("content") or "")
+            return self._render(messages[:-1], True, tools) + (final.get("content") or "")
         return text[:cut] + (final.get("content") or "")
+
+
+def _tojson(value: Any, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False, ensure_ascii: bool = False) -> str:
+    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys,
+                      ensure_ascii=ensure_ascii)

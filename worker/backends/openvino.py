@@ -36,7 +36,7 @@ import openvino as ov
 import openvino_genai as ovg
 
 from wire.errors import bad_request
-from worker.backends import invariance
+from worker.backends import invariance, openvino_structured
 from worker.backends.base import Backend, BackendError, SamplingParams, Sequence, TokenLogprob
 
 log = logging.getLogger("corral.worker.openvino")
@@ -119,6 +119,9 @@ class _Request:
 
 class OpenVINOBackend(Backend):
     name = "openvino"
+    # Its prefix cache says nothing per request about what it reused, so a cache hit would
+    # look like a fast read: the engine keeps the calibrated prefill figure (engine.py).
+    reports_cached_tokens = False
 
     def __init__(
         self, model_path: str, parallel: int = 1, ctx_size: int = 2048, device: str = "CPU",
@@ -133,6 +136,7 @@ class OpenVINOBackend(Backend):
         self.device = (device or "CPU").upper()
         self.default_max_tokens = None
         self.calibrated_tokens_per_second = 0.0
+        self.calibrated_prefill_tokens_per_second = 0.0
         self.cache_dir = Path(cache_dir) if cache_dir else cache_root()
         # Whether the batch-invariant CPU properties are asked for; `batch_invariant` (the
         # Backend attribute) is what the load-time probe then measures.
@@ -187,6 +191,7 @@ class OpenVINOBackend(Backend):
             self._tok.set_chat_template(_CHATML)
         self._describe = self._facts()
         self.calibrated_tokens_per_second = self._calibrate()
+        self.calibrated_prefill_tokens_per_second = self._calibrate_prefill()
         self._thread = threading.Thread(target=self._run, name="openvino-decode", daemon=True)
         self._thread.start()
         if self.device == "CPU" and not self.invariant_props:
@@ -297,6 +302,32 @@ class OpenVINOBackend(Backend):
             raise BackendError("the chat template dropped the final assistant message")
         return text[:cut] + final
 
+    @property
+    def chat_template(self) -> str | None:
+        return self._tok.chat_template if self._tok is not None else None
+
+    def render_tools(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                     continue_final: bool = False) -> str:
+        """`render_chat` with tool definitions and tool history (OpenVINO's own template
+        engine takes `tools` and nested message fields as Hugging Face passes them)."""
+        history = [{**m, "content": m.get("content") or ""} for m in messages]
+        try:
+            if not continue_final:
+                return self._tok.apply_chat_template(history, True, tools=tools)
+            final = history[-1]["content"]
+            history[-1] = {"role": "assistant", "content": _MARKER}
+            text = self._tok.apply_chat_template(history, False, tools=tools)
+        except Exception as exc:
+            raise bad_request(f"The model's chat template refused the messages: {exc}",
+                              param="messages") from None
+        cut = text.rfind(_MARKER)
+        if cut < 0:
+            raise BackendError("the chat template dropped the final assistant message")
+        return text[:cut] + final
+
+    def compile_constraint(self, constraint: Any) -> Any:
+        return openvino_structured.compile_config(constraint)
+
     # ------------------------------------------------------------------ requests
     def validate(self, params: SamplingParams) -> None:
         if params.presence_penalty or params.frequency_penalty:
@@ -364,6 +395,8 @@ class OpenVINOBackend(Backend):
             cfg.min_p = float(p.min_p)
             seed = random.getrandbits(63) if p.seed is None else p.seed & _SEED_MASK
             cfg.rng_seed = seed
+        if seq.constraint is not None:
+            cfg.structured_output_config = seq.constraint
         cfg.validate()
         return cfg
 
@@ -568,6 +601,26 @@ class OpenVINOBackend(Backend):
                 rate = (got - first_n) / max(time.perf_counter() - first, 1e-6)
         self._metrics = self._pipe.get_metrics()
         return round(rate, 2)
+
+    def _calibrate_prefill(self) -> float:
+        """Prompt tokens per second on this device: one long prompt, new to the prefix
+        cache, read to its first token after `_calibrate` warmed the kernels."""
+        text = " ".join(f"item {i}: a horse in the corral." for i in range(80))
+        prompt = self.tokenize(text)[: min(256, self.n_ctx - 8)]
+        ids = ov.Tensor(np.asarray([prompt], dtype=np.int64))
+        cfg = ovg.GenerationConfig()
+        cfg.max_new_tokens = 1
+        cfg.do_sample = False
+        cfg.ignore_eos = True
+        sent = time.perf_counter()
+        handle = self._pipe.add_request((1 << 62) + 2, ids, cfg)
+        first = 0.0
+        while self._pipe.has_non_finished_requests():
+            self._pipe.step()
+            if handle.can_read() and any(o.generated_ids for o in handle.read().values()):
+                first = first or time.perf_counter()
+        self._metrics = self._pipe.get_metrics()
+        return round(len(prompt) / (first - sent), 2) if first > sent else 0.0
 
     def _facts(self) -> dict[str, Any]:
         try:

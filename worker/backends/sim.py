@@ -2,6 +2,11 @@
 
 For gateway timing tests and benchmarks only. It shares the engine, API, `/status` and
 metrics with the real backends, so the gateway cannot tell it apart on the wire.
+
+Two speeds, like a real box: decode at `tokens_per_second` per slot (bandwidth-bound, so
+slots do not slow each other), and, when `prefill_tokens_per_second` is set, prompts read
+at that rate one after another (compute-bound: a long prompt delays the next one's first
+token on the same worker). With it 0, every first token comes a fixed `ttft` after submit.
 """
 
 from __future__ import annotations
@@ -31,9 +36,14 @@ class SimBackend(Backend):
         slots: int = 1,
         n_ctx: int = 4096,
         default_max_tokens: int = 64,
+        prefill_tokens_per_second: float = 0.0,
     ) -> None:
         self.rate = tokens_per_second
         self.ttft = ttft
+        self.prefill_rate = prefill_tokens_per_second
+        self.calibrated_tokens_per_second = tokens_per_second  # exact by construction
+        self.calibrated_prefill_tokens_per_second = prefill_tokens_per_second
+        self._reader_free = 0.0  # when the prompt reader is done with the prompts queued
         self.slots = slots
         self.n_ctx = n_ctx
         self.default_max_tokens = default_max_tokens
@@ -60,7 +70,12 @@ class SimBackend(Backend):
 
     def submit(self, seq: Sequence) -> None:
         with self._cv:
-            due = time.monotonic() + self.ttft
+            now = time.monotonic()
+            if self.prefill_rate > 0:  # read after the prompts ahead, at the prefill rate
+                due = self._reader_free = (max(now, self._reader_free)
+                                           + len(seq.prompt) / self.prefill_rate)
+            else:
+                due = now + self.ttft
             for s in (seq, *seq.forks):  # n > 1: identical filler for every choice
                 heapq.heappush(self._heap, (due, next(self._order), s, 0))
             self._cv.notify()

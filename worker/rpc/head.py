@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 "slots_busy": e.slots_busy, "slots_total": backend.slots,
                 "queue_depth": e.queue_depth,
                 "tokens_per_second": round(e.stats.tokens_per_second, 2),
+                "prefill_tokens_per_second": round(e.stats.prefill_tokens_per_second, 2),
                 "n_ctx": backend.n_ctx, "capabilities": backend.capabilities(),
                 "offload": {"n_gpu_layers": gpu_layers,
                                                     "tensor_split": shard_split}}
