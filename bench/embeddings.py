@@ -35,6 +35,18 @@ _THINGS = ("cup book lamp phone key pen plate bowl box bag hat shoe sock coin ca
 TEXTS = [f"Note {i}: the {w} is on the table." for i, w in enumerate(_THINGS.split(" "))]
 
 
+READING = """
+llama-server runs with `--parallel 1`: it gives each input of a request to its one slot in
+turn, one decode per input, where the Corral worker puts all of a request's inputs in one
+`llama_decode` (last column); so llama-server is ahead for a single text (no batch to build,
+C++ all the way) and behind from 8 texts on. The box is shared with other suites (the load
+average above): absolute numbers are low and noisy; compare rows of one run. llama-server
+was built from the llama.cpp in llama-cpp-python 0.3.36's sdist (`pip download --no-deps
+--no-binary :all: llama-cpp-python==0.3.36`, `cmake -B build -DLLAMA_CURL=OFF`,
+`cmake --build build --target llama-server`), outside the repository.
+"""
+
+
 def run(url: str, batch: int, requests: int) -> tuple[float, float]:
     """(embeddings per second, median seconds per request) for `requests` sequential calls."""
     body = {"model": MODEL, "input": TEXTS[:batch], "encoding_format": "float"}
@@ -106,7 +118,7 @@ def main() -> None:
              "llama_decode calls per request |", "|---|---|---|---|---|"]
     lines += [f"| {s} | {b} | {rate:.1f} | {med * 1000:.1f} | {per or 'n/a'} |"
               for s, b, rate, med, per in rows]
-    body = "\n".join(lines) + "\n" + note
+    body = "\n".join(lines) + "\n" + note + READING
     print(body)
     if a.write:
         write_section("embeddings", body)
