@@ -91,7 +91,7 @@ class Admission:
         """A worker reserved for this request (release it with `release`). `prefer`: the
         worker holding the conversation's cache (affinity; honoured when not queueing)."""
         grace = self.check_model(model)
-        if exclude and not self.router.any_unexcluded(model, exclude):
+        if exclude and not self.router.any_unexcluded(model, exclude, need):
             raise Exhausted
         if not self.queue:
             w = self.router.pick(model, exclude, prefer, need, job)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from gateway.api import admin, cluster, keys, models, openai, responses
+from gateway.api import admin, cluster, embeddings, keys, models, openai, responses
 from gateway.config import GatewayConfig
 from gateway.core import Gateway
 from gateway.guard import BodyGuard
@@ -56,6 +56,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
                        body_timeout=cfg.body_timeout)
     errors.install(app)
     app.include_router(openai.router)
+    app.include_router(embeddings.router)
     app.include_router(responses.router)
     app.include_router(cluster.router)
     app.include_router(admin.router)

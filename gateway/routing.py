@@ -41,11 +41,17 @@ P2C_ABOVE = 4
 Need = tuple[int, int]
 """What a request with logprobs or n > 1 needs of a worker: (top_logprobs or -1, n)."""
 
+EMBEDDINGS: Need = (-1, 0)
+"""The need of an embeddings request (n = 0: no choices): only workers advertising
+`capabilities.embeddings` qualify, and never any other (`Router.pick` returns None)."""
+
 
 def capable(w: Worker, need: Need) -> bool:
     """Whether `w` advertises (`capabilities` in /status) what the request needs; a worker
     that advertises nothing honours no logprobs and n = 1."""
     caps = w.status.get("capabilities") or {}
+    if need[1] == 0:
+        return bool(caps.get("embeddings"))
     return caps.get("top_logprobs", -1) >= need[0] and caps.get("n", 1) >= need[1]
 
 
@@ -71,7 +77,9 @@ class Router:
         if not ws:
             return None
         if need is not None:
-            ws = [w for w in ws if capable(w, need)] or ws
+            ws = [w for w in ws if capable(w, need)] or (ws if need[1] else [])
+            if not ws:
+                return None
         if job is not None and self.cost_routing:
             return self._pick_cost(ws, exclude, prefer, job)
         allowance = self.allowance
@@ -175,5 +183,8 @@ class Router:
     def release(w: Worker) -> None:
         w.inflight -= 1
 
-    def any_unexcluded(self, model: str, exclude: Collection[str]) -> bool:
-        return any(w.id not in exclude for w in self.registry.by_model.get(model, ()))
+    def any_unexcluded(self, model: str, exclude: Collection[str],
+                       need: Need | None = None) -> bool:
+        strict = need is not None and need[1] == 0  # embeddings: capable workers only
+        return any(w.id not in exclude and (not strict or capable(w, need))  # type: ignore[arg-type]
+                   for w in self.registry.by_model.get(model, ()))

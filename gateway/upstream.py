@@ -267,7 +267,10 @@ class Upstream:
             i = body.rfind(b'"usage":')
             if i >= 0:
                 with contextlib.suppress(ValueError, TypeError, AttributeError):
-                    use = orjson.loads(body).get("usage") or {}
+                    try:  # usage comes last: parse the tail, not a whole embeddings body
+                        use = orjson.loads(b"{" + body[i:]).get("usage") or {}
+                    except orjson.JSONDecodeError:
+                        use = orjson.loads(body).get("usage") or {}
                     prompt = use.get("prompt_tokens", 0)
                     completion = use.get("completion_tokens", 0)
         elapsed = time.perf_counter() - call.started

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,9 +63,12 @@ class WorkerStatus(BaseModel):
     prefill_tokens_per_second: float = 0.0
     n_ctx: int = 0
     prompt_cache: dict[str, int] = Field(default_factory=dict)
-    #: What the backend honours, for routing: {"top_logprobs": max, "n": max choices}.
-    #: Absent (older workers): treated as top_logprobs 0 and n 1.
-    capabilities: dict[str, int] = Field(default_factory=dict)
+    #: What the backend honours, for routing: {"top_logprobs": max, "n": max choices,
+    #: "embeddings": bool}. Absent (older workers): top_logprobs 0, n 1, no embeddings.
+    capabilities: dict[str, int | bool] = Field(default_factory=dict)
+    #: How the worker computes embeddings (pooling, dimensions, window, a note when the
+    #: GGUF declares no pooling); None when it cannot.
+    embeddings: dict[str, Any] | None = None
 
 
 class JoinRequest(BaseModel):

@@ -13,6 +13,7 @@ from worker import control, linkprobe
 from worker.api import router
 from worker.backends.base import Backend
 from worker.config import WorkerConfig
+from worker.embed import router as embeddings_router
 from worker.join import discover_and_join, discovering, join_loop
 from worker.state import WorkerState
 
@@ -53,6 +54,7 @@ def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
     app.state.worker = state
     http.install(app)
     app.include_router(router)
+    app.include_router(embeddings_router)
     state.control = control.install(app, state)
     app.include_router(linkprobe.router)
     return app

@@ -179,6 +179,7 @@ class WorkerState:
             n_ctx=self.backend.n_ctx,
             prompt_cache=self.backend.stats(),
             capabilities=self.backend.capabilities(),
+            embeddings=self.backend.embeddings(),
         )
 
     async def load(self) -> None:

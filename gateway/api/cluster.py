@@ -9,6 +9,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from gateway import capabilities
 from wire.errors import bad_request, not_found
 from wire.http import json_response, read_json, validation_error
 from wire.status import JoinRequest
@@ -28,10 +29,12 @@ async def cluster(request: Request) -> Response:
     _gw(request).auth.viewer(request)  # closed once API keys exist (auth.py)
     reg = _gw(request).registry
     return json_response({
-        "workers": [w.to_json() for w in list(reg.workers.values())],
+        "workers": [{**w.to_json(), "capabilities": capabilities.of_worker(w)}
+                    for w in list(reg.workers.values())],
         "placements": _gw(request).placer.placements(reg.placements()),
         "links": _gw(request).topology.to_json(),
         "warnings": _gw(request).hosts.current,
+        "models": capabilities.models(reg),
     })
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -18,6 +19,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
+from gateway import capabilities
 from gateway.affinity import SESSION_HEADER, session_key
 from gateway.identity import EndUser, resolve
 from gateway.limits import Reservation, estimate_tokens
@@ -105,7 +107,13 @@ class Accounted(Response):
         return status, int(pm[1]) if pm else 0, int(cm[1]) if cm else 0
 
 
-async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]) -> Response:
+async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields],
+                 estimate: Callable[[Any], int] | None = None,
+                 need: tuple[int, int] | None = None,
+                 check: Callable[[Gateway, Any], None] | None = None) -> Response:
+    """Validate, admit and relay one request. `estimate` (prompt tokens for the tpm
+    reservation), `need` (routing.Need) and `check` (a refusal before admission) let other
+    routes (api/embeddings.py) share this path; chat and completions use the defaults."""
     gw = _gw(request)
     started = time.perf_counter()
     model = ""
@@ -121,14 +129,18 @@ async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]
         except ValidationError as exc:
             raise validation_error(exc) from None
         model = req.model
+        if check is not None:
+            check(gw, req)
         refused = gw.placer.refusal(model)  # a model too big for every worker and split
         if refused is not None:
             gw.metrics.rejected.labels("model_unplaceable").inc()
             raise refused
         await gw.budgets.check(key, eid)
-        res = await gw.limits.admit(key, estimate_tokens(_prompt_chars(req), req.limit)
-                                    if key is not None and (key.tpm or key.user_tpm) else 0,
-                                    eid)
+        tokens = 0
+        if key is not None and (key.tpm or key.user_tpm):
+            tokens = (estimate(req) if estimate is not None
+                      else estimate_tokens(_prompt_chars(req), req.limit))
+        res = await gw.limits.admit(key, tokens, eid)
         stream = req.stream
         if stream:
             # Always ask the worker for usage (exact token metrics); the relay drops that
@@ -142,10 +154,13 @@ async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]
         who = end.queue_user if end is not None else (key.user if key else req.user)
         call = Call(model, path, raw, stream, req.include_usage, who)
         chars = _prompt_chars(req)
-        call.job = gw.router.lengths.job(model, chars, _new_chars(req, chars), req.limit)
+        if estimate is None:  # other routes (embeddings) generate nothing: load/capacity
+            call.job = gw.router.lengths.job(model, chars, _new_chars(req, chars), req.limit)
         top = req.top_n  # type: ignore[attr-defined]
         if req.n > 1 or top is not None:
             call.need = (-1 if top is None else top, req.n)
+        if need is not None:
+            call.need = need
         if gw.cfg.affinity:
             sk = session_key(model, request.headers.get(SESSION_HEADER), body,
                              end.chat if end is not None else None)
@@ -213,7 +228,8 @@ async def models(request: Request) -> Response:
         gw.auth.api_key(request)
     except errors.APIError as err:
         return _error(err, GATEWAY)
-    cards = [{"id": m, "object": "model", "created": gw.started, "owned_by": "corral"}
+    cards = [{"id": m, "object": "model", "created": gw.started, "owned_by": "corral",
+              "capabilities": capabilities.of_model(gw.registry, m)}
              for m in gw.registry.models()]
     return json_response({"object": "list", "data": cards}, headers={WORKER_HEADER: GATEWAY})
 
@@ -227,5 +243,6 @@ async def model(request: Request, model: str) -> Response:
             raise errors.not_found(f"The model {model!r} does not exist.")
     except errors.APIError as err:
         return _error(err, GATEWAY)
-    card = {"id": model, "object": "model", "created": gw.started, "owned_by": "corral"}
+    card = {"id": model, "object": "model", "created": gw.started, "owned_by": "corral",
+            "capabilities": capabilities.of_model(gw.registry, model)}
     return json_response(card, headers={WORKER_HEADER: GATEWAY})

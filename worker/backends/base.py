@@ -8,6 +8,7 @@ Stop strings, queueing and accounting live in the engine, once for every backend
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -118,6 +119,26 @@ class Backend(ABC):
             raise bad_request(
                 f"top_logprobs={top_logprobs} is more than the {self.name} backend's limit "
                 f"of {cap}", param="top_logprobs", code="unsupported_parameter")
+
+    def embeddings(self) -> dict[str, Any] | None:
+        """What this backend's embeddings are (pooling, dimensions, window) for /status;
+        None when it cannot compute any (then `embed` is a 400)."""
+        return None
+
+    #: Why `embed` refuses, when the backend knows better than "cannot".
+    embeddings_unavailable: str = ""
+    #: Tokens the longest embedding input may have.
+    embed_window: int = 0
+    #: Token ids run from 0 to this (token-array inputs are checked against it).
+    vocab_size: int = 0
+
+    def embed(self, inputs: list[list[int]], cancelled: threading.Event
+              ) -> concurrent.futures.Future[list[Any]]:
+        """Starts computing one normalised vector per input (token lists within
+        `embed_window`); the future is set from the backend's thread."""
+        why = f" {self.embeddings_unavailable}" if self.embeddings_unavailable else ""
+        raise bad_request(f"The {self.name} backend on this worker cannot compute embeddings "
+                          f"for this model.{why}", param="model", code="embeddings_unsupported")
 
     def validate(self, params: SamplingParams) -> None:  # noqa: B027 - optional hook
         """Refuse (raise `wire.errors.bad_request`) what this backend cannot honour.

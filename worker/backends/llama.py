@@ -24,6 +24,7 @@ from worker.backends import invariance, llama_grammar
 from worker.backends.base import Backend, BackendError, SamplingParams, Sequence
 from worker.backends.llama_batch import BatchLoop, token_bytes
 from worker.backends.llama_chat import ChatTemplate
+from worker.backends.llama_embed import EMBED_WINDOW, Embedder, EmbedJob
 
 log = logging.getLogger("corral.llama")
 
@@ -83,6 +84,7 @@ class LlamaBackend(Backend):
         self._ctx: Any = None
         self._vocab: Any = None
         self._loop: BatchLoop | None = None
+        self._embedder: Embedder | None = None
         self._template = ChatTemplate(None)
         self._add_bos = False
         self._bos = llama_cpp.LLAMA_TOKEN_NULL
@@ -143,6 +145,9 @@ class LlamaBackend(Backend):
         # The probe ends by emptying the KV cache, so it leaves no prefix behind.
         invariance.probe(self, loop.submit, on_last_finish=loop.forget)
         self._loop = loop
+        self.vocab_size = n_vocab
+        self._embedder = Embedder(model, loop, self.threads, min(EMBED_WINDOW, self.n_ctx))
+        self.embed_window = self._embedder.window
 
     def close(self) -> None:
         loop, self._loop = self._loop, None
@@ -153,6 +158,9 @@ class LlamaBackend(Backend):
             log.error("the decode loop did not stop; leaving the model in memory")
             return
         loop.free()
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
@@ -269,6 +277,21 @@ class LlamaBackend(Backend):
         seq.cancelled.set()
         if self._loop is not None:
             self._loop.wake()
+
+    def capabilities(self) -> dict[str, int]:
+        return {**super().capabilities(), "embeddings": self.embeddings() is not None}
+
+    def embeddings(self) -> dict[str, Any] | None:
+        e = self._embedder
+        return e.info() if e is not None and e.available else None
+
+    def embed(self, inputs: list[list[int]], cancelled: threading.Event) -> Any:
+        e = self._embedder
+        if e is None or not e.available:
+            return super().embed(inputs, cancelled)
+        job = EmbedJob(inputs, cancelled=cancelled)
+        e.submit(job)
+        return job.future
 
     def stats(self) -> dict[str, int]:
         return dict(self._loop.stats) if self._loop is not None else {}

@@ -10,9 +10,12 @@ Each slot remembers which tokens its KV sequence holds. A new request takes the 
 whose tokens share the longest prefix with its prompt, drops the rest of that KV, and
 prefills only the remainder (at least the last prompt token, to get logits).
 
-Everything here runs on the loop's own thread, except `submit`/`cancel`/`close` and
-`set_threads`, which only touch the condition-protected hand-over state. A new thread count
-(the host's cores re-shared, worker/hostcores.py) is applied between steps, on this thread.
+Everything here runs on the loop's own thread, except `submit`/`cancel`/`close`/`call_soon`
+and `set_threads`, which only touch the condition-protected hand-over state. A new thread
+count (the host's cores re-shared, worker/hostcores.py) is applied between steps, on this
+thread. `call_soon` runs other work on this thread between steps, one task per step (the
+embedding context, `llama_embed.py`): every llama_decode of the process stays on one thread,
+interleaved with generation.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +104,9 @@ class BatchLoop:
         self._cv = threading.Condition()
         self._incoming: deque[Sequence] = deque()
         self._waiting: deque[Sequence] = deque()  # handed over, no free slot yet
+        # Work for this thread between steps: called with None to run, or with the reason
+        # the loop is gone (then it must only fail its caller).
+        self._tasks: deque[Callable[[str | None], None]] = deque()
         self._stop = False
         self._dead: str | None = None  # why the loop is gone; later submits fail at once
         self._thread: threading.Thread | None = None
@@ -142,6 +149,25 @@ class BatchLoop:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(30)
 
+    def call_soon(self, task: Callable[[str | None], None]) -> None:
+        """Runs `task(None)` on the loop's thread before its next step (or `task(why)`, on
+        the caller's thread, if the loop is gone)."""
+        with self._cv:
+            if self._dead is None:
+                self._tasks.append(task)
+                self._cv.notify()
+                return
+            dead = self._dead
+        task(dead)
+
+    def generating(self) -> bool:
+        """Whether some sequence holds a slot (loop thread): other work should be brief."""
+        return any(s.run for s in self.slots)
+
+    def shared_budget(self) -> int:
+        """Tokens that fit in a step without delaying the generating sequences much."""
+        return self._shared_budget()
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -160,7 +186,8 @@ class BatchLoop:
 
     # ------------------------------------------------------------------ the loop
     def _busy(self) -> bool:
-        return bool(self._incoming or self._waiting or any(s.run for s in self.slots))
+        return bool(self._incoming or self._waiting or self._tasks
+                    or any(s.run for s in self.slots))
 
     def _run(self) -> None:
         try:
@@ -186,6 +213,9 @@ class BatchLoop:
             self._dead = message
             self._waiting.extend(self._incoming)
             self._incoming.clear()
+            tasks, self._tasks = list(self._tasks), deque()
+        for task in tasks:
+            _run_task(task, message)
         while self._waiting:
             _finish_once(self._waiting.popleft(), "error", message)
         for s in self.slots:
@@ -197,6 +227,9 @@ class BatchLoop:
         with self._cv:
             self._waiting.extend(self._incoming)
             self._incoming.clear()
+            task = self._tasks.popleft() if self._tasks else None
+        if task is not None:
+            _run_task(task, None)
         self._reap_cancelled()
         self._admit()
         runs = [s.run for s in self.slots if s.run is not None and not s.run.waiting]
@@ -443,6 +476,13 @@ def token_bytes(vocab: Any, token: int) -> bytes:
 
 def _emit(seq: Sequence, text: str, n: int) -> None:
     seq.on_tokens(text, n)
+
+
+def _run_task(task: Callable[[str | None], None], error: str | None) -> None:
+    try:
+        task(error)
+    except Exception:  # a failing task must not take generation down with it
+        log.exception("a task on the decode thread failed")
 
 
 def _finish_once(seq: Sequence, reason: str, error: str | None) -> None:

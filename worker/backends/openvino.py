@@ -351,6 +351,13 @@ class OpenVINOBackend(Backend):
                 code="unsupported_parameter",
             )
 
+    # Measured with OpenVINO GenAI 2026.4: TextEmbeddingPipeline loads no GGUF (it looks for
+    # openvino_model.xml) and the IR this backend saves from a GGUF has no tokenizer IR and
+    # a logits output, not hidden states; so this backend serves no embeddings.
+    embeddings_unavailable = ("OpenVINO GenAI's text-embedding pipeline needs an OpenVINO IR "
+                              "of an embedding model; this worker serves a generation model. "
+                              "The gateway sends embeddings to llama workers.")
+
     def capabilities(self) -> dict[str, int]:
         # OpenVINO GenAI reports only the chosen token's logprob: no alternatives (a greedy
         # request may still ask for top_logprobs=1, which is the chosen token).
