@@ -20,11 +20,9 @@ every prompt and generated token (llama.cpp: the last 64 tokens).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +36,14 @@ import openvino_genai as ovg
 from wire.errors import bad_request
 from worker.backends import invariance, openvino_structured
 from worker.backends.base import Backend, BackendError, SamplingParams, Sequence, TokenLogprob
+from worker.backends.openvino_load import (
+    cache_root,
+    calibrate_decode,
+    calibrate_prefill,
+    env_flag,
+    open_pipeline,
+    properties,
+)
 
 log = logging.getLogger("corral.worker.openvino")
 
@@ -55,40 +61,6 @@ _CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 _FINISH = {ovg.GenerationFinishReason.STOP: "stop", ovg.GenerationFinishReason.LENGTH: "length"}
-
-
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "corral" / "openvino"
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    return default if raw is None else raw.strip().lower() not in ("0", "false", "no", "off")
-
-
-def _properties(device: str, compiled_cache: Path | None, batch_invariant: bool,
-                threads: int | None = None) -> dict[str, Any]:
-    props: dict[str, Any] = {}
-    if device == "CPU" and threads:
-        # The worker's share of the host's cores. Fixed at load: OpenVINO cannot re-size a
-        # compiled model's CPU streams, so a worker coming or going later changes nothing.
-        props["INFERENCE_NUM_THREADS"] = int(threads)
-    if device == "CPU" and batch_invariant:
-        # Greedy text the same alone or batched (the gateway's failover continuation relies
-        # on it) needs three CPU plugin defaults changed, each measured on an AMD EPYC with
-        # AVX-512 (bench/openvino_invariance.py): bf16 inference, the default wherever the CPU
-        # has AVX512_BF16 or AMX, rounds differently by batch shape; dynamic quantization of
-        # activations quantizes a whole step's rows together; and the u8 KV cache quantizes
-        # per block, so what a sequence reads back depends on what shared its steps. f32
-        # compute and an f16 KV cache are the same on AVX2 and AVX-512 hosts.
-        # CORRAL_OPENVINO_BATCH_INVARIANT=0 trades this for throughput.
-        props["INFERENCE_PRECISION_HINT"] = "f32"
-        props["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
-        props["KV_CACHE_PRECISION"] = "f16"
-    if compiled_cache is not None:
-        props["CACHE_DIR"] = str(compiled_cache)
-    return props
 
 
 @dataclass
@@ -148,7 +120,7 @@ class OpenVINOBackend(Backend):
         # Whether the batch-invariant CPU properties are asked for; `batch_invariant` (the
         # Backend attribute) is what the load-time probe then measures.
         self.invariant_props = (
-            _env_flag("CORRAL_OPENVINO_BATCH_INVARIANT", True)
+            env_flag("CORRAL_OPENVINO_BATCH_INVARIANT", True)
             if batch_invariant is None else batch_invariant
         )
         self._pipe: Any = None
@@ -218,59 +190,12 @@ class OpenVINOBackend(Backend):
         return max(1, min(8, (need + 32767) // 32768))
 
     def _props(self, compiled_cache: Path | None) -> dict[str, Any]:
-        return _properties(self.device, compiled_cache, self.invariant_props, self.threads)
+        return properties(self.device, compiled_cache, self.invariant_props, self.threads)
 
     def _open(self, sc: Any) -> Any:
-        """The pipeline, from the cached IR when there is one, else from the GGUF (saving IR)."""
-        src = Path(self.model_path)
-        if src.suffix != ".gguf":  # an OpenVINO IR directory: load as it is
-            self.load_source = "ir"
-            return ovg.ContinuousBatchingPipeline(str(src), sc, self.device,
-                                                  self._props(None))
-        try:
-            st = src.stat()
-            key = hashlib.sha256(
-                f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}:{ovg.get_version()}".encode()
-            ).hexdigest()[:16]
-            ready = self.cache_dir / key
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            log.warning("openvino: no model cache (%s); converting the GGUF every load", exc)
-            self.load_source = "gguf"
-            return ovg.ContinuousBatchingPipeline(str(src), sc, self.device,
-                                                  self._props(None))
-        compiled = self.cache_dir / "compiled"
-        if (ready / "openvino_model.xml").is_file() and (ready / "openvino_model.bin").is_file():
-            try:
-                tok = ovg.Tokenizer(str(src), CACHE_DIR=str(compiled))
-                pipe = ovg.ContinuousBatchingPipeline(
-                    str(ready), tok, sc, self.device, **self._props(compiled)
-                )
-                self.load_source = f"cached IR {ready}"
-                return pipe
-            except RuntimeError as exc:  # a damaged cache: convert again
-                log.warning("openvino: cached IR at %s failed (%s); reconverting", ready, exc)
-                shutil.rmtree(ready, ignore_errors=True)
-        # OpenVINO writes the IR next to the GGUF it reads: read it through a link in a
-        # private directory, then publish the directory with one rename (workers may race).
-        work = self.cache_dir / f".{key}.{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        link = work / "model.gguf"
-        link.symlink_to(src.resolve())
-        try:
-            props = {**self._props(compiled), "enable_save_ov_model": True}
-            pipe = ovg.ContinuousBatchingPipeline(str(link), sc, self.device, props)
-        except Exception:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        try:
-            link.unlink()
-            work.rename(ready)
-            self.load_source = f"gguf (IR saved to {ready})"
-        except OSError:
-            shutil.rmtree(work, ignore_errors=True)  # another worker published it first
-            self.load_source = "gguf"
+        """The pipeline, from the cached IR when there is one, else from the GGUF."""
+        pipe, self.load_source = open_pipeline(Path(self.model_path), sc, self.device,
+                                               self._props, self.cache_dir)
         return pipe
 
     def close(self) -> None:
@@ -587,47 +512,16 @@ class OpenVINOBackend(Backend):
     def _calibrate(self) -> float:
         """Single-stream greedy decode speed, measured once before serving."""
         text = self.render_chat([{"role": "user", "content": _CALIBRATION_PROMPT}])
-        ids = ov.Tensor(np.asarray([self.tokenize(text)], dtype=np.int64))
-        cfg = ovg.GenerationConfig()
-        cfg.max_new_tokens = _CALIBRATION_TOKENS
-        cfg.do_sample = False
-        cfg.ignore_eos = True
-        # Twice: the first run warms the kernels, the second one is timed.
-        rate = 0.0
-        for rid in (1 << 62, (1 << 62) + 1):
-            handle = self._pipe.add_request(rid, ids, cfg)
-            got, first, first_n = 0, 0.0, 0
-            while self._pipe.has_non_finished_requests():
-                self._pipe.step()
-                if handle.can_read():
-                    for out in handle.read().values():
-                        got += len(out.generated_ids)
-                    if not first_n and got:
-                        first, first_n = time.perf_counter(), got
-            if first_n and got > first_n:
-                rate = (got - first_n) / max(time.perf_counter() - first, 1e-6)
+        rate = calibrate_decode(self._pipe, self.tokenize(text), _CALIBRATION_TOKENS)
         self._metrics = self._pipe.get_metrics()
-        return round(rate, 2)
+        return rate
 
     def _calibrate_prefill(self) -> float:
-        """Prompt tokens per second on this device: one long prompt, new to the prefix
-        cache, read to its first token after `_calibrate` warmed the kernels."""
+        """Prompt tokens per second on this device (after `_calibrate` warmed the kernels)."""
         text = " ".join(f"item {i}: a horse in the corral." for i in range(80))
-        prompt = self.tokenize(text)[: min(256, self.n_ctx - 8)]
-        ids = ov.Tensor(np.asarray([prompt], dtype=np.int64))
-        cfg = ovg.GenerationConfig()
-        cfg.max_new_tokens = 1
-        cfg.do_sample = False
-        cfg.ignore_eos = True
-        sent = time.perf_counter()
-        handle = self._pipe.add_request((1 << 62) + 2, ids, cfg)
-        first = 0.0
-        while self._pipe.has_non_finished_requests():
-            self._pipe.step()
-            if handle.can_read() and any(o.generated_ids for o in handle.read().values()):
-                first = first or time.perf_counter()
+        rate = calibrate_prefill(self._pipe, self.tokenize(text)[: min(256, self.n_ctx - 8)])
         self._metrics = self._pipe.get_metrics()
-        return round(len(prompt) / (first - sent), 2) if first > sent else 0.0
+        return rate
 
     def _facts(self) -> dict[str, Any]:
         try:
