@@ -46,10 +46,10 @@ def _engine(request: Request) -> Engine:
 
 def _check_model(request: Request, model: str) -> None:
     state = request.app.state
-    if not state.engine.ready:
-        raise errors.unavailable("The model is still loading.", retry_after=2)
-    if model not in state.model_names:
+    if model not in state.model_names:  # an idle worker (none placed yet) holds no model
         raise errors.not_found(f"The model {model!r} does not exist on this worker.")
+    if not state.engine.ready:  # worker.gate answers this first; here for a placement race
+        raise errors.loading()
 
 
 def _params(req: oa.SamplingFields) -> SamplingParams:
