@@ -177,7 +177,7 @@ async def _stream(job: Job, gen: AsyncIterator[Delta]) -> AsyncIterator[bytes]:
     last: Delta | None = None
     try:
         if chat:
-            yield sse(oa.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+            yield sse(oa.chat_chunk(rid, model, created, oa.ROLE_DELTA))
         elif job.prefix:
             yield sse(oa.text_chunk(rid, model, created, job.prefix))
         if job.plan is not None:
