@@ -138,15 +138,16 @@ def test_an_unplaced_worker_is_idle_then_loading_while_its_model_arrives(
                        env={"CORRAL_CACHE_DIR": str(tmp_path)})
     w.proc.wait_http(f"{w.url}/status")
 
-    # Idle: no model by design. An honest empty list, not "loading"; asking for a model
-    # is a 404 (none is here), never a 503 that invites retrying forever.
+    # Idle: no model by design. An honest empty list, not "loading"; a completion is a 503
+    # `no_model` (a gateway routing here on a stale view retries elsewhere), not loading.
     st = httpx.get(f"{w.url}/status").json()
     assert st["state"] == "idle" and st["models"] == []
     r = httpx.get(f"{w.url}/v1/models")
     assert r.status_code == 200 and r.json() == {"object": "list", "data": []}
     assert not spec_errors(r.json(), "ListModelsResponse")
     r = httpx.post(f"{w.url}/v1/chat/completions", json=V1[1][2])
-    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert r.status_code == 503 and r.json()["error"]["code"] == "no_model"
+    assert "retry-after" not in r.headers and not spec_errors(r.json(), "ErrorResponse")
     assert httpx.get(f"{w.url}/healthz").status_code == 200
 
     # Placed as a replica of a model it must download: loading until the bytes arrive.

@@ -46,10 +46,15 @@ def _engine(request: Request) -> Engine:
 
 def _check_model(request: Request, model: str) -> None:
     state = request.app.state
-    if model not in state.model_names:  # an idle worker (none placed yet) holds no model
+    if not state.engine.ready:  # worker.gate answers `loading` first; here for a race
+        if state.availability()[0] == "loading":
+            raise errors.loading()
+        # Idle (nothing placed, or just released): a 503, so a gateway that routed here on
+        # a stale view retries elsewhere; a 404 would reach its client.
+        raise errors.APIError(503, "No model is placed on this worker.", "service_unavailable",
+                              None, "no_model")
+    if model not in state.model_names:
         raise errors.not_found(f"The model {model!r} does not exist on this worker.")
-    if not state.engine.ready:  # worker.gate answers this first; here for a placement race
-        raise errors.loading()
 
 
 def _params(req: oa.SamplingFields) -> SamplingParams:
