@@ -75,22 +75,29 @@ def _objects(base: str) -> list[tuple[str, Any, dict[str, Any] | None]]:
     models = sdk.models.with_raw_response.list()
     got.append(("ListModelsResponse", models.http_response.json(), None))
 
-    for kw in ({"max_tokens": 3}, {"max_tokens": 32, "stop": [" "]}):  # length, then stop
+    # length, then stop; then several choices with logprobs (their own code path)
+    for kw, chat_kw, text_kw in (
+            ({"max_tokens": 3}, {}, {}),
+            ({"max_tokens": 32, "stop": [" "]}, {}, {}),
+            ({"max_tokens": 3, "n": 2}, {"logprobs": True, "top_logprobs": 2}, {"logprobs": 2})):
         raw = sdk.chat.completions.with_raw_response.create(
-            model=MODEL, messages=chat(f"Continue: {COUNTING}"), temperature=0, **kw)
+            model=MODEL, messages=chat(f"Continue: {COUNTING}"), temperature=0, **kw, **chat_kw)
         got.append((CHAT, raw.http_response.json(), None))
         raw = sdk.completions.with_raw_response.create(
-            model=MODEL, prompt=COUNTING, temperature=0, echo=True, **kw)
+            model=MODEL, prompt=COUNTING, temperature=0, echo=True, **kw, **text_kw)
         got.append((TEXT, raw.http_response.json(), None))
 
     use = {"stream_options": {"include_usage": True}, "max_tokens": 4, "temperature": 0}
-    chunks = _stream(base, "/v1/chat/completions", {"model": MODEL, "messages": chat("Hi"),
-                                                    **use})
-    got += [(CHUNK, c, None) for c in chunks]
     relaxed = _text_chunk_schema()
-    for c in _stream(base, "/v1/completions", {"model": MODEL, "prompt": COUNTING, **use}):
-        final = not c["choices"] or c["choices"][0]["finish_reason"] is not None
-        got.append((TEXT, c, None if final else relaxed))
+    for extra_chat, extra_text in (({}, {}), ({"n": 2, "logprobs": True, "top_logprobs": 2},
+                                              {"n": 2, "logprobs": 2, "echo": True})):
+        chunks = _stream(base, "/v1/chat/completions",
+                         {"model": MODEL, "messages": chat("Hi"), **use, **extra_chat})
+        got += [(CHUNK, c, None) for c in chunks]
+        for c in _stream(base, "/v1/completions",
+                         {"model": MODEL, "prompt": COUNTING, **use, **extra_text}):
+            final = not c["choices"] or c["choices"][0]["finish_reason"] is not None
+            got.append((TEXT, c, None if final else relaxed))
 
     bad = [  # each failure a client can cause here, OpenAI-shaped
         httpx.post(f"{base}/v1/chat/completions", json={"model": "nope", "messages": chat("x")}),
@@ -117,8 +124,11 @@ def _check(objects: list[tuple[str, Any, dict[str, Any] | None]]) -> None:
 
 def test_worker_responses_match_the_openai_spec(llama_worker) -> None:
     objs = _objects(llama_worker.url)
-    # The chat message names its refusal (required by the spec), as null.
-    assert all(o["choices"][0]["message"]["refusal"] is None for n, o, _ in objs if n == CHAT)
+    # Every chat message names its refusal (required by the spec), as null.
+    messages = [c["message"] for n, o, _ in objs if n == CHAT for c in o["choices"]]
+    assert len(messages) == 4 and all(m["refusal"] is None for m in messages)
+    assert any(c.get("logprobs") for n, o, _ in objs if n in (CHAT, TEXT)
+               for c in o.get("choices", []))  # the logprobs shapes were checked too
     _check(objs)
 
 
