@@ -77,20 +77,21 @@ def _objects(base: str) -> list[tuple[str, Any, dict[str, Any] | None]]:
 
     # length, then stop; then several choices with logprobs (their own code path)
     for kw, chat_kw, text_kw in (
-            ({"max_tokens": 3}, {}, {}),
-            ({"max_tokens": 32, "stop": [" "]}, {}, {}),
+            ({"max_tokens": 3}, {}, {"echo": True}),
+            ({"max_tokens": 32, "stop": [" "]}, {}, {"echo": True}),
             ({"max_tokens": 3, "n": 2}, {"logprobs": True, "top_logprobs": 2}, {"logprobs": 2})):
         raw = sdk.chat.completions.with_raw_response.create(
             model=MODEL, messages=chat(f"Continue: {COUNTING}"), temperature=0, **kw, **chat_kw)
         got.append((CHAT, raw.http_response.json(), None))
         raw = sdk.completions.with_raw_response.create(
-            model=MODEL, prompt=COUNTING, temperature=0, echo=True, **kw, **text_kw)
+            model=MODEL, prompt=COUNTING, temperature=0, **kw, **text_kw)
         got.append((TEXT, raw.http_response.json(), None))
 
     use = {"stream_options": {"include_usage": True}, "max_tokens": 4, "temperature": 0}
     relaxed = _text_chunk_schema()
-    for extra_chat, extra_text in (({}, {}), ({"n": 2, "logprobs": True, "top_logprobs": 2},
-                                              {"n": 2, "logprobs": 2, "echo": True})):
+    for extra_chat, extra_text in (({}, {"echo": True}),
+                                   ({"n": 2, "logprobs": True, "top_logprobs": 2},
+                                    {"n": 2, "logprobs": 2})):
         chunks = _stream(base, "/v1/chat/completions",
                          {"model": MODEL, "messages": chat("Hi"), **use, **extra_chat})
         got += [(CHUNK, c, None) for c in chunks]
