@@ -25,6 +25,12 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
 CHAT = "CreateChatCompletionResponse"
 CHUNK = "CreateChatCompletionStreamResponse"
 TEXT = "CreateCompletionResponse"  # OpenAI's spec: streamed chunks share this shape
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"], "additionalProperties": False}
+TOOLS = {"tools": [{"type": "function", "function": {"name": "get_weather",
+                                                     "parameters": CITY}}],
+         "tool_choice": "required", "max_tokens": 60}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def _text_chunk_schema() -> dict[str, Any]:
@@ -87,6 +93,16 @@ def _objects(base: str) -> list[tuple[str, Any, dict[str, Any] | None]]:
             model=MODEL, prompt=COUNTING, temperature=0, **kw, **text_kw)
         got.append((TEXT, raw.http_response.json(), None))
 
+    # A forced tool call and a JSON-schema answer (constrained decoding), whole and streamed.
+    for kw in (TOOLS, {"max_tokens": 60, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "city", "schema": CITY}}}):
+        raw = sdk.chat.completions.with_raw_response.create(model=MODEL, messages=ASK,
+                                                             temperature=0, **kw)
+        got.append((CHAT, raw.http_response.json(), None))
+        got += [(CHUNK, c, None) for c in _stream(
+            base, "/v1/chat/completions", {"model": MODEL, "messages": ASK, "temperature": 0,
+                                           **kw})]
+
     use = {"stream_options": {"include_usage": True}, "max_tokens": 4, "temperature": 0}
     relaxed = _text_chunk_schema()
     for extra_chat, extra_text in (({}, {"echo": True}),
@@ -118,7 +134,9 @@ def _objects(base: str) -> list[tuple[str, Any, dict[str, Any] | None]]:
 def _check(objects: list[tuple[str, Any, dict[str, Any] | None]]) -> None:
     for kind in (CHAT, TEXT):  # both finish reasons were seen, whole and streamed
         assert {c["finish_reason"] for n, o, _ in objects if n == kind
-                for c in o.get("choices", []) if c["finish_reason"]} == {"stop", "length"}
+                for c in o.get("choices", []) if c["finish_reason"]} >= {"stop", "length"}
+    assert any(c["message"].get("tool_calls") for n, o, _ in objects if n == CHAT
+               for c in o["choices"]), "no tool call was checked"
     problems = [p for name, obj, override in objects for p in errors(obj, name, override)]
     assert not problems, "\n".join(problems)
 
@@ -127,7 +145,7 @@ def test_worker_responses_match_the_openai_spec(llama_worker) -> None:
     objs = _objects(llama_worker.url)
     # Every chat message names its refusal (required by the spec), as null.
     messages = [c["message"] for n, o, _ in objs if n == CHAT for c in o["choices"]]
-    assert len(messages) == 4 and all(m["refusal"] is None for m in messages)
+    assert len(messages) == 6 and all(m["refusal"] is None for m in messages)
     assert any(c.get("logprobs") for n, o, _ in objs if n in (CHAT, TEXT)
                for c in o.get("choices", []))  # the logprobs shapes were checked too
     _check(objs)
