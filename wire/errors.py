@@ -48,6 +48,13 @@ def unavailable(message: str, retry_after: float | None = None) -> APIError:
     return APIError(503, message, "service_unavailable", None, "no_healthy_worker", headers)
 
 
+def loading(message: str = "The model is still loading.", retry_after: float = 1.0
+            ) -> APIError:
+    """503 while a worker loads its model (llama-server answers the same): retry shortly."""
+    headers = {"Retry-After": str(max(1, round(retry_after)))}
+    return APIError(503, message, "service_unavailable", None, "model_loading", headers)
+
+
 def overloaded(message: str, retry_after: float = 1.0, code: str = "queue_full") -> APIError:
     headers = {"Retry-After": str(max(1, round(retry_after)))}
     return APIError(429, message, "rate_limit_error", None, code, headers)

@@ -239,6 +239,10 @@ def chat_completion(
     return _completion("chat.completion", id, model, created, choice, use)
 
 
+#: The first delta of a chat stream, as OpenAI sends it.
+ROLE_DELTA: dict[str, Any] = {"role": "assistant", "content": "", "refusal": None}
+
+
 # chat_chunk and text_chunk repeat the same shape on purpose: they run once per streamed
 # token, and folding them into one builder costs a call (~40 ns, ~5% of build + `sse`).
 def chat_chunk(

@@ -46,8 +46,13 @@ def _engine(request: Request) -> Engine:
 
 def _check_model(request: Request, model: str) -> None:
     state = request.app.state
-    if not state.engine.ready:
-        raise errors.unavailable("The model is still loading.", retry_after=2)
+    if not state.engine.ready:  # worker.gate answers `loading` first; here for a race
+        if state.availability()[0] == "loading":
+            raise errors.loading()
+        # Idle (nothing placed, or just released): a 503, so a gateway that routed here on
+        # a stale view retries elsewhere; a 404 would reach its client.
+        raise errors.APIError(503, "No model is placed on this worker.", "service_unavailable",
+                              None, "no_model")
     if model not in state.model_names:
         raise errors.not_found(f"The model {model!r} does not exist on this worker.")
 
@@ -177,7 +182,7 @@ async def _stream(job: Job, gen: AsyncIterator[Delta]) -> AsyncIterator[bytes]:
     last: Delta | None = None
     try:
         if chat:
-            yield sse(oa.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+            yield sse(oa.chat_chunk(rid, model, created, oa.ROLE_DELTA))
         elif job.prefix:
             yield sse(oa.text_chunk(rid, model, created, job.prefix))
         if job.plan is not None:

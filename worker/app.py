@@ -14,6 +14,7 @@ from worker.api import router
 from worker.backends.base import Backend
 from worker.config import WorkerConfig
 from worker.embed import router as embeddings_router
+from worker.gate import Gate
 from worker.join import discover_and_join, discovering, join_loop
 from worker.state import WorkerState
 
@@ -51,10 +52,13 @@ def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
     app.state.registry = state.registry
     app.state.served_models = state.served_models
     app.state.status = state.status
+    app.state.availability = state.availability
     app.state.worker = state
     http.install(app)
     app.include_router(router)
     app.include_router(embeddings_router)
     state.control = control.install(app, state)
     app.include_router(linkprobe.router)
+    # Outermost (added last): loading answers 503 before the head relay or any route.
+    app.add_middleware(Gate, availability=lambda: app.state.availability())
     return app

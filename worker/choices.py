@@ -164,7 +164,8 @@ def body(chat: bool, model: str, prefix: str, top: int | None, texts: list[str],
     for i, text in enumerate(texts):
         lp = _logprobs(chat, top, lps[i], offsets, i)
         if chat:
-            choices.append({"index": i, "message": {"role": "assistant", "content": text},
+            choices.append({"index": i, "message": {"role": "assistant", "content": text,
+                                                    "refusal": None},
                             "logprobs": lp, "finish_reason": finish[i]})
         else:
             choices.append({"index": i, "text": prefix + text, "logprobs": lp,
@@ -201,8 +202,8 @@ async def stream(chat: bool, model: str, prefix: str, top: int | None, n: int,
     try:
         for i in range(n):
             if chat:
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                              "logprobs": None, "finish_reason": None}])
+                yield chunk([{"index": i, "delta": oa.ROLE_DELTA, "logprobs": None,
+                              "finish_reason": None}])
             elif prefix:
                 yield chunk([choice(i, prefix, None, None)])
         async for d in gen:

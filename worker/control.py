@@ -9,8 +9,9 @@
   none     stop whatever ran.
 `GET /control/placement` reads it back. `/status` gains `placement` (role, phase, error,
 download progress, rpc_endpoint), and a worker started without `--model` reports
-`loading` with no model until it is placed. A worker started with `--model` is its own
-replica and is not managed (`placement.managed` is false); the gateway leaves it alone.
+`idle` with no model until it is placed (`loading` while a placed model comes up; `/v1/*`
+then answers 503 `model_loading`, see worker.gate). A worker started with `--model` is its
+own replica and is not managed (`placement.managed` is false); the gateway leaves it alone.
 
 Auth: `Authorization: Bearer <cluster token>`; a worker without a token accepts control
 only from loopback.
@@ -40,6 +41,7 @@ from wire.http import json_response, read_json, validation_error
 from wire.status import WorkerStatus
 from worker.backends.idle import IdleBackend
 from worker.fetch import Download, fetch, sha256_of, target
+from worker.gate import Availability
 from worker.state import make_backend
 
 if TYPE_CHECKING:
@@ -166,6 +168,19 @@ class Control:
             return "ready"
         return "broken" if self.state.load_error else "loading"
 
+    def availability(self) -> Availability:
+        """What `/v1/*` can do now (worker.gate), by the role this worker was placed as."""
+        if not self.managed:
+            return self.state.availability()
+        if self.phase == "broken":
+            return "down", self.error
+        role = self.role
+        if role == "head":
+            return ("ready" if self.head is not None and self.head.ready else "loading"), None
+        if role == "replica":
+            return ("ready" if self.state.engine.ready else "loading"), None
+        return "idle", None  # nothing placed, or a shard: no model served over /v1 here
+
     def decorate(self, st: WorkerStatus) -> WorkerStatus:
         st.placement = self.view()  # type: ignore[attr-defined]
         if not self.managed:
@@ -192,6 +207,8 @@ class Control:
             st.state = "ready" if self.phase == "ready" else "loading"
             st.models = []
         elif role == "none":
+            st.state, st.models = "idle", []
+        elif not self.state.engine.ready:  # a replica being fetched or loaded
             st.state, st.models = "loading", []
         return st
 
@@ -455,4 +472,5 @@ def install(app: FastAPI, state: WorkerState) -> Control:
         return control.decorate(base_status())
 
     app.state.status = status
+    app.state.availability = control.availability
     return control

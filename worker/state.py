@@ -18,6 +18,7 @@ from worker.backends.base import Backend
 from worker.backends.idle import IdleBackend
 from worker.config import WorkerConfig
 from worker.engine import Engine
+from worker.gate import Availability
 from worker.hostcores import POLL_SECONDS, HostCores, host_id
 from worker.metrics import registry_for
 from worker.models import resolve
@@ -155,11 +156,18 @@ class WorkerState:
     def served_models(self) -> list[str]:
         return sorted(self.model_names) if self.engine.ready else []
 
+    def availability(self) -> Availability:
+        """What `/v1/*` can do now (worker.gate); `Control.availability` when placed."""
+        if self.engine.ready:
+            return "ready", None
+        if self.load_error:
+            return "down", self.load_error
+        return ("loading" if self.model_id else "idle"), None
+
     def status(self) -> WorkerStatus:
         e = self.engine
-        if not e.ready:
-            state = "down" if self.load_error else "loading"
-        else:
+        state, _ = self.availability()
+        if state == "ready":
             state = "busy" if e.slots_busy >= self.backend.slots else "ready"
         return WorkerStatus(
             id=self.worker_id,
