@@ -38,10 +38,9 @@ def client_for(url: str, **kw) -> openai.OpenAI:
 
 @pytest.fixture(scope="session")
 def llama_worker() -> Iterator[Worker]:
-    """One real llama.cpp worker on the bundled model, shared by the session."""
-    w = start_worker("--parallel", "2", "--threads", "2", "--max-queue", "8")
-    yield w
-    w.proc.stop()
+    """One real llama.cpp worker on the bundled model, shared by the session (stopped also
+    when it never comes up)."""
+    yield from serve_worker("--parallel", "2", "--threads", "2", "--max-queue", "8")
 
 
 def _factory(start: Callable[..., P]) -> Iterator[Callable[..., P]]:

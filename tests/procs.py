@@ -159,7 +159,11 @@ def start_worker(*extra: str, port: int | None = None, backend: str = "llama",
                   *extra, env=env, name=f"worker-{port}")
     w = Worker(proc, port, f"{HOST}:{port}")
     if wait:
-        w.wait_ready()
+        try:
+            w.wait_ready()
+        except BaseException:  # never leave a worker behind that the caller cannot stop
+            proc.stop()
+            raise
     return w
 
 
@@ -181,7 +185,11 @@ def start_gateway(*extra: str, port: int | None = None, token: str = "test-clust
                   env={"CORRAL_CLUSTER_TOKEN": token, **(env or {})}, name=f"gateway-{port}")
     g = Gateway(proc, port, token)
     if wait:
-        proc.wait_http(f"{g.url}/healthz", timeout=30)
+        try:
+            proc.wait_http(f"{g.url}/healthz", timeout=30)
+        except BaseException:
+            proc.stop()
+            raise
     return g
 
 
