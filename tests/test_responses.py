@@ -1,14 +1,12 @@
 """The Responses API through real gateways: two replicas on one real redis-server, in front
 of the session's llama.cpp worker on the bundled model, driven by the official openai SDK.
 
-Few real-model requests, short answers. Function calls and json_schema need tools and
-structured output on the chat path (wire/tools.py, from branch h4-tools); until that is on
-main they are skipped with that reason.
+Few real-model requests, short answers. Function calls and json_schema ride on the chat
+path's tools and structured output (wire/tools.py), so the two never disagree.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterator
 
@@ -37,10 +35,6 @@ user = "webui"
 frontend = "openwebui"
 """
 END_USER = "X-OpenWebUI-User-Id"
-needs_tools = pytest.mark.skipif(
-    importlib.util.find_spec("wire.tools") is None,
-    reason="needs tools/tool_choice/response_format on the chat path (branch h4-tools, "
-           "wire/tools.py) merged into main")
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                           "required": ["city"], "additionalProperties": False},
@@ -168,7 +162,6 @@ def test_store_false_is_not_kept(gateways) -> None:
         alice(a).responses.retrieve(r.id)
 
 
-@needs_tools
 def test_json_schema_text_format(gateways) -> None:
     a, _ = gateways
     schema = {"type": "object", "properties": {"name": {"type": "string"},
@@ -184,7 +177,6 @@ def test_json_schema_text_format(gateways) -> None:
     assert r.text.format.type == "json_schema"
 
 
-@needs_tools
 def test_forced_function_call_round_trip_through_a_second_gateway(gateways) -> None:
     a, b = gateways
     raw = alice(a).responses.with_raw_response.create(
