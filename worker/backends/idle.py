@@ -10,10 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from wire.errors import APIError
+from worker.backends.base import Backend
 
 
-class IdleBackend:
-    """Stands in for a backend until the gateway places a model here."""
+class IdleBackend(Backend):
+    """Stands in for a backend until the gateway places a model here.
+
+    A `Backend` like any other, so every hook the worker's status and routes call (they
+    grow with the protocol: capabilities, embeddings, ...) has its default here too.
+    """
 
     model_path = None
     default_max_tokens = None
