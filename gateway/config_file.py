@@ -100,11 +100,13 @@ class ApiKeyEntry(_Strict):
 
 
 def _tunables() -> dict[str, Any]:
+    # The declared types, not the defaults' (a `bool | None` setting defaults to None).
+    hints = typing.get_type_hints(GatewayConfig)
     out: dict[str, Any] = {}
     for f in dataclasses.fields(GatewayConfig):
         if f.name in _NOT_TUNABLE or f.default is dataclasses.MISSING:
             continue
-        out[f.name] = (type(f.default) | None, None)
+        out[f.name] = (hints[f.name] | None, None)
     return out
 
 

@@ -99,8 +99,8 @@ def test_every_valid_setting_still_loads_with_the_same_meaning(tmp_path: Path) -
     assert cfg.queue_size == 7 and cfg.max_body_bytes == 1024 and cfg.down_grace == 2.5
     assert cfg.lean_transport is False and cfg.affinity is False and cfg.stall_timeout == 0.0
     # Every tuning knob of GatewayConfig is a valid [gateway] key and is applied, typed.
-    changed = {name: (not v) if isinstance(v, bool) else (v + "x" if isinstance(v, str)
-                                                             else v + 1)
+    changed = {name: True if v is None else (not v) if isinstance(v, bool)  # None: "auto"
+               else (v + "x" if isinstance(v, str) else v + 1)
                for name, v in _tunables().items()}
     conf.write_text("[gateway]\n" + "\n".join(
         f"{name} = {_toml(v)}" for name, v in changed.items()))

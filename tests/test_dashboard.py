@@ -164,7 +164,9 @@ def test_dashboard_shows_an_unplaceable_model_and_idle_workers(browser,
     card = browser.find_element("css selector", '.placement[data-model="smollm2-135m"]')
     assert card.get_attribute("data-state") == "unplaceable"
     text = card.text
-    assert "UNPLACEABLE" in text.upper() and "70.0 MiB" in text and "317.2 MiB" in text, text
+    need = next(p for p in c.cluster()["placements"] if p["model"] == "smollm2-135m")["need"]
+    needed = f"{need['total'] / (1 << 20):.1f} MiB"  # 452.2 MiB with the default 4 slots
+    assert "UNPLACEABLE" in text.upper() and "70.0 MiB" in text and needed in text, text
     for i in ids:
         worker = browser.find_element("css selector", f'.worker[data-worker-id="{i}"]')
         assert "waiting to be placed" in worker.text and worker.get_attribute(
