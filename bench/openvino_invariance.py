@@ -46,7 +46,15 @@ CASES = {
 }
 
 
-READING = ("Reading: only f32 compute, no dynamic quantization and a 16- or 32-bit KV cache together give greedy text that is the same alone and batched here; each default alone breaks it (bf16 is the default on CPUs with AVX512_BF16 or AMX; wave 1's fix, dynamic quantization off, was enough only on AVX2 hosts, where f32 is already the default). The worker uses the f16 KV row (half the KV memory of f32). The tok/s columns were measured while other jobs shared the 2 cores (load average at start above): compare them within a row's run only, not as the cost of the fix.")
+READING = (
+    'Reading: only f32 compute, no dynamic quantization and a 16- or 32-bit KV cache together '
+    'give greedy text that is the same alone and batched here; each default alone breaks it '
+    "(bf16 is the default on CPUs with AVX512_BF16 or AMX; wave 1's fix, dynamic quantization "
+    'off, was enough only on AVX2 hosts, where f32 is already the default). The worker uses '
+    'the f16 KV row (half the KV memory of f32). The tok/s columns were measured while other '
+    "jobs shared the 2 cores (load average at start above): compare them within a row's run "
+    'only, not as the cost of the fix.'
+)
 
 
 class Pipe:
