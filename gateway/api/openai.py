@@ -168,19 +168,26 @@ async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]
                 call.session, call.affine = sk
         call.started = started
     except errors.APIError as err:
-        gw.metrics.finished(model, err.status, time.perf_counter() - started)
-        if err.status == 401:
-            gw.metrics.rejected.labels("unauthorized").inc()
-        else:
-            if err.code == "rate_limit_exceeded":
-                gw.metrics.rejected.labels("rate_limited").inc()
-            elif err.code == "insufficient_quota":
-                gw.metrics.rejected.labels("insufficient_quota").inc()
-            if key is not None or gw.auth.open:
-                gw.usage.record(key.user if key else None, err.status, 0, 0, end)
+        count_refusal(gw, model, started, err, key, end)
         return _error(err, GATEWAY)
     resp = await gw.upstream.handle(request, call)
     return Accounted(resp, gw, res, key.user if key else None, end, model)
+
+
+def count_refusal(gw: Gateway, model: str, started: float, err: errors.APIError,
+                  key: ApiKey | None, end: EndUser | None) -> None:
+    """Metrics and usage for a request refused at the edge (auth, limits, budgets,
+    validation); shared by every route that runs the chat path's edge checks."""
+    gw.metrics.finished(model, err.status, time.perf_counter() - started)
+    if err.status == 401:
+        gw.metrics.rejected.labels("unauthorized").inc()
+        return
+    if err.code == "rate_limit_exceeded":
+        gw.metrics.rejected.labels("rate_limited").inc()
+    elif err.code == "insufficient_quota":
+        gw.metrics.rejected.labels("insufficient_quota").inc()
+    if key is not None or gw.auth.open:
+        gw.usage.record(key.user if key else None, err.status, 0, 0, end)
 
 
 # Routes read the raw JSON (validated once, by hand); the OpenAPI document still describes

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
 from gateway.affinity import SESSION_HEADER, session_key
-from gateway.api.openai import GATEWAY, Accounted
+from gateway.api.openai import GATEWAY, Accounted, count_refusal
 from gateway.identity import EndUser, resolve
 from gateway.limits import estimate_tokens
 from gateway.relay import Relay, RelayResponse
@@ -219,16 +219,7 @@ async def create(request: Request) -> Response:
                 prev is not None, end.chat if end is not None else None)
         call.started = started
     except errors.APIError as err:
-        gw.metrics.finished(model, err.status, time.perf_counter() - started)
-        if err.status == 401:
-            gw.metrics.rejected.labels("unauthorized").inc()
-        else:
-            if err.code == "rate_limit_exceeded":
-                gw.metrics.rejected.labels("rate_limited").inc()
-            elif err.code == "insufficient_quota":
-                gw.metrics.rejected.labels("insufficient_quota").inc()
-            if key is not None or gw.auth.open:
-                gw.usage.record(key.user if key else None, err.status, 0, 0, end)
+        count_refusal(gw, model, started, err, key, end)
         return _error(err, GATEWAY)
     resp = await gw.upstream.handle(request, call)
     if not isinstance(resp, RelayResponse):  # an error before any byte: say it in our names
