@@ -57,12 +57,20 @@ def _check_model(request: Request, model: str) -> None:
         raise errors.not_found(f"The model {model!r} does not exist on this worker.")
 
 
+# Truncation when a request names none of top_p, top_k, min_p (llama-server's defaults):
+# sampling a small model's whole distribution at temperature 1 (OpenAI's default, which
+# front ends such as Open WebUI leave unset) yields gibberish within a few tokens.
+DEFAULT_TRUNCATION = {"top_p": 0.95, "top_k": 40, "min_p": 0.05}
+
+
 def _params(req: oa.SamplingFields) -> SamplingParams:
+    trunc = ({} if req.model_fields_set & DEFAULT_TRUNCATION.keys()
+             else DEFAULT_TRUNCATION)
     return SamplingParams(
         temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
+        top_p=trunc.get("top_p", req.top_p),
+        top_k=int(trunc.get("top_k", req.top_k)),
+        min_p=trunc.get("min_p", req.min_p),
         seed=req.seed,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
