@@ -33,9 +33,9 @@ def _source_address(host: str) -> str | None:
         return None
 
 
-def _broadcast(addr: str, netmask: str | None, given: str | None) -> str:
-    if given:
-        return given
+def _broadcast(addr: str, netmask: str | None) -> str:
+    """The subnet's directed broadcast, from the netmask (an interface's own broadcast
+    field is not always set: `ip addr add` without `brd +` leaves it empty or odd)."""
     if not netmask:
         return "255.255.255.255"
     return str(ipaddress.IPv4Network(f"{addr}/{netmask}", strict=False).broadcast_address)
@@ -48,7 +48,7 @@ def interface_for(ip: str) -> tuple[str, str, str] | None:
         if v4 is None:
             continue
         mac = next((a.address for a in addrs if a.family == psutil.AF_LINK), "")
-        return name, mac.lower().replace("-", ":"), _broadcast(ip, v4.netmask, v4.broadcast)
+        return name, mac.lower().replace("-", ":"), _broadcast(ip, v4.netmask)
     return None
 
 
