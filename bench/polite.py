@@ -140,6 +140,10 @@ def main() -> int:
                  "polite": "beside a `--polite` worker"}[name]
         lines.append(f"| {label} | {statistics.median(secs):.2f} | {ratio:.2f}x | "
                      f"{toks:.0f} |")
+    for name in ("plain", "polite"):
+        per = ", ".join(f"{x['seconds'] / b:.2f}x" for x, b in zip(rows[name], alone,
+                                                                   strict=True))
+        lines.append(f"\nPer round, {name} vs alone: {per}.")
     seen = [x.get("polite") or {} for x in rows["polite"]]
     lines += ["", "What the polite worker saw as each polite round began: " + "; ".join(
         f"others {s.get('owner_cpu', 0):.0%} of the CPUs, "
