@@ -148,6 +148,11 @@ def main() -> int:
     lines += ["", "What the polite worker saw as each polite round began: " + "; ".join(
         f"others {s.get('owner_cpu', 0):.0%} of the CPUs, "
         f"{'yielding' if s.get('yielding') else 'serving'}" for s in seen) + "."]
+    if all(s.get("yielding") for s in seen) and not any(x["tokens"] for x in rows["polite"]):
+        lines += ["", "Reading: the polite worker was already yielding when every polite round "
+                  "began (other work kept the box busy), so its row measures a worker that "
+                  "gives way completely, not the switch from serving to yielding (about one "
+                  "sample, 0.5 s, plus a probe); rerun on an otherwise idle box for that."]
     body = "\n".join(lines) + "\n"
     print(body)
     if a.write:

@@ -58,6 +58,7 @@ class Drain:
     started: float
     deadline: float | None  # monotonic
     moved: bool = False
+    confirmed: bool = False  # the worker reported draining (registry.py)
 
 
 @dataclass
@@ -192,6 +193,8 @@ class Lifecycle:
     def _idle_sleep(self, now: float) -> None:
         after = self.cfg.idle_sleep_after
         needed = self._needed()
+        for gone in self.busy_at.keys() - self.registry.workers.keys():
+            del self.busy_at[gone]
         for w in list(self.registry.workers.values()):
             if w.load or w.slots_busy or w.queue_depth or w.id in needed or w.drain:
                 self.busy_at[w.id] = now

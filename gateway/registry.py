@@ -347,8 +347,13 @@ class Registry:
         new_state = reported if reported in STATES else "ready"
         if new_state in HEALTHY and not models:
             new_state = "loading"
-        if w.drain is not None and new_state in HEALTHY:
-            new_state = "draining"  # ordered here; the worker says so from its next probe
+        if w.drain is not None:  # ordered here (lifecycle.py)
+            if new_state in ("draining", "asleep"):
+                w.drain.confirmed = True  # the worker has taken it up
+            elif w.drain.confirmed:
+                w.drain = None  # and is serving again: its drain ended (a sleep failed)
+            elif new_state in HEALTHY:
+                new_state = "draining"  # until the worker says so from its next probe
         cap = st.get("capacity")
         offered = None if cap is None else max(0, min(int(cap), slots))
         if offered:  # routing fills a worker to what it offers

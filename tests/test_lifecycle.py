@@ -235,3 +235,22 @@ def test_sigterm_drains_a_real_worker(gateway_factory) -> None:
     finally:
         w.proc.stop()
 
+
+
+@pytest.mark.timeout(90)
+def test_a_failed_sleep_command_leaves_the_box_serving(tmp_path: Path, gateway_factory) -> None:
+    conf = tmp_path / "corral.toml"
+    conf.write_text("[gateway]\nidle_sleep_after = 3\n")
+    g = gateway_factory("--config", str(conf))
+    box = start_worker("--join", g.url, "--cluster-token", TOKEN, "--id", "insomniac",
+                       "--sleep-command", "exit 3", "--wake-mac", "02:00:5e:10:00:02",
+                       backend="sim")
+    try:
+        wait_for(lambda: "sleep command exited with 3" in box.proc.log(), 60, 0.05,
+                 "the sleep command to fail")
+        wait_for(lambda: state_of(g.url, "insomniac") == "ready", 10, 0.02,
+                 "the box serving again at the gateway")
+        assert "draining -> ready" in g.proc.log()
+        assert metric(g.url, "corral_worker_sleeps_total") == 0
+    finally:
+        box.proc.stop()
