@@ -215,15 +215,18 @@ def test_sigterm_drains_a_real_worker(gateway_factory) -> None:
         client = client_for(g.url, timeout=120)
         raw = client.chat.completions.with_raw_response.create(
             model=MODEL, messages=[{"role": "user", "content": "Count from 1 to 300."}],
-            max_tokens=32, stream=True, stream_options={"include_usage": True})
+            max_tokens=16, stream=True, stream_options={"include_usage": True})
         chunks = iter(raw.parse())
         first = next(chunks)  # it is generating
         os.killpg(w.proc.pid, 15)  # SIGTERM
         finish, usage = first.choices[0].finish_reason if first.choices else None, None
-        for chunk in chunks:
-            for ch in chunk.choices:
-                finish = ch.finish_reason or finish
-            usage = chunk.usage or usage
+        try:
+            for chunk in chunks:
+                for ch in chunk.choices:
+                    finish = ch.finish_reason or finish
+                usage = chunk.usage or usage
+        except openai.APIError as exc:  # cut: the worker's log says whether by the deadline
+            raise AssertionError(f"{exc}\n{w.proc.log()[-2000:]}") from None
         assert finish in ("length", "stop") and usage is not None, (finish, usage)
         wait_for(lambda: not w.proc.alive(), 20, 0.05, "the worker exits after draining")
         log = w.proc.log()
