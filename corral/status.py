@@ -14,7 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 _STATE_STYLE = {"ready": "green", "busy": "yellow", "loading": "cyan", "idle": "blue",
-                "down": "red", "unplaceable": "bold red", "broken": "red", "draining": "yellow"}
+                "down": "red", "unplaceable": "bold red", "broken": "red", "draining": "yellow",
+                "asleep": "magenta"}
 
 
 def _gib(n: object) -> str:

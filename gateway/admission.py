@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from gateway.config import GatewayConfig
 from gateway.cost import Job
@@ -68,6 +68,9 @@ class Admission:
         self.queue = queue if queue is not None else FairQueue()
         self._timer: asyncio.TimerHandle | None = None  # dispatch when a reader frees up
         registry.listeners.append(self.dispatch)
+        # Seconds a request may wait for a model no worker can take now but one will
+        # (an asleep box being woken, a polite one yielding): lifecycle.py sets it.
+        self.hold: Callable[[str], float | None] | None = None
         metrics.collector.queue_length = self.queue.__len__
 
     def check_model(self, model: str) -> float | None:
@@ -76,6 +79,9 @@ class Admission:
         if self.registry.by_model.get(model):
             return None
         if model in self.registry.known_models:
+            held = self.hold(model) if self.hold is not None else None
+            if held:
+                return held
             lost = self.registry.lost_at.get(model)
             left = (lost + self.cfg.down_grace - time.monotonic()) if lost is not None else 0
             if left > 0:
@@ -106,6 +112,8 @@ class Admission:
         waiter = Waiter(model, exclude, loop.create_future(), user, need, job)
         self.queue.put(waiter)
         wait = self.cfg.queue_timeout if grace is None else min(self.cfg.queue_timeout, grace)
+        if self.hold is not None:
+            wait = max(wait, self.hold(model) or 0.0)
         timer = loop.call_later(wait, self._expire, waiter)
         self.dispatch()
         try:

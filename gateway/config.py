@@ -117,6 +117,15 @@ class GatewayConfig:
     # /openapi.json need a key or the cluster token, unless the dashboard is public.
     public_dashboard: bool = False
     metrics_token: str = ""  # when set, GET /metrics needs it (or the cluster token)
+    # Boxes people also use (lifecycle.py). A worker no placement has needed and no request
+    # has touched for `idle_sleep_after` seconds is drained and runs its --sleep-command
+    # (0: never); requests waiting `wake_after` seconds for a model an asleep box serves
+    # wake it (Wake-on-LAN) and are held up to `wake_deadline` seconds while it rejoins. A
+    # drain without a deadline of its own gets `drain_timeout` (0: until it is empty).
+    idle_sleep_after: float = 0.0
+    wake_after: float = 2.0
+    wake_deadline: float = 90.0
+    drain_timeout: float = 0.0
 
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
         return (f"GatewayConfig(host={self.host!r}, port={self.port}, workers={self.workers}, "

@@ -163,13 +163,15 @@ function renderWarnings(cluster) {
 
 function renderKpis(cluster) {
   const workers = cluster.workers || [];
-  // An idle worker (no model by design, waiting to be placed) is up, not a problem.
-  const up = workers.filter((w) => ["ready", "busy", "idle"].includes(w.state)).length;
+  // An idle worker (no model by design, waiting to be placed) is up, not a problem; nor is
+  // one asleep (put to sleep when idle, woken on demand) or draining by request.
+  const up = workers.filter((w) => ["ready", "busy", "idle", "draining", "asleep"]
+    .includes(w.state)).length;
   setText("k-workers", up + " / " + workers.length,
     workers.length && up < workers.length ? "warn" : (workers.length ? "" : "bad"));
   let busy = 0, total = 0, queued = 0, capacity = 0;
   for (const w of workers) {
-    if (w.state === "down") continue;
+    if (w.state === "down" || w.state === "asleep") continue;
     busy += w.slots_busy || 0;
     total += w.slots_total || 0;
     queued += w.queue_depth || 0;
@@ -382,6 +384,17 @@ function workerCard(w, placements) {
     models.append(el("span", "empty", "placement broken: " + pl.error));
   }
 
+  // Lifecycle (gateway/lifecycle.py, worker/polite.py): why it takes no new work.
+  if (w.state === "draining") {
+    models.append(el("span", "empty", "draining: finishing its requests, taking no new ones"));
+  } else if (w.state === "asleep") {
+    models.append(el("span", "empty", "asleep" + (w.wake && w.wake.mac ? ": wakes on demand ("
+      + w.wake.mac + ")" : "")));
+  }
+  if (w.capacity === 0 && w.polite) {
+    models.append(el("span", "empty", "yielding to the box's owner" +
+      (w.polite.reason ? ": " + w.polite.reason : "")));
+  }
   card.append(head, hwLine, dev, stats);
   if (total <= 32) card.append(slots);
   card.append(memBox, models);
