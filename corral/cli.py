@@ -107,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--worker", action="append", default=[], help="worker URL (repeatable)")
-    g.add_argument("--model", action="append", default=[], help="model to place (repeatable)")
+    g.add_argument("--model", action="append", default=[],
+                   help="model to keep placed (repeatable)")
+    g.add_argument("--models-dir", default=None,
+                   help="catalogue every .gguf here: loaded on demand, unloaded when idle")
     g.add_argument("--redis-url", "--redis", dest="redis_url", default=None,
                    help="Redis URL for state shared by gateway replicas")
     g.add_argument("--config", default=None, help="corral.toml")

@@ -49,6 +49,10 @@ class Gateway:
         self.topology = Topology(
             lambda: {w.id: w.url for w in self.registry.workers.values()}, cfg.cluster_token)
         self.placer = Placer(cfg, self.registry, self.topology)
+        # On demand: requests wait for a catalogued model to load; the placer sees them.
+        self.admission.loadable = self.placer.loadable
+        self.placer.queued = self.admission.waiting
+        self.placer.fail_waiting = self.admission.fail
         self.metrics.collector.placer = self.placer
         self.hosts = HostWatch(self.registry, max(cfg.probe_interval, 0.5))
         self.limits = Limiter(redis)

@@ -18,9 +18,10 @@ their needs add up to no more than it offers. Each model has a target number of 
      holding nothing (largest first, the largest the head, `tensor_split` by memory).
   2. Every other model without a home, pinned ones first, then the biggest first, goes to
      the best fit: a worker already in use before an empty one (boxes no placement needs
-     stay free), then the least memory left over. If none has room, the least recently
-     used unpinned models (or extra replicas) on one worker are evicted for it: a pinned
-     model evicts any unpinned one, an unpinned one only those used less recently.
+     stay free), then the least memory left over. If none has room and it is pinned or
+     `demanded` (requests wait for it), the least recently used unpinned models (or extra
+     replicas) on one worker are evicted for it: a pinned model evicts any unpinned one, a
+     demanded one only those used less recently. Any other is simply not loaded now.
   3. Replicas beyond the first, up to each target, by the same best fit, evicting nothing.
 The plan comes in a canonical order (`canonical`), so two plans that place the same roles
 compare equal even when free memory that moved between two probes changed an order.
@@ -105,6 +106,7 @@ class ModelSpec:
     replicas: int = 1  # how many the plan should give it (when memory allows)
     pinned: bool = False  # never evicted for another model
     last_used: float = 0.0  # when it was last asked for: the LRU order of eviction
+    demanded: bool = False  # requests wait for it, served nowhere: it may evict others
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,8 @@ class _Packer:
                                         self.free[w] - m.need, w))
 
     def _evictable(self, v: str, m: ModelSpec) -> bool:
+        if not (m.pinned or m.demanded):
+            return False  # only a model someone waits for (or a pinned one) makes room
         s = self.spec[v]
         if self.count[v] > max(1, s.replicas if s.pinned else 1):
             return True  # an extra replica: the model keeps its others

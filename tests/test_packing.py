@@ -47,13 +47,18 @@ def test_a_new_model_evicts_the_least_recently_used_unpinned_one() -> None:
     cur = plan([M("old", 300, last_used=1.0), M("recent", 300, last_used=5.0)], ws)
     assert hosted(cur) == {"w1": ["old", "recent"]}
     ps = plan([M("old", 300, last_used=1.0), M("recent", 300, last_used=5.0),
-               M("new", 300, last_used=9.0)], ws, cur)
+               M("new", 300, last_used=9.0, demanded=True)], ws, cur)
     assert hosted(ps) == {"w1": ["new", "recent"]}
+    # A model nobody waits for (it lost its box, say) evicts nothing: it is not loaded.
+    idle = plan([M("old", 300, last_used=1.0), M("recent", 300, last_used=5.0),
+                 M("new", 300, last_used=9.0)], ws, cur)
+    assert hosted(idle) == {"w1": ["old", "recent"]}
 
 
 def test_a_pinned_model_is_never_evicted_and_an_unpinned_one_is_left_out() -> None:
     ws = [W("w1", 500)]
-    models = [M("pin", 300, pinned=True, last_used=0.0), M("new", 300, last_used=9.0)]
+    models = [M("pin", 300, pinned=True, last_used=0.0),
+              M("new", 300, last_used=9.0, demanded=True)]
     ps = plan(models, ws, plan(models[:1], ws))
     assert hosted(ps) == {"w1": ["pin"]}
     why = explain({m.name: _need(m.need) for m in models}, ws, ps)

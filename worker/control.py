@@ -271,9 +271,12 @@ class Control:
                     generation=req.generation, model=req.model, model_url=req.model_url,
                     path=req.path, sha256=req.sha256, size=req.size))
                 for name in [n for n in hosting.models if n != req.model]:
-                    self._background(hosting.unload(name))
+                    if (work := hosting.drain(name)) is not None:
+                        self._background(work)
             elif req.role == "none":
-                self._background(hosting.unload_all())
+                for name in list(hosting.models):
+                    if (work := hosting.drain(name)) is not None:
+                        self._background(work)
             elif req.role == "shard":
                 await hosting.unload_all()  # a shard gives its box to the split
                 await self._start_shard(req)
@@ -313,7 +316,9 @@ class Control:
         if self.state.hosting.get(name) is None:
             raise APIError(404, f"The model {name!r} is not held here.",
                            "invalid_request_error", "model", "model_not_found")
-        self._background(self.state.hosting.unload(name))
+        work = self.state.hosting.drain(name)  # served no more from now on
+        if work is not None:
+            self._background(work)
         return self.view()
 
     def _set_phase(self, phase: str, error: str | None = None) -> None:

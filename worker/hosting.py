@@ -160,15 +160,26 @@ class Hosting:
         finally:
             self.changed()
 
-    async def unload(self, name: str) -> bool:
-        """Drains `name` (finishes what it holds, takes nothing new), then frees it."""
+    def drain(self, name: str) -> Any:
+        """Marks `name` draining at once (not served from this moment) and returns the
+        coroutine that finishes the unload, or None when it is not held or drains already."""
         h = self.models.get(name)
-        if h is None:
-            return False
-        if h.state == "draining":
-            return True
+        if h is None or h.state == "draining":
+            return None
         was = h.state
         h.state, h.since = "draining", time.time()
+        return self._finish(h, was)
+
+    async def unload(self, name: str) -> bool:
+        """Drains `name` (finishes what it holds, takes nothing new), then frees it."""
+        work = self.drain(name)
+        if work is None:
+            return name in self.models
+        await work
+        return True
+
+    async def _finish(self, h: Hosted, was: str) -> None:
+        name = h.name
         if h.task is not None and not h.task.done():
             h.task.cancel()
             with contextlib.suppress(BaseException):
@@ -188,7 +199,6 @@ class Hosting:
             in_use.discard(h.path)
         self.changed()
         log.warning("unloaded %s", name)
-        return True
 
     async def unload_all(self) -> None:
         await asyncio.gather(*(self.unload(n) for n in list(self.models)))
