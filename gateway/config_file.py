@@ -19,12 +19,14 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     create_model,
     model_validator,
@@ -34,7 +36,8 @@ from gateway.config import ApiKey, GatewayConfig, ModelEntry
 
 # GatewayConfig fields the file sets at the top level or that flags own: not in [gateway].
 _NOT_TUNABLE = {"host", "port", "workers", "models", "redis_url", "cluster_token",
-                "cluster_token_generated", "api_keys", "log_level", "model_entries"}
+                "cluster_token_generated", "api_keys", "log_level", "model_entries",
+                "models_dir"}
 
 
 class ConfigError(Exception):
@@ -113,6 +116,14 @@ class ModelTable(_Strict):
                           tuple(self.aliases))
 
 
+# `models` holds names (today's list) or tables: told apart by type, so an error names only
+# the form that was written (the tags are dropped from error locations, `_describe`).
+_TAGS = ("model-name", "model-table")
+ModelItem = Annotated[
+    Annotated[str, Tag("model-name")] | Annotated[ModelTable, Tag("model-table")],
+    Discriminator(lambda v: "model-name" if isinstance(v, str) else "model-table")]
+
+
 def _tunables() -> dict[str, Any]:
     # The declared types, not the defaults' (a `bool | None` setting defaults to None).
     hints = typing.get_type_hints(GatewayConfig)
@@ -133,7 +144,8 @@ class ConfigFile(_Strict):
     cluster_token: str | None = None
     redis_url: str | None = None
     workers: list[str] = Field(default_factory=list)
-    models: list[str | ModelTable] = Field(default_factory=list)
+    models: list[ModelItem] = Field(default_factory=list)  # type: ignore[valid-type]
+    models_dir: str | None = None  # every *.gguf in it is catalogued (--models-dir wins)
     api_keys: list[ApiKeyEntry] = Field(default_factory=list)
     gateway: GatewayTable = Field(default_factory=GatewayTable)  # type: ignore[valid-type]
 
@@ -163,7 +175,7 @@ def _dotted(loc: tuple[Any, ...]) -> str:
 
 
 def _describe(path: str, raw: dict[str, Any], err: Any) -> str:
-    loc = tuple(err["loc"])
+    loc = tuple(p for p in err["loc"] if p not in _TAGS)
     where = _dotted(loc)
     if err["type"] != "extra_forbidden":
         return f"{path}: {where}: {err['msg']}"
@@ -235,7 +247,7 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
         host=args.host, port=args.port,
         workers=list(dict.fromkeys(w.rstrip("/") for w in workers)),
         models=list(dict.fromkeys(models)), model_entries=tables,
-        models_dir=getattr(args, "models_dir", None),
+        models_dir=getattr(args, "models_dir", None) or file.models_dir,
         redis_url=getattr(args, "redis_url", None) or file.redis_url,
         cluster_token=token, cluster_token_generated=generated, api_keys=keys,
         log_level=getattr(args, "log_level", None) or "warning",
@@ -244,7 +256,6 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
     )
     for name, value in file.gateway.model_dump(exclude_none=True).items():
         setattr(cfg, name, value)  # the optional [gateway] table of tuning knobs
-    cfg.models_dir = getattr(args, "models_dir", None) or cfg.models_dir  # the flag wins
     if os.environ.get("CORRAL_METRICS_TOKEN"):  # a secret: also from the environment
         cfg.metrics_token = os.environ["CORRAL_METRICS_TOKEN"]
     return cfg

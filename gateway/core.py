@@ -51,7 +51,7 @@ class Gateway:
         self.placer = Placer(cfg, self.registry, self.topology)
         # On demand: requests wait for a catalogued model to load; the placer sees them.
         self.admission.loadable = self.placer.loadable
-        self.placer.queued = self.admission.waiting
+        self.placer.demand.queued = self.admission.waiting
         self.placer.fail_waiting = self.admission.fail
         self.metrics.collector.placer = self.placer
         self.hosts = HostWatch(self.registry, max(cfg.probe_interval, 0.5))

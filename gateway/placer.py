@@ -37,10 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from gateway import placer_view
 from gateway.catalog import Catalog, ModelFile
+from gateway.demand import Demand
 from gateway.placement import (
     MemoryNeed,
-    ModelSpec,
     Placement,
     Unplaceable,
     WorkerSpec,
@@ -48,7 +49,6 @@ from gateway.placement import (
     explain,
     hosted,
     plan,
-    summary,
 )
 from gateway.replicas import Reconciler, held
 from wire.errors import APIError
@@ -79,11 +79,7 @@ class Placer:
         self.registry = registry
         self.topology = topology
         self.catalog = Catalog(cfg)
-        self.last_used: dict[str, float] = {}  # model -> monotonic time of its last request
-        self.extra: dict[str, int] = {}  # model -> replicas added while it was busy
-        self._calm_since: dict[str, float] = {}
-        self._served: set[str] = set()  # catalogued models some worker served last round
-        self.queued: Callable[[str], int] = lambda model: 0  # set by core: admission's
+        self.demand = Demand(cfg, self.catalog, registry)
         self.fail_waiting: Callable[[str, APIError], None] = lambda model, err: None
         self._workers: list[WorkerSpec] = []  # as of the last round (refusal's numbers)
         self._needs: dict[str, MemoryNeed] = {}
@@ -129,17 +125,15 @@ class Placer:
         return self.catalog.resolve(requested)
 
     def touch(self, model: str) -> None:
-        """A request for `model`: it is in use (idle unloading counts from here); if it is
-        catalogued but served nowhere, the next round places it (on demand)."""
-        if model not in self.catalog:
-            return
-        self.last_used[model] = time.monotonic()
-        if not self.registry.by_model.get(model):
+        """A request for `model`: in use (gateway.demand); if it is catalogued but served
+        nowhere, the placer plans at once (on demand)."""
+        if self.demand.touch(model):
             self._wake.set()
 
     def loadable(self, model: str) -> bool:
         """Whether a request for `model`, served nowhere now, should wait for it to load."""
         return model in self.catalog and model not in self.unplaceable
+
     async def _run(self) -> None:
         while True:
             try:
@@ -186,55 +180,6 @@ class Placer:
             return max(int(m.get("slots_total") or 1) for m in per)
         return int(w.status.get("slots_total") or 1)
 
-    def _wanted(self, now: float, running: set[str]) -> list[str]:
-        """The models this round plans: pinned ones, and unpinned ones used recently."""
-        ttl = self.cfg.model_idle_ttl
-        served = {m for m in self.catalog if self.registry.by_model.get(m)}
-        for m in served - self._served:  # just loaded: its idle time counts from now
-            self.last_used[m] = max(self.last_used.get(m, now), now)
-        self._served = served
-        out = []
-        for m in self.catalog.values():
-            if m.name in running and m.name not in self.last_used:
-                self.last_used[m.name] = now  # found running (a gateway restart): from now
-            if m.pin or now - self.last_used.get(m.name, -1e18) < ttl or self.queued(m.name):
-                out.append(m.name)
-            elif m.name in running:
-                log.warning("model %s: no request for %.0f s, unloading it", m.name, ttl)
-        return out
-
-    def _busy(self, model: str) -> bool:
-        """Served, and still more asked of it than its workers take (waiting for the first
-        load is not busy: one more replica would not come sooner)."""
-        ws = self.registry.by_model.get(model) or []
-        if not ws:
-            return False
-        return self.queued(model) > 0 or all(w.load >= w.slots_total for w in ws)
-
-    def _specs(self, names: list[str], needs: dict[str, MemoryNeed], now: float,
-               workers: int) -> list[ModelSpec]:
-        out = []
-        for name in names:
-            m: ModelFile = self.catalog.files[name]
-            extra = self.extra.get(name, 0)
-            if self._busy(name):
-                self._calm_since.pop(name, None)
-                placed = sum(1 for p in self.current if p.model == name)
-                if placed >= (m.min_replicas if m.pin else 1) + extra and placed < workers:
-                    extra += 1
-            elif extra and now - self._calm_since.setdefault(name, now) \
-                    >= self.cfg.model_idle_ttl:
-                extra, self._calm_since[name] = extra - 1, now
-            self.extra[name] = extra
-            base = m.min_replicas if m.pin else 1
-            used = self.last_used.get(name, 0.0)
-            demanded = bool(self.queued(name)) and not self.registry.by_model.get(name)
-            if demanded:
-                used = now  # requests wait for it: the most recently used of all
-            out.append(ModelSpec(name, needs[name].total, base + extra, m.pin, used,
-                                 demanded))
-        return out
-
     async def tick(self) -> None:
         if not self.catalog.read:
             # Declared models are read at once; the default one only when a worker waits.
@@ -252,8 +197,8 @@ class Placer:
             return
         needs = await asyncio.to_thread(self._estimate, workers)
         running = self._running(workers)
-        names = self._wanted(now, {p.model for p in running})
-        models = self._specs(names, needs, now, len(workers))
+        names = self.demand.wanted(now, {p.model for p in running})
+        models = self.demand.specs(names, needs, now, len(workers), self.current)
         specs = [WorkerSpec(w.id, self.capacity(w)) for w in workers]
         self._workers, self._needs = specs, needs
         cost = None
@@ -463,48 +408,8 @@ class Placer:
     # ------------------------------------------------------------------ reading
     def placements(self, unmanaged: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The contract's `/cluster` placements: ours, plus self-placed replicas."""
-        ours = {w.id for w in self.managed()}
-        out = []
-        for p in unmanaged:
-            ids = [i for i in p.get("workers", []) if i not in ours]
-            if ids:
-                out.append({**p, "workers": ids})
-        for e in summary(self.current):
-            e["state"] = self._state(e)
-            if e.get("mode") == "split" and self.topology is not None:
-                # What the chosen set's links add to each decoded token (topology.cost).
-                e["expected_network_ms_per_token"] = round(
-                    self.topology.cost(e["head"], e["workers"]), 3)
-            out.append(e)
-        for e in summary(self.draining):
-            e["state"] = "draining"
-            out.append(e)
-        out.extend(u.to_json() for u in self.unplaceable.values())
-        return out
+        return placer_view.placements(self, unmanaged)
 
     def loads(self) -> list[dict[str, Any]]:
-        """Models being fetched, loaded or drained on managed workers (`/cluster` loads)."""
-        out = []
-        for w in self.managed():
-            for m in self._reported(w).get("models") or []:
-                if isinstance(m, dict) and m.get("state") in ("fetching", "loading",
-                                                              "draining", "failed"):
-                    out.append({"model": m.get("name"), "worker": w.id, "state": m["state"],
-                                "since": m.get("since"), "error": m.get("error"),
-                                "download": m.get("download")})
-        return out
-
-    def _state(self, e: dict[str, Any]) -> str:
-        states = []
-        for wid in e["workers"]:
-            w = self.registry.workers.get(wid)
-            if w is not None and e.get("mode") == "replica":
-                st = held(w).get(e["model"])
-                states.append({"failed": "broken", "draining": "loading"}.get(st or "", st))
-                continue
-            states.append(((w.status.get("placement") or {}).get("state")) if w else "down")
-        if any(s in ("broken", "down", None) for s in states):
-            return "broken"
-        if all(s == "ready" for s in states):
-            return "ready"
-        return "loading"
+        """Models being fetched, loaded, drained (or failed) on managed workers."""
+        return placer_view.loads(self)
