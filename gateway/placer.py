@@ -227,30 +227,24 @@ class Placer:
         ready = {p.model for p in new if self._serving(p, by_id)}
         split_members = {wid for p in new if p.mode == "split" for wid in p.workers}
         jobs = [self._apply(p, by_id) for p in new if p.mode == "split"]
+        # Make before break: what serves a model now keeps serving it until the model's new
+        # placement is ready (a split giving way to a replica on a bigger worker, say).
+        pending = planned - ready
+        old_splits = [rp for rp in running if rp.mode == "split" and rp.model in pending
+                      and rp not in new]
+        busy_split = {wid for rp in old_splits for wid in rp.workers}
         keep: list[Placement] = []
         for w in workers:
-            if w.id in split_members:
-                continue
             models_here = want.get(w.id, [])
+            if w.id in split_members or (w.id in busy_split and not models_here):
+                continue
             if models_here or held(w):
                 jobs.append(self.replicas.worker(w, models_here, ready, planned))
                 keep += [Placement(m, "replica", (w.id,), w.id, (1.0,)) for m in
                          self.replicas.keeping(w, models_here, ready, planned)]
             elif self._reported(w).get("role") not in ("none", None):
                 jobs.append(self._push(w, {"role": "none"}))
-        # Make before break: what serves a model now keeps serving it until the model's new
-        # placement is ready (a split giving way to a replica on a bigger worker, say).
-        pending = planned - ready
-        old_splits = [rp for rp in running if rp.mode == "split" and rp.model in pending
-                      and rp not in new]
         self.draining = keep + old_splits
-        busy_split = {wid for rp in old_splits for wid in rp.workers}
-        for w in workers:
-            if w.id in split_members or w.id in busy_split or w.id in want:
-                continue
-            r = self._reported(w)
-            if r.get("role") in ("head", "shard"):
-                jobs.append(self._push(w, {"role": "none"}))
         await asyncio.gather(*jobs)
 
     def _note_unplaceable(self, found: dict[str, Unplaceable], managed: set[str]) -> None:
