@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
 
 GEMMA = "gemma3-270m"
 PARALLEL = 2
-TTL = 15.0  # model_idle_ttl: long enough for a load under CI load, short for a test
+TTL = 30.0  # model_idle_ttl: longer than a load under CI load, short for a test
 READY = 300.0  # real-model loads on a loaded 2-core box: generous
 
 
@@ -89,8 +89,11 @@ def _room(limit: int, models_toml: str) -> Iterator[Room]:
                                        "--parallel", str(PARALLEL), wait=False,
                                        env={"CORRAL_CLUSTER_TOKEN": g.token}))
             room = Room(g, ws)
+            # Both probed and waiting to be placed, so the first plan sees both boxes.
             wait_for(lambda: len([w for w in room.cluster()["workers"]
-                                  if w["state"] != "down"]) == 2, 120, 0.2, "2 workers")
+                                  if w["state"] in ("idle", "ready", "loading")
+                                  and (w["placement"] or {}).get("managed")]) == 2,
+                     120, 0.2, "2 placeable workers")
             yield room
         finally:
             for p in (*ws, g):
@@ -157,7 +160,9 @@ def test_eviction_under_load_loses_no_request(small_room: Room) -> None:
     room = small_room
     _ask(room, MODEL)
     _ask(room, GEMMA)
+    _ask(room, MODEL)  # both used within the idle TTL
     hosts = room.hosts()
+    assert set(hosts) == {MODEL, GEMMA}, room.debug()
     gone = next(iter(hosts[GEMMA]))
     stay = next(w for w in room.workers if w.id != gone)
     assert hosts[MODEL] == {stay.id}
