@@ -71,6 +71,7 @@ class Admission:
         self.queue = queue if queue is not None else FairQueue()
         # A catalogued model that loads on demand (set by core: the placer's `loadable`).
         self.loadable: Callable[[str], bool] = lambda model: False
+        self._timer: asyncio.TimerHandle | None = None  # dispatch when a reader frees up
         registry.listeners.append(self.dispatch)
         metrics.collector.queue_length = self.queue.__len__
 
@@ -152,6 +153,27 @@ class Admission:
                 continue
             self.queue.remove(waiter)
             waiter.future.set_result(w)
+        if blocked:
+            self._wake_at(min((t for m in blocked if (t := self.router.reopens_at(m))),
+                              default=None))
+
+    def _wake_at(self, at: float | None) -> None:
+        """One timer: the next moment a blocked model's worker has room by the clock."""
+        if at is None or (self._timer is not None and not self._timer.cancelled()
+                          and self._timer.when() <= at):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # dispatched outside the event loop (a unit test)
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        # loop.time() and time.monotonic() are the same clock in asyncio's default loops.
+        self._timer = loop.call_at(at + 0.001, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self.dispatch()
 
     def waiting(self, model: str) -> int:
         """Requests queued for `model` (the placer replicates a model others wait for)."""

@@ -41,7 +41,7 @@ class Gateway:
         self.registry = Registry(cfg, self.state)
         self.metrics = Metrics(self.registry)
         self.router = Router(self.registry, cfg.worker_queue_allowance, cfg.affinity_slack,
-                             cfg.cost_routing)
+                             cfg.cost_routing, cfg.worker_queue_seconds)
         self.admission = Admission(cfg, self.registry, self.router, self.metrics)
         self.upstream = Upstream(cfg, self.registry, self.admission, self.metrics)
         if cfg.affinity:
