@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _EnvDefaults(prog="corral", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_EnvDefaults)
 
-    w = sub.add_parser("worker", help="one worker holding one model replica")
+    w = sub.add_parser("worker", help="one worker: its --model, or the models a gateway "
+                       "places on it")
     _worker_flags(w)
     w.add_argument("--id", default=None, help="worker id (default host:port)")
     w.add_argument("--join", default=None, help="gateway URL to join")
