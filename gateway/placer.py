@@ -163,9 +163,23 @@ class Placer:
         return now - since < DEAD_AFTER
 
     @staticmethod
-    def capacity(w: Worker) -> int:
+    def capacity(w: Worker, needs: dict[str, MemoryNeed] | None = None) -> int:
+        """What `w` offers to models: with --memory-limit, the limit (its models' files
+        are what it reports as taken); without, the box's free memory plus what the
+        models it holds take by the planner's estimate (their KV cache and compute buffers
+        are gone from the free memory too), so a model held is not pushed out by itself."""
         mem = w.status.get("memory") or {}
-        return int(mem.get("available") or 0) + int(mem.get("model_bytes") or 0)
+        avail = int(mem.get("available") or 0)
+        files = int(mem.get("model_bytes") or 0)
+        physical = mem.get("physical_total")
+        if physical is not None and int(mem.get("total") or 0) != int(physical):
+            return avail + files  # a limit: total minus file bytes, plus them back
+        if needs:
+            held_need = sum(needs[m].total for m, st in held(w).items()
+                            if m in needs and st in ("ready", "draining"))
+            if held_need:
+                return avail + max(files, held_need)
+        return avail + files
 
     def _estimate(self, workers: list[Worker]) -> dict[str, MemoryNeed]:
         n_ctx = max((int(w.status.get("n_ctx") or 0) for w in workers), default=0) or 2048
@@ -199,7 +213,7 @@ class Placer:
         running = self._running(workers)
         names = self.demand.wanted(now, {p.model for p in running})
         models = self.demand.specs(names, needs, now, len(workers), self.current)
-        specs = [WorkerSpec(w.id, self.capacity(w)) for w in workers]
+        specs = [WorkerSpec(w.id, self.capacity(w, needs)) for w in workers]
         self._workers, self._needs = specs, needs
         cost = None
         if self.topology is not None and any(
