@@ -50,7 +50,7 @@ from gateway.placement import (
     hosted,
     plan,
 )
-from gateway.replicas import Reconciler, held
+from gateway.replicas import Reconciler, broken_loads, held
 from wire.errors import APIError
 
 if TYPE_CHECKING:
@@ -80,6 +80,7 @@ class Placer:
         self.topology = topology
         self.catalog = Catalog(cfg)
         self.demand = Demand(cfg, self.catalog, registry)
+        self.unreadable: dict[str, str] = {}  # catalogued files the planner cannot read
         self.fail_waiting: Callable[[str, APIError], None] = lambda model, err: None
         self._workers: list[WorkerSpec] = []  # as of the last round (refusal's numbers)
         self._needs: dict[str, MemoryNeed] = {}
@@ -132,7 +133,8 @@ class Placer:
 
     def loadable(self, model: str) -> bool:
         """Whether a request for `model`, served nowhere now, should wait for it to load."""
-        return model in self.catalog and model not in self.unplaceable
+        return (model in self.catalog and model not in self.unplaceable
+                and model not in self.unreadable)
 
     async def _run(self) -> None:
         while True:
@@ -184,7 +186,18 @@ class Placer:
     def _estimate(self, workers: list[Worker]) -> dict[str, MemoryNeed]:
         n_ctx = max((int(w.status.get("n_ctx") or 0) for w in workers), default=0) or 2048
         slots = max((self._slots_per_model(w) for w in workers), default=1)
-        return {m.name: estimate(m.path, n_ctx, slots) for m in self.catalog.values()}
+        out = {}
+        for m in self.catalog.values():
+            try:
+                out[m.name] = estimate(m.path, n_ctx, slots)
+            except Exception as exc:  # one unreadable file must not stop the others
+                if m.name not in self.unreadable:
+                    log.error("model %s cannot be placed: %s is not a readable GGUF: %s",
+                              m.name, m.path, exc)
+                self.unreadable[m.name] = f"{m.path.name} is not a readable GGUF ({exc})"
+                continue
+            self.unreadable.pop(m.name, None)
+        return out
 
     @staticmethod
     def _slots_per_model(w: Worker) -> int:
@@ -211,7 +224,8 @@ class Placer:
             return
         needs = await asyncio.to_thread(self._estimate, workers)
         running = self._running(workers)
-        names = self.demand.wanted(now, {p.model for p in running})
+        names = [n for n in self.demand.wanted(now, {p.model for p in running})
+                 if n in needs]
         models = self.demand.specs(names, needs, now, len(workers), self.current)
         specs = [WorkerSpec(w.id, self.capacity(w, needs)) for w in workers]
         self._workers, self._needs = specs, needs
@@ -240,6 +254,7 @@ class Placer:
         planned = {p.model for p in new}
         ready = {p.model for p in new if self._serving(p, by_id)}
         split_members = {wid for p in new if p.mode == "split" for wid in p.workers}
+        self._fail_broken_loads(new, by_id)
         jobs = [self._apply(p, by_id) for p in new if p.mode == "split"]
         # Make before break: what serves a model now keeps serving it until the model's new
         # placement is ready (a split giving way to a replica on a bigger worker, say).
@@ -260,6 +275,15 @@ class Placer:
                 jobs.append(self._push(w, {"role": "none"}))
         self.draining = keep + old_splits
         await asyncio.gather(*jobs)
+
+    def _fail_broken_loads(self, new: list[Placement], by_id: dict[str, Worker]) -> None:
+        """Requests waiting for a model whose every planned replica failed to load get a
+        503 saying why at once (the load is retried; they need not wait it out)."""
+        for model, err in broken_loads(new, by_id).items():
+            if not self.registry.by_model.get(model):
+                self.fail_waiting(model, APIError(
+                    503, f"The model {model!r} failed to load: {err}", "service_unavailable",
+                    None, "model_load_failed", {"Retry-After": "5"}))
 
     def _note_unplaceable(self, found: dict[str, Unplaceable], managed: set[str]) -> None:
         """Keeps `unplaceable`, logging each model once when it becomes so (and when it
@@ -282,6 +306,10 @@ class Placer:
         of them together (no round needs to try it)."""
         if self.registry.by_model.get(model):
             return None
+        if model in self.unreadable:
+            return APIError(503, f"The model {model!r} cannot be placed: "
+                            f"{self.unreadable[model]}.", "service_unavailable", None,
+                            "model_unplaceable")
         u = self.unplaceable.get(model)
         if u is None and model in self._needs and self._workers:
             too_big = explain({model: self._needs[model]}, self._workers, ())[model]

@@ -48,6 +48,22 @@ def held(w: Worker) -> dict[str, str]:
     return {}
 
 
+def failures(w: Worker) -> dict[str, str]:
+    """model -> why its load failed on `w`, as the worker last reported."""
+    return {m["name"]: str(m.get("error") or "unknown error")
+            for m in reported(w).get("models") or []
+            if isinstance(m, dict) and m.get("state") == "failed"}
+
+
+def broken_loads(plan: list[Any], by_id: dict[str, Worker]) -> dict[str, str]:
+    """Models whose every planned replica failed to load, with the first reason."""
+    why: dict[str, list[str]] = {}
+    for p in plan:
+        if p.mode == "replica" and p.workers[0] in by_id:
+            why.setdefault(p.model, []).append(failures(by_id[p.workers[0]]).get(p.model, ""))
+    return {m: errs[0] for m, errs in why.items() if all(errs)}
+
+
 class Reconciler:
     def __init__(self, push: Push, file_fields: Callable[[str], dict[str, Any]]) -> None:
         self.push = push  # (worker, method, path, body) -> the worker's answer or None

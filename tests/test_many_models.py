@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from conftest import MODEL, client_for
 from procs import Gateway, Worker, start_gateway, start_worker, wait_for
@@ -229,3 +230,34 @@ def test_with_room_for_both_on_one_box_both_land_there(big_room: Room) -> None:
 def _busy(w: Worker) -> int:
     st = httpx.get(f"{w.url}/status", timeout=5).json()
     return sum(m["slots_busy"] for m in st.get("per_model") or [] if m["name"] == MODEL)
+
+
+def test_bad_files_in_the_models_dir_are_503s_saying_why(tmp_path: Path) -> None:
+    """An unreadable GGUF is refused at once; one whose header reads but whose load fails
+    answers its waiting request as soon as the load fails; the good model keeps serving."""
+    from worker.models import resolve
+
+    d = tmp_path / "models"
+    d.mkdir()
+    (d / "junk.gguf").write_bytes(b"not a gguf at all")
+    data = resolve(MODEL)[1].read_bytes()
+    (d / "half.gguf").write_bytes(data[: len(data) // 2])  # its header, half its tensors
+    g = start_gateway("--models-dir", str(d), "--model", MODEL)
+    w = start_worker("--join", g.url, "--parallel", str(PARALLEL), wait=False,
+                     env={"CORRAL_CLUSTER_TOKEN": g.token})
+    try:
+        room = Room(g, [w])
+        wait_for(lambda: MODEL in room.hosts(), READY, 0.2, "the pinned model served")
+        assert room.cards()["junk"]["state"] == "unplaceable"
+        client = client_for(g.url, timeout=READY)
+        for model, code, says in (("junk", "model_unplaceable", "not a readable GGUF"),
+                                  ("half", "model_load_failed", "failed to load")):
+            with pytest.raises(openai.InternalServerError) as e:
+                client.chat.completions.create(model=model, max_tokens=4,
+                                               messages=[{"role": "user", "content": "hi"}])
+            assert e.value.status_code == 503 and e.value.body["code"] == code
+            assert says in e.value.body["message"], e.value.body
+        assert _ask(room, MODEL)  # undisturbed
+    finally:
+        w.proc.stop()
+        g.proc.stop()

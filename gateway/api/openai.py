@@ -260,7 +260,7 @@ def _card(gw: Gateway, model: str) -> dict[str, Any]:
     m = gw.placer.catalog.get(model)
     if on:
         state = "loaded"
-    elif model in gw.placer.unplaceable:
+    elif model in gw.placer.unplaceable or model in gw.placer.unreadable:
         state = "unplaceable"
     elif any(load["model"] == model for load in gw.placer.loads()):
         state = "loading"
