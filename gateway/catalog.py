@@ -3,7 +3,8 @@
 Entries come from `--model` and `models = ["..."]` (pinned: always placed, as before), from
 `[[models]]` tables (name, path, pin, min_replicas, aliases) and from every `*.gguf` in
 `--models-dir` (unpinned: loaded on demand). With none at all, the bundled default model
-is the catalogue, pinned. Each file is hashed once (workers verify what they fetch).
+is the catalogue, pinned. Names are known from the start; each file is hashed once, when
+first placed (workers verify what they fetch).
 
 `Catalog.resolve` maps a requested name (a model's name or one of its aliases) to the
 catalogued name; `files` is what `api/models.py` serves to workers.
@@ -69,18 +70,25 @@ class Catalog:
         wanted = entries(self.cfg) or [ModelEntry(DEFAULT_MODEL, DEFAULT_MODEL, pin=True)]
         for e in wanted:
             try:
-                name, path = resolve(e.spec)
+                name, path = await asyncio.to_thread(resolve, e.spec)
             except Exception as exc:
                 log.error("model %r cannot be placed: %s", e.spec, exc)
                 continue
             name = e.name if e.name != e.spec else name
             if name in self.files:
                 continue
-            sha = await asyncio.to_thread(_sha256, path)
-            self.files[name] = ModelFile(name, path, path.stat().st_size, sha, e.pin,
+            self.files[name] = ModelFile(name, path, path.stat().st_size, "", e.pin,
                                          e.min_replicas, e.aliases)
             for a in e.aliases:
                 self.aliases.setdefault(a, name)
+
+    async def hash(self, name: str) -> str:
+        """The file's sha256 (workers verify what they fetch), computed once, when first
+        placed: a large --models-dir does not delay the gateway's start."""
+        m = self.files[name]
+        if not m.sha256:
+            m.sha256 = await asyncio.to_thread(_sha256, m.path)
+        return m.sha256
 
     def resolve(self, requested: str) -> str:
         """The catalogued name for a requested model name or alias (else as given)."""

@@ -105,6 +105,8 @@ class Placer:
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(PUSH_TIMEOUT, connect=2.0),
                                          headers=self._headers)
         self.registry.listeners.append(self._wake.set)
+        if self.catalog.declared:  # names known before the first request (no hashing)
+            await self._load_catalog()
         self._started = time.monotonic()
         self._task = asyncio.create_task(self._run())
 
@@ -254,6 +256,8 @@ class Placer:
         planned = {p.model for p in new}
         ready = {p.model for p in new if self._serving(p, by_id)}
         split_members = {wid for p in new if p.mode == "split" for wid in p.workers}
+        for name in planned:
+            await self.catalog.hash(name)  # what workers verify; once per file
         self._fail_broken_loads(new, by_id)
         jobs = [self._apply(p, by_id) for p in new if p.mode == "split"]
         # Make before break: what serves a model now keeps serving it until the model's new
