@@ -109,18 +109,28 @@ def replay(policy: str, seed: int, n: int, util: float, seconds: float,
         else:
             b.queue.append((rid, tokens))
 
-    def dispatch() -> None:
-        while waiting:
-            rid, tokens, job = waiting[0]
+    def dispatch() -> None:  # admission.dispatch, in FIFO order
+        router.held.clear()
+        rest = []
+        blocked = False
+        for item in waiting:
+            rid, tokens, job = item
+            if blocked:
+                rest.append(item)
+                continue
+            router.holding = False
             w = router.pick("m", job=job if cost else None)
             if w is None:
-                at = router.reopens_at("m")
-                if at is not None and not timer:
-                    timer.append(at)
-                    heapq.heappush(events, (at + 0.001, next(order), "tick", None))
-                return
-            waiting.pop(0)
+                blocked = not router.holding
+                rest.append(item)
+                continue
             send(w, rid, tokens)
+        waiting[:] = rest
+        router.held.clear()
+        at = router.reopens_at("m") if rest else None
+        if at is not None and not timer:
+            timer.append(at)
+            heapq.heappush(events, (at + 0.001, next(order), "tick", None))
 
     sizes = {}
     while events:

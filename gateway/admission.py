@@ -139,23 +139,33 @@ class Admission:
         if not self.queue:
             return
         blocked: set[str] = set()  # models with no room left in this pass
-        pick = self.router.pick
+        router = self.router
+        pick = router.pick
+        router.held.clear()
+        held_models: set[str] = set()
         for waiter in self.queue.in_order():
             if waiter.future.done():
                 self.queue.remove(waiter)
                 continue
             if waiter.model in blocked:
                 continue
+            router.holding = False
             w = pick(waiter.model, waiter.exclude, None, waiter.need, waiter.job)
             if w is None:
-                if not waiter.exclude and waiter.need is None:
+                # Waiting by choice for a full worker (cost routing) leaves the room
+                # elsewhere to those behind it; otherwise the model is full this pass.
+                if not router.holding and not waiter.exclude and waiter.need is None:
                     blocked.add(waiter.model)
+                elif router.holding:
+                    held_models.add(waiter.model)
                 continue
             self.queue.remove(waiter)
             waiter.future.set_result(w)
-        if blocked:
-            self._wake_at(min((t for m in blocked if (t := self.router.reopens_at(m))),
-                              default=None))
+        router.held.clear()
+        router.holding = False
+        if blocked or held_models:
+            self._wake_at(min((t for m in blocked | held_models
+                               if (t := router.reopens_at(m))), default=None))
 
     def _wake_at(self, at: float | None) -> None:
         """One timer: the next moment a blocked model's worker has room by the clock."""

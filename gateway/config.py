@@ -100,7 +100,8 @@ class GatewayConfig:
     # With cost routing, a worker past that allowance still takes a request while the
     # expected wait there (its prompt-reading backlog, its slot queue) is under this: a fast
     # reader holding six short prompts has room; a slow one holding six long ones has not.
-    worker_queue_seconds: float = 2.0
+    # 0: the count alone.
+    worker_queue_seconds: float = 0.0
     # A model whose last healthy worker went down less than this long ago (a restart, a
     # blip) lets new requests wait in the queue for one to come back, rather than 503 at once.
     down_grace: float = 10.0

@@ -58,12 +58,16 @@ def capable(w: Worker, need: Need) -> bool:
 
 class Router:
     def __init__(self, registry: Registry, allowance: int, slack: int = 2,
-                 cost_routing: bool = True, queue_seconds: float = 2.0) -> None:
+                 cost_routing: bool = True, queue_seconds: float = 0.0) -> None:
         self.registry = registry
         self.allowance = allowance
         self.slack = slack  # affinity's load guard
         self.cost_routing = cost_routing
         self.queue_seconds = queue_seconds  # cost routing's room past the allowance
+        # One admission pass's requests waiting for a full worker by choice (_pick_cost):
+        # each counts as queued there for the next; `holding` says the last None was one.
+        self.held: dict[str, int] = {}
+        self.holding = False
         self.lengths = cost.Lengths()  # typical completions, learned (api/openai.py)
         self._rand = random.random
         self._sample = random.sample
@@ -145,29 +149,38 @@ class Router:
                     w = pref
                 return self._reserve(w, job, now, w is pref)
             # One or both of the sample are full: fall back to the full scan below.
-        # Full workers compete too, their wait counted: when one of them is still where
-        # the job finishes first, the job waits in admission for it (a timer or a release
-        # dispatches it) rather than take a worse worker now, so a long prompt waits for
-        # the fast reader instead of occupying a slow one for three times as long.
+        # Full workers compete too, with their wait and the requests already waiting for
+        # them counted: when one is still where the job finishes first, the job waits in
+        # admission for it (`holding`) instead of taking a worse worker now, so a long
+        # prompt waits for the fast reader rather than hold a slow one three times as long.
         best = pref
         best_cost = finish(pref, job, now, True) if pref is not None else 0.0
         best_full = False
+        any_open = pref is not None
         ties = 0 if pref is not None else 1
         rand = self._rand
+        held = self.held
         for w in ws:
             if w is pref or (exclude and w.id in exclude):
                 continue
-            if w.external and w.load >= w.slots_total + allowance:
+            is_full = full(w, job, now, allowance, seconds)
+            if is_full and w.external:
                 continue  # full with load nobody can time: nothing to wait for there
             c = finish(w, job, now)
+            if is_full:
+                c += held.get(w.id, 0) * job.typical / (w.slots_total * w.decode_rate)
+            else:
+                any_open = True
             if best is None or c < best_cost:
-                best, best_cost, ties = w, c, 1
-                best_full = full(w, job, now, allowance, seconds)
+                best, best_cost, best_full, ties = w, c, is_full, 1
             elif c == best_cost and ties:  # the preferred worker keeps its ties (ties = 0)
                 ties += 1
                 if rand() * ties < 1.0:  # reservoir sampling: uniform among equals
-                    best, best_full = w, full(w, job, now, allowance, seconds)
+                    best, best_full = w, is_full
         if best is None or best_full:
+            if best is not None and any_open:  # waits for `best` though others have room
+                held[best.id] = held.get(best.id, 0) + 1
+                self.holding = True
             return None
         return self._reserve(best, job, now, best is pref)
 

@@ -306,23 +306,30 @@ def test_cost_routing_room_follows_expected_wait_and_a_timer_reopens_a_reader() 
     asyncio.run(scenario())
 
 
+
 def test_cost_routing_holds_a_long_prompt_for_the_fast_reader() -> None:
-    """A full worker still competes with its wait counted: a long prompt that would finish
-    sooner after the fast reader's backlog than on an idle slow reader waits for it (None:
-    admission holds it), while a short prompt takes the idle slow reader at once."""
+    """A full worker still competes with its wait counted: a long prompt that finishes
+    sooner after the fast reader's backlog than on an idle slow reader waits for it (None,
+    `holding`: admission keeps it and lets those behind take the room), a short prompt
+    takes the idle slow reader at once, and each one already waiting counts against the
+    fast reader for the next."""
     import time
 
     from gateway.cost import Job
 
-    cfg = GatewayConfig(worker_queue_allowance=0, worker_queue_seconds=2.0)
+    cfg = GatewayConfig(worker_queue_allowance=0)
     reg = _registry([50.0, 50.0], slots=1, cfg=cfg)
     slow, fast = reg.workers["w0"], reg.workers["w1"]
     for w, rate in ((slow, 1000.0), (fast, 3000.0)):
         w.decode_tps, w.prefill_tps = 50.0, rate
     reg._weigh()
-    router = Router(reg, 0, queue_seconds=2.0)
-    fast.inflight, fast.reader_free = 1, time.monotonic() + 2.5  # full: 2.5 s > 2 s
-    long_job = Job(prompt_tokens=6000, new_tokens=6000, completion_tokens=8, typical=8)
-    short_job = Job(prompt_tokens=50, new_tokens=50, completion_tokens=8, typical=8)
-    assert router.pick("m", job=long_job) is None  # ~4.7 s after the fast one vs 6.2 s now
+    router = Router(reg, 0)
+    fast.inflight, fast.reader_free = 1, time.monotonic() + 2.5  # full, 2.5 s to read
+    long_job = Job(prompt_tokens=6000, new_tokens=6000, completion_tokens=8, typical=30)
+    short_job = Job(prompt_tokens=50, new_tokens=50, completion_tokens=8, typical=30)
+    assert router.pick("m", job=long_job) is None and router.holding  # ~4.8 s vs 6.2 s
+    assert router.held == {fast.id: 1}
     assert router.pick("m", job=short_job) is slow
+    router.release(slow)
+    router.held[fast.id] = 4  # four ahead of it wait for the fast one: 2.4 s more there
+    assert router.pick("m", job=long_job) is slow
