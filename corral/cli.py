@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _EnvDefaults(prog="corral", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_EnvDefaults)
 
-    w = sub.add_parser("worker", help="one worker holding one model replica")
+    w = sub.add_parser("worker", help="one worker: its --model, or the models a gateway "
+                       "places on it")
     _worker_flags(w)
     w.add_argument("--id", default=None, help="worker id (default host:port)")
     w.add_argument("--join", default=None, help="gateway URL to join")
@@ -136,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--worker", action="append", default=[], help="worker URL (repeatable)")
-    g.add_argument("--model", action="append", default=[], help="model to place (repeatable)")
+    g.add_argument("--model", action="append", default=[],
+                   help="model to keep placed (repeatable)")
+    g.add_argument("--models-dir", default=None,
+                   help="catalogue every .gguf here: loaded on demand, unloaded when idle")
     g.add_argument("--redis-url", "--redis", dest="redis_url", default=None,
                    help="Redis URL for state shared by gateway replicas")
     g.add_argument("--config", default=None, help="corral.toml")

@@ -13,6 +13,9 @@ worker has ever served it. Nothing waits without a deadline.
 A model that lost its last healthy worker less than `down_grace` seconds ago is in an
 outage that may end any moment (a worker restarting, a probe blip): new requests wait in the
 queue until a worker is back or the grace is over (then 503), instead of failing at once.
+A catalogued model loaded nowhere (`loadable`, the placer's: it loads on demand) lets its
+requests wait up to `model_load_timeout` for its first worker; if the placer finds it
+cannot be placed after all, `fail` answers them at once with its reason.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ class Admission:
         self.router = router
         self.metrics = metrics
         self.queue = queue if queue is not None else FairQueue()
+        # A catalogued model that loads on demand (set by core: the placer's `loadable`).
+        self.loadable: Callable[[str], bool] = lambda model: False
         self._timer: asyncio.TimerHandle | None = None  # dispatch when a reader frees up
         registry.listeners.append(self.dispatch)
         # Seconds a request may wait for a model no worker can take now but one will
@@ -78,6 +83,8 @@ class Admission:
         grace when it has no healthy worker right now but may have one shortly."""
         if self.registry.by_model.get(model):
             return None
+        if self.loadable(model):
+            return self.cfg.model_load_timeout
         if model in self.registry.known_models:
             held = self.hold(model) if self.hold is not None else None
             if held:
@@ -111,7 +118,8 @@ class Admission:
         loop = asyncio.get_running_loop()
         waiter = Waiter(model, exclude, loop.create_future(), user, need, job)
         self.queue.put(waiter)
-        wait = self.cfg.queue_timeout if grace is None else min(self.cfg.queue_timeout, grace)
+        wait = self.cfg.queue_timeout if grace is None else (
+            grace if self.loadable(model) else min(self.cfg.queue_timeout, grace))
         if self.hold is not None:
             wait = max(wait, self.hold(model) or 0.0)
         timer = loop.call_later(wait, self._expire, waiter)
@@ -185,12 +193,29 @@ class Admission:
         self._timer = None
         self.dispatch()
 
+    def waiting(self, model: str) -> int:
+        """Requests queued for `model` (the placer replicates a model others wait for)."""
+        return sum(1 for w in self.queue.in_order() if w.model == model
+                   and not w.future.done())
+
+    def fail(self, model: str, err: APIError) -> None:
+        """Answers every request waiting for `model` with `err` (it cannot be placed)."""
+        for waiter in self.queue.in_order():
+            if waiter.model == model and not waiter.future.done():
+                self.queue.remove(waiter)
+                waiter.future.set_exception(err)
+
     def _expire(self, waiter: Waiter) -> None:
         self.queue.remove(waiter)
         if waiter.future.done():
             return
         err: APIError
-        if not self.registry.by_model.get(waiter.model):
+        if not self.registry.by_model.get(waiter.model) and self.loadable(waiter.model):
+            self.metrics.rejected.labels("load_timeout").inc()
+            err = unavailable(f"The model {waiter.model!r} did not finish loading within "
+                              f"{self.cfg.model_load_timeout:g}s; retry shortly.",
+                              retry_after=5)
+        elif not self.registry.by_model.get(waiter.model):
             self.metrics.rejected.labels("no_healthy_worker").inc()
             err = unavailable(f"No healthy worker serves the model {waiter.model!r} right now.",
                               retry_after=2)

@@ -58,12 +58,30 @@ class ApiKey:
                 f"frontend={self.frontend!r})")
 
 
+@dataclass(frozen=True)
+class ModelEntry:
+    """One catalogued model (`[[models]]`, `--model`, a GGUF in `--models-dir`).
+
+    `spec` is what `worker.models.resolve` reads: a bundled name or a .gguf path. A pinned
+    model is always placed, with at least `min_replicas`; an unpinned one is loaded when
+    asked for and unloaded after `model_idle_ttl` without a request.
+    """
+
+    name: str
+    spec: str
+    pin: bool = False
+    min_replicas: int = 1
+    aliases: tuple[str, ...] = ()
+
+
 @dataclass
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: list[str] = field(default_factory=list)  # static worker URLs
-    models: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)  # --model and `models = ["..."]`: pinned
+    model_entries: list[ModelEntry] = field(default_factory=list)  # `[[models]]` tables
+    models_dir: str | None = None  # every *.gguf in it is catalogued, unpinned
     redis_url: str | None = None
     cluster_token: str = ""
     cluster_token_generated: bool = False
@@ -126,6 +144,10 @@ class GatewayConfig:
     wake_after: float = 2.0
     wake_deadline: float = 90.0
     drain_timeout: float = 0.0
+    # Many models (placer.py): an unpinned model with no request for this long is unloaded;
+    # a request for a catalogued model loaded nowhere waits this long for it to load.
+    model_idle_ttl: float = 900.0
+    model_load_timeout: float = 120.0
 
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
         return (f"GatewayConfig(host={self.host!r}, port={self.port}, workers={self.workers}, "

@@ -50,6 +50,10 @@ class Gateway:
         self.topology = Topology(
             lambda: {w.id: w.url for w in self.registry.workers.values()}, cfg.cluster_token)
         self.placer = Placer(cfg, self.registry, self.topology)
+        # On demand: requests wait for a catalogued model to load; the placer sees them.
+        self.admission.loadable = self.placer.loadable
+        self.placer.demand.queued = self.admission.waiting
+        self.placer.fail_waiting = self.admission.fail
         self.metrics.collector.placer = self.placer
         self.lifecycle = Lifecycle(cfg, self.registry, self.admission, self.placer,
                                    self.metrics)

@@ -124,6 +124,8 @@ class Worker:
             "capacity": self.offered,
             "polite": st.get("polite"),
             "wake": st.get("wake"),
+            # A worker holding several models: each one's state, slots and queue.
+            "per_model": st.get("per_model") or [],
         }
 
 
@@ -231,6 +233,13 @@ class Registry:
             self._ejections[w.id] = self._down_applied[w.id] = time.time()
         if w.state != "down":
             self._set_state(w, "down", reason)
+
+    def model_gone(self, w: Worker, model: str) -> None:
+        """`model` is not served on `w` (unloaded or moving, said by the worker or the
+        placer): out of its workers at once, rather than at the next probe."""
+        if model in w.models:
+            w.models = w.models - {model}
+            self._rebuild()
 
     def saturated(self, w: Worker) -> None:
         """The worker said 429: treat it as full until its next probe says otherwise."""
