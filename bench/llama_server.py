@@ -1,0 +1,202 @@
+"""The Corral llama worker against llama.cpp's own C++ `llama-server`, same GGUF, same threads.
+
+    .venv/bin/python bench/llama_server.py [--write] [--levels 1,4,8] [--passes 2]
+        [--corral "label=extra worker args"]... [--prompt TEXT] [--max-tokens 64]
+
+`llama-server` is built (once, cached) from the llama.cpp that llama-cpp-python vendors
+(bench/llama_server_build.py). Both servers load the bundled SmolLM2-135M Q4_1 with
+`--threads` threads and 4 slots of 2048 tokens, are up at once and are measured in turn
+(alternating, `--passes` rounds, so the box's other load weighs on both alike). Load:
+`corral bench` closed loop at each concurrency c, `--rounds` x c streamed chat completions
+of `--max-tokens` greedy tokens, distinct prompts. Every figure is reported as a ratio to
+llama-server's in the same run; the absolute numbers are only for reading the ratios.
+Each `--corral` adds a worker setup (e.g. `--corral "no-spec=--spec-draft 0"`); the first,
+`corral` with no extra arguments, is always there. `--write` replaces the `llama-server`
+section of docs/BENCHMARKS.md. Never part of `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+
+from common import (
+    HOST,
+    MODEL,
+    LoadSpec,
+    Proc,
+    bench,
+    command_line,
+    free_port,
+    machine,
+    start_worker,
+    write_section,
+)
+from engine import BR, PROMPT
+from llama_server_build import build, installed_version
+
+CTX = 2048
+SLOTS = 4
+REF = "llama-server"
+
+
+def start_llama_server(exe: str, threads: int, extra: list[str]) -> Proc:
+    from worker.models import resolve
+
+    port = free_port()
+    proc = Proc([exe, "-m", str(resolve(MODEL)[1]), "--host", HOST, "--port", str(port),
+                 "--threads", str(threads), "--threads-batch", str(threads),
+                 "--parallel", str(SLOTS), "--ctx-size", str(CTX * SLOTS), "--no-webui",
+                 "--alias", MODEL, *extra], name=f"llama-server-{port}").start()
+    proc.url = f"http://{HOST}:{port}"  # type: ignore[attr-defined]
+    proc.wait_http(f"{proc.url}/health", timeout=300)  # type: ignore[attr-defined]
+    return proc
+
+
+def level(url: str, c: int, requests: int, max_tokens: int, prompt: str) -> dict:
+    spec = LoadSpec(base_url=url, model=MODEL, requests=requests, concurrency=c,
+                    max_tokens=max_tokens, stream=True, timeout=600, distinct_prompts=True,
+                    prompt=prompt, extra_body={"temperature": 0})
+    s, _ = bench(spec)
+    return {"tokens": s["output_tokens"], "seconds": s["duration_s"], "errors": s["errors"],
+            "errors_by_kind": s["errors_by_kind"], "error_examples": s["error_examples"],
+            "ttft_p50_ms": (s.get("ttft_ms") or {}).get("p50"),
+            "tpot_p50_ms": (s.get("tpot_ms") or {}).get("p50")}
+
+
+def _agg(rs: list[dict]) -> dict:
+    def med(key: str) -> float:
+        vals = [r[key] for r in rs if r.get(key) is not None]
+        return statistics.median(vals) if vals else float("nan")
+
+    secs = sum(r["seconds"] for r in rs)
+    return {"tok_s": sum(r["tokens"] for r in rs) / secs if secs else 0.0,
+            "per_pass": [r["tokens"] / r["seconds"] if r["seconds"] else 0.0 for r in rs],
+            "ttft": med("ttft_p50_ms"), "tpot": med("tpot_p50_ms"),
+            "errors": sum(r["errors"] for r in rs)}
+
+
+def render(out: dict) -> str:
+    a = out["args"]
+    levels = sorted(int(c) for c in out["runs"][REF])
+    agg = {n: {int(c): _agg(rs) for c, rs in by.items()} for n, by in out["runs"].items()}
+    ref = agg[REF]
+    lines = ["| setup | c | tok/s (per pass) | tok/s ratio | TTFT p50 ms | TTFT ratio "
+             "| time/token p50 ms | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, by in agg.items():
+        for c in levels:
+            r = by[c]
+            passes = " / ".join(f"{x:.0f}" for x in r["per_pass"])
+            lines.append(
+                f"| {name} | {c} | {r['tok_s']:.0f} ({passes}) | "
+                f"**{r['tok_s'] / (ref[c]['tok_s'] or 1):.2f}** | {r['ttft']:.0f} | "
+                f"{r['ttft'] / (ref[c]['ttft'] or 1):.2f} | {r['tpot']:.1f} | {r['errors']} |")
+    examples = {}
+    for name, by in out["runs"].items():
+        for rs in by.values():
+            for r in rs:
+                for kind, msg in (r.get("error_examples") or {}).items():
+                    examples.setdefault(f"{name}: {kind}", msg)
+    errs = ("Errors: " + "; ".join(f"{k} (e.g. `{v[:160]}`)" for k, v in examples.items())
+            + "." if examples else "No request failed.")
+    setups = "; ".join(f"`{n}`: `corral worker --backend llama --parallel {SLOTS} --threads "
+                       f"{a['threads']} --ctx-size {CTX} {x}`".replace(" `", "`")
+                       for n, x in out["setups"].items())
+    return f"""## Against llama-server: the llama worker and llama.cpp's own server
+
+Command: `{out['command']}`{BR}
+Machine: {out['machine']}.
+
+Same GGUF (SmolLM2-135M-Instruct Q4_1), same llama.cpp (llama-server built from the source
+llama-cpp-python {out['version']} vendors, bench/llama_server_build.py), {a['threads']}
+threads, {SLOTS} slots of {CTX} tokens each: `llama-server --threads {a['threads']}
+--threads-batch {a['threads']} --parallel {SLOTS} --ctx-size {CTX * SLOTS}` against
+{setups}. All up at once, measured in turn ({a['passes']} passes). Load: `corral bench`
+closed loop at concurrency c, {a['rounds']} x c streamed chat completions of
+{a['max_tokens']} greedy tokens per pass, distinct prompts (`Request i. {out['prompt']}`).
+tok/s = output tokens / wall time over the passes (each pass in brackets); TTFT and time
+per token (after the first) are medians of the passes' p50s. **Ratios are to llama-server
+in the same run**: the box is shared, so only they carry over.
+
+{chr(10).join(lines)}
+
+{errs}
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--levels", default="1,4,8")
+    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--corral", action="append", default=[],
+                    help="label=extra corral worker arguments (repeatable)")
+    ap.add_argument("--server-args", default="", help="extra llama-server arguments")
+    ap.add_argument("--write", action="store_true")
+    ap.add_argument("--render", default=None, help="re-render from this script's saved JSON")
+    a = ap.parse_args()
+    if a.render:
+        with open(a.render) as f:
+            write_section("llama-server", render(json.load(f)))
+        return
+    exe = str(build())
+    levels = [int(x) for x in a.levels.split(",")]
+    setups = {"corral": ""}
+    for s in a.corral:
+        name, _, extra = s.partition("=")
+        setups[name] = extra
+    where = machine()
+    procs: list[Proc] = []
+    try:
+        targets: dict[str, str] = {}
+        workers = []
+        for name, extra in setups.items():
+            w = start_worker("--parallel", str(SLOTS), "--threads", str(a.threads),
+                             "--ctx-size", str(CTX), *shlex.split(extra), wait=False)
+            procs.append(w.proc)
+            workers.append((name, w))
+        server = start_llama_server(exe, a.threads, shlex.split(a.server_args))
+        procs.append(server)
+        targets[REF] = server.url  # type: ignore[attr-defined]
+        for name, w in workers:
+            w.proc.wait_http(f"{w.url}/status", timeout=600,
+                             ok=lambda r: r.json().get("state") in ("ready", "busy"))
+            targets[name] = w.url
+        for url in targets.values():  # warm up
+            level(url, 1, 1, 8, a.prompt)
+        runs: dict[str, dict[int, list[dict]]] = {n: {c: [] for c in levels} for n in targets}
+        for p in range(a.passes):
+            for c in levels:
+                order = list(targets.items())
+                if p % 2:
+                    order.reverse()  # alternate who goes first
+                for name, url in order:
+                    r = level(url, c, c * a.rounds, a.max_tokens, a.prompt)
+                    runs[name][c].append(r)
+                    print(json.dumps({"pass": p, "setup": name, "concurrency": c, **r}),
+                          file=sys.stderr, flush=True)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    out = {"machine": where, "command": command_line(), "runs": runs, "setups": setups,
+           "version": installed_version(), "prompt": a.prompt,
+           "load_after": f"{os.getloadavg()[0]:.1f}",
+           "args": {"threads": a.threads, "passes": a.passes, "rounds": a.rounds,
+                    "max_tokens": a.max_tokens}}
+    print(json.dumps(out, indent=2))
+    text = render(out)
+    print(text)
+    if a.write:
+        write_section("llama-server", text)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("NO_PROXY", "*")
+    main()
