@@ -10,7 +10,8 @@
 `corral bench` closed loop at each concurrency c, `--rounds` x c streamed chat completions
 of `--max-tokens` greedy tokens, distinct prompts. Every figure is reported as a ratio to
 llama-server's in the same run; the absolute numbers are only for reading the ratios.
-Each `--corral` adds a worker setup (e.g. `--corral "no-spec=--spec-draft 0"`); the first,
+Each `--corral` adds a worker setup, arguments and NAME=value environment variables (e.g.
+`--corral "no-lookup=CORRAL_LLAMA_LOOKUP=0"`); the first,
 `corral` with no extra arguments, is always there. `--write` replaces the `llama-server`
 section of docs/BENCHMARKS.md. Never part of `make test`.
 """
@@ -39,6 +40,12 @@ from common import (
 from engine import BR, PROMPT
 from llama_server_build import build, installed_version
 
+#: A prompt whose answer repeats its input: where prompt-lookup drafts are kept.
+REPEAT = ("Repeat the following text exactly, word for word:\n\nThe corral stood at the edge "
+          "of the valley. Every morning the horses came down from the hills to drink at the "
+          "river, and the old rancher counted them one by one as they passed the gate. In "
+          "winter the snow covered the fences and the horses stayed in the barn, eating hay "
+          "and waiting for spring.")
 CTX = 2048
 SLOTS = 4
 REF = "llama-server"
@@ -55,6 +62,12 @@ def start_llama_server(exe: str, threads: int, extra: list[str]) -> Proc:
     proc.url = f"http://{HOST}:{port}"  # type: ignore[attr-defined]
     proc.wait_http(f"{proc.url}/health", timeout=300)  # type: ignore[attr-defined]
     return proc
+
+
+def _is_env(word: str) -> bool:
+    """`NAME=value` with an upper-case name: an environment variable for the worker."""
+    name, eq, _ = word.partition("=")
+    return bool(eq) and name.isupper() and not name.startswith("-")
 
 
 def level(url: str, c: int, requests: int, max_tokens: int, prompt: str) -> dict:
@@ -80,21 +93,46 @@ def _agg(rs: list[dict]) -> dict:
             "errors": sum(r["errors"] for r in rs)}
 
 
+def ratios(rs: list[dict], ref: list[dict], key: str) -> list[float]:
+    """Per pass: this setup's figure over llama-server's in the same pass."""
+    def val(r: dict) -> float | None:
+        if key == "tok_s":
+            return r["tokens"] / r["seconds"] if r["seconds"] else None
+        return r.get(key)
+
+    out = []
+    for r, q in zip(rs, ref, strict=False):
+        a, b = val(r), val(q)
+        if a is not None and b:
+            out.append(a / b)
+    return out
+
+
+def _ratio_cell(xs: list[float], bold: bool = False) -> str:
+    if not xs:
+        return "-"
+    m = f"{statistics.median(xs):.2f}"
+    return (f"**{m}**" if bold else m) + (f" ({min(xs):.2f}-{max(xs):.2f})" if len(xs) > 1
+                                          else "")
+
+
 def render(out: dict) -> str:
     a = out["args"]
     levels = sorted(int(c) for c in out["runs"][REF])
-    agg = {n: {int(c): _agg(rs) for c, rs in by.items()} for n, by in out["runs"].items()}
-    ref = agg[REF]
-    lines = ["| setup | c | tok/s (per pass) | tok/s ratio | TTFT p50 ms | TTFT ratio "
-             "| time/token p50 ms | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    runs = {n: {int(c): rs for c, rs in by.items()} for n, by in out["runs"].items()}
+    agg = {n: {c: _agg(rs) for c, rs in by.items()} for n, by in runs.items()}
+    lines = ["| setup | c | tok/s, per pass | tok/s ratio, median (range) | TTFT p50 ms "
+             "| TTFT ratio | time/token p50 ms | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, by in agg.items():
         for c in levels:
             r = by[c]
             passes = " / ".join(f"{x:.0f}" for x in r["per_pass"])
+            tok = ratios(runs[name][c], runs[REF][c], "tok_s")
+            ttft = ratios(runs[name][c], runs[REF][c], "ttft_p50_ms")
             lines.append(
-                f"| {name} | {c} | {r['tok_s']:.0f} ({passes}) | "
-                f"**{r['tok_s'] / (ref[c]['tok_s'] or 1):.2f}** | {r['ttft']:.0f} | "
-                f"{r['ttft'] / (ref[c]['ttft'] or 1):.2f} | {r['tpot']:.1f} | {r['errors']} |")
+                f"| {name} | {c} | {passes} | {_ratio_cell(tok, True)} | {r['ttft']:.0f} | "
+                f"{_ratio_cell(ttft)} | {r['tpot']:.1f} | {r['errors']} |")
     examples = {}
     for name, by in out["runs"].items():
         for rs in by.values():
@@ -118,9 +156,10 @@ threads, {SLOTS} slots of {CTX} tokens each: `llama-server --threads {a['threads
 {setups}. All up at once, measured in turn ({a['passes']} passes). Load: `corral bench`
 closed loop at concurrency c, {a['rounds']} x c streamed chat completions of
 {a['max_tokens']} greedy tokens per pass, distinct prompts (`Request i. {out['prompt']}`).
-tok/s = output tokens / wall time over the passes (each pass in brackets); TTFT and time
-per token (after the first) are medians of the passes' p50s. **Ratios are to llama-server
-in the same run**: the box is shared, so only they carry over.
+tok/s = output tokens / wall time of each pass; TTFT and time per token (after the first)
+are medians of the passes' p50s. **Ratios are to llama-server in the same pass** (median
+over passes, range in brackets): the box is shared and its load swings within a run, so
+only those carry over. Load average after the run: {out.get('load_after', '?')}.
 
 {chr(10).join(lines)}
 
@@ -136,6 +175,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--repeat", action="store_true", help="the repeat-the-input prompt")
+    ap.add_argument("--section", default="llama-server", help="BENCHMARKS.md section")
     ap.add_argument("--corral", action="append", default=[],
                     help="label=extra corral worker arguments (repeatable)")
     ap.add_argument("--server-args", default="", help="extra llama-server arguments")
@@ -144,8 +185,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.render:
         with open(a.render) as f:
-            write_section("llama-server", render(json.load(f)))
+            write_section(a.section, render(json.load(f)))
         return
+    if a.repeat:
+        a.prompt = REPEAT
     exe = str(build())
     levels = [int(x) for x in a.levels.split(",")]
     setups = {"corral": ""}
@@ -158,8 +201,11 @@ def main() -> None:
         targets: dict[str, str] = {}
         workers = []
         for name, extra in setups.items():
+            words = shlex.split(extra)
+            env = dict(x.split("=", 1) for x in words if _is_env(x))
             w = start_worker("--parallel", str(SLOTS), "--threads", str(a.threads),
-                             "--ctx-size", str(CTX), *shlex.split(extra), wait=False)
+                             "--ctx-size", str(CTX), *(x for x in words if not _is_env(x)),
+                             env=env, wait=False)
             procs.append(w.proc)
             workers.append((name, w))
         server = start_llama_server(exe, a.threads, shlex.split(a.server_args))
@@ -190,11 +236,12 @@ def main() -> None:
            "load_after": f"{os.getloadavg()[0]:.1f}",
            "args": {"threads": a.threads, "passes": a.passes, "rounds": a.rounds,
                     "max_tokens": a.max_tokens}}
-    print(json.dumps(out, indent=2))
+    with open(f"/tmp/corral-{a.section}.json", "w") as f:  # for --render
+        json.dump(out, f)
     text = render(out)
     print(text)
     if a.write:
-        write_section("llama-server", text)
+        write_section(a.section, text)
 
 
 if __name__ == "__main__":
