@@ -19,6 +19,7 @@ section of docs/BENCHMARKS.md. Never part of `make test`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -28,6 +29,7 @@ import sys
 from common import (
     HOST,
     MODEL,
+    CpuMeter,
     LoadSpec,
     Proc,
     bench,
@@ -70,7 +72,17 @@ def _is_env(word: str) -> bool:
     return bool(eq) and name.isupper() and not name.startswith("-")
 
 
-def level(url: str, c: int, requests: int, max_tokens: int, prompt: str) -> dict:
+def level(url: str, c: int, requests: int, max_tokens: int, prompt: str,
+          pid: int | None = None) -> dict:
+    """One closed-loop load; with `pid`, also the CPU seconds that server's processes used."""
+    meter = CpuMeter(pid) if pid else None
+    with meter.measure() if meter else contextlib.nullcontext({}) as cpu:
+        r = _level(url, c, requests, max_tokens, prompt)
+    r["cpu_s"] = cpu.get("cpu_s")
+    return r
+
+
+def _level(url: str, c: int, requests: int, max_tokens: int, prompt: str) -> dict:
     spec = LoadSpec(base_url=url, model=MODEL, requests=requests, concurrency=c,
                     max_tokens=max_tokens, stream=True, timeout=600, distinct_prompts=True,
                     prompt=prompt, extra_body={"temperature": 0})
@@ -98,6 +110,8 @@ def ratios(rs: list[dict], ref: list[dict], key: str) -> list[float]:
     def val(r: dict) -> float | None:
         if key == "tok_s":
             return r["tokens"] / r["seconds"] if r["seconds"] else None
+        if key == "cpu_ms_per_token":
+            return 1000 * r["cpu_s"] / r["tokens"] if r.get("cpu_s") and r["tokens"] else None
         return r.get(key)
 
     out = []
@@ -122,17 +136,21 @@ def render(out: dict) -> str:
     runs = {n: {int(c): rs for c, rs in by.items()} for n, by in out["runs"].items()}
     agg = {n: {c: _agg(rs) for c, rs in by.items()} for n, by in runs.items()}
     lines = ["| setup | c | tok/s, per pass | tok/s ratio, median (range) | TTFT p50 ms "
-             "| TTFT ratio | time/token p50 ms | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| TTFT ratio | CPU ms/token | CPU/token ratio | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, by in agg.items():
         for c in levels:
             r = by[c]
             passes = " / ".join(f"{x:.0f}" for x in r["per_pass"])
             tok = ratios(runs[name][c], runs[REF][c], "tok_s")
             ttft = ratios(runs[name][c], runs[REF][c], "ttft_p50_ms")
+            cpu = ratios(runs[name][c], runs[REF][c], "cpu_ms_per_token")
+            cpu_s = sum(x.get("cpu_s") or 0 for x in runs[name][c])
+            toks = sum(x["tokens"] for x in runs[name][c])
+            per = f"{1000 * cpu_s / toks:.1f}" if cpu_s and toks else "-"
             lines.append(
                 f"| {name} | {c} | {passes} | {_ratio_cell(tok, True)} | {r['ttft']:.0f} | "
-                f"{_ratio_cell(ttft)} | {r['tpot']:.1f} | {r['errors']} |")
+                f"{_ratio_cell(ttft)} | {per} | {_ratio_cell(cpu)} | {r['errors']} |")
     examples = {}
     for name, by in out["runs"].items():
         for rs in by.values():
@@ -156,8 +174,11 @@ threads, {SLOTS} slots of {CTX} tokens each: `llama-server --threads {a['threads
 {setups}. All up at once, measured in turn ({a['passes']} passes). Load: `corral bench`
 closed loop at concurrency c, {a['rounds']} x c streamed chat completions of
 {a['max_tokens']} greedy tokens per pass, distinct prompts (`Request i. {out['prompt']}`).
-tok/s = output tokens / wall time of each pass; TTFT and time per token (after the first)
-are medians of the passes' p50s. **Ratios are to llama-server in the same pass** (median
+tok/s = output tokens / wall time of each pass; TTFT is the median
+of the passes' p50s; CPU ms/token = CPU time (user + system) of the server's
+processes over its output tokens, the efficiency figure least moved by the box's other
+load (though llama.cpp's threads spin while they wait, so a starved pass costs CPU too).
+**Ratios are to llama-server in the same pass** (median
 over passes, range in brackets): the box is shared and its load swings within a run, so
 only those carry over. Load average after the run: {out.get('load_after', '?')}.
 
@@ -211,10 +232,12 @@ def main() -> None:
         server = start_llama_server(exe, a.threads, shlex.split(a.server_args))
         procs.append(server)
         targets[REF] = server.url  # type: ignore[attr-defined]
+        pids = {REF: server.pid}
         for name, w in workers:
             w.proc.wait_http(f"{w.url}/status", timeout=600,
                              ok=lambda r: r.json().get("state") in ("ready", "busy"))
             targets[name] = w.url
+            pids[name] = w.proc.pid
         for url in targets.values():  # warm up
             level(url, 1, 1, 8, a.prompt)
         runs: dict[str, dict[int, list[dict]]] = {n: {c: [] for c in levels} for n in targets}
@@ -224,7 +247,7 @@ def main() -> None:
                 if p % 2:
                     order.reverse()  # alternate who goes first
                 for name, url in order:
-                    r = level(url, c, c * a.rounds, a.max_tokens, a.prompt)
+                    r = level(url, c, c * a.rounds, a.max_tokens, a.prompt, pids[name])
                     runs[name][c].append(r)
                     print(json.dumps({"pass": p, "setup": name, "concurrency": c, **r}),
                           file=sys.stderr, flush=True)
