@@ -130,6 +130,12 @@ def main() -> int:
                          "20%% long prompts")
     ap.add_argument("--prefill-rate", type=float, default=1000.0,
                     help="prefill scenario: 1x prompt tokens/s")
+    ap.add_argument("--gateway-setting", action="append", default=[], metavar="KEY=VALUE",
+                    help="prefill scenario: a [gateway] setting for both Corral gateways")
+    ap.add_argument("--only", action="append", default=[],
+                    help="prefill scenario: run only the routers whose name contains this")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:K=V;K=V",
+                    help="prefill scenario: one more Corral gateway with these settings")
     ap.add_argument("--serve", choices=["rr", "oracle", "oracle-prefill"],
                     help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)

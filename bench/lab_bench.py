@@ -44,11 +44,14 @@ def split_limit(n: int) -> int:
 LAYOUTS = ("local", "replicas-2", "replicas-3", "split-2", "split-3")
 
 
-def run_layout(profile: str, layout: str, streams: list[int], requests: int,
+def run_layout(profiles: list[str], layout: str, streams: list[int], requests: int,
                max_tokens: int) -> list[dict]:
+    """One lab for `layout`, measured on each of `profiles` in turn: rate-only profiles
+    swap in place (Lab.reshape), so only a profile with a delay stage needs a lab of its own."""
     kind, _, n = layout.partition("-")
     n_workers = int(n or 1)
-    boxes = {"gw": profile, "cli": profile} | {f"w{i}": profile for i in range(n_workers)}
+    first = profiles[0]
+    boxes = {"gw": first, "cli": first} | {f"w{i}": first for i in range(n_workers)}
     out = []
     with Lab(boxes) as lab:
         base = f"http://{lab.addr('gw')}:8000"
@@ -70,24 +73,29 @@ def run_layout(profile: str, layout: str, streams: list[int], requests: int,
                            for p in c["placements"])
             return sum(w["state"] == "ready" for w in c["workers"]) == n_workers
 
-        wait_for(ready, 300, 0.5, f"{layout} on {profile}")
+        wait_for(ready, 600, 0.5, f"{layout} on {first}")
         c = lab["cli"].call(httpx.get, f"{base}/cluster", timeout=5).json()
         cost = next((p.get("expected_network_ms_per_token") for p in c["placements"]
                      if p.get("mode") == "split"), None)
-        for conc in streams:
-            b = lab.start("cli", "bench", "--base-url", f"{base}/v1", "--model", MODEL,
-                          "--requests", str(max(requests, conc * 2)), "--concurrency",
-                          str(conc), "--max-tokens", str(max_tokens), "--stream",
-                          "--distinct-prompts", "--json", "--timeout", "300",
-                          name="bench")
-            b.popen.wait(900)
-            line = [x for x in b.log().splitlines() if x.startswith("{")][-1]
-            s = json.loads(line)
-            row = {"profile": profile, "layout": layout, "streams": conc,
-                   "tok_s": s["output_tokens_per_second"], "errors": s.get("errors"),
-                   "expected_network_ms_per_token": cost}
-            print(json.dumps(row), flush=True)
-            out.append(row)
+        for profile in profiles:
+            if profile != first:
+                for box in boxes:
+                    lab.reshape(box, profile)
+            for conc in streams:
+                b = lab.start("cli", "bench", "--base-url", f"{base}/v1", "--model", MODEL,
+                              "--requests", str(max(requests, conc * 2)), "--concurrency",
+                              str(conc), "--max-tokens", str(max_tokens), "--stream",
+                              "--distinct-prompts", "--json", "--timeout", "300",
+                              name="bench")
+                b.popen.wait(900)
+                line = [x for x in b.log().splitlines() if x.startswith("{")][-1]
+                s = json.loads(line)
+                row = {"profile": profile, "layout": layout, "streams": conc,
+                       "tok_s": s["output_tokens_per_second"], "errors": s.get("errors"),
+                       "ttft_p50_ms": s.get("ttft_ms", {}).get("p50"),
+                       "expected_network_ms_per_token": cost}
+                print(json.dumps(row), flush=True)
+                out.append(row)
         if lab.delays:
             lab.close()
             for r in out:
@@ -116,16 +124,23 @@ def main() -> int:
     ap.add_argument("--streams", default="1,4")
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--out", help="append each run's JSON line to this file too")
     a = ap.parse_args()
     why = unavailable()
     if why:
         print(f"lab-bench needs network namespaces: {why}", file=sys.stderr)
         return 2
     profiles, streams = a.profiles.split(","), [int(s) for s in a.streams.split(",")]
+    rate_only = [p for p in profiles if not PROFILES[p].delay_ms]
+    groups = ([rate_only] if rate_only else []) + [[p] for p in profiles if p not in rate_only]
     rows = []
-    for p in profiles:
+    for group in groups:
         for layout in a.layouts.split(","):
-            rows += run_layout(p, layout, streams, a.requests, a.max_tokens)
+            got = run_layout(group, layout, streams, a.requests, a.max_tokens)
+            rows += got
+            if a.out:
+                with open(a.out, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in got)
     print(table(rows, profiles, streams))
     return 0
 

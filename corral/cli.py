@@ -1,4 +1,4 @@
-"""`corral up|gateway|worker|status|keys|bench`.
+"""`corral up|gateway|worker|status|keys|drain|bench`.
 
 Every flag also reads `CORRAL_<FLAG>` from the environment (flags win). Heavy modules
 (llama_cpp, openvino) are imported only by the command that needs them.
@@ -82,11 +82,40 @@ def _worker_flags(p: argparse.ArgumentParser, with_endpoint: bool = True) -> Non
                         "(0 keeps the fixed --sim-ttft)")
 
 
+def _lifecycle_flags(p: argparse.ArgumentParser) -> None:
+    """Drain, sleep, wake and polite mode (worker/lifecycle.py, wol.py, polite.py)."""
+    p.add_argument("--drain-timeout", type=float, default=8.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish before exiting")
+    p.add_argument("--sleep-command", default=None,
+                   help="run when the gateway puts this idle box to sleep, e.g. "
+                        "'systemctl suspend' (without it the box never sleeps)")
+    p.add_argument("--wake-mac", default=None,
+                   help="MAC address for Wake-on-LAN (default: of the interface that "
+                        "reaches the gateway)")
+    p.add_argument("--wake-broadcast", default=None,
+                   help="broadcast address the magic packet goes to (default: that "
+                        "interface's)")
+    p.add_argument("--wake-port", type=int, default=9, help="Wake-on-LAN UDP port")
+    p.add_argument("--polite", action="store_true", default=False,
+                   help="yield to the box's owner: offer no slots while other processes "
+                        "use the CPU or memory (or a terminal is in use), back when idle")
+    p.add_argument("--polite-cpu", type=float, default=0.25,
+                   help="share of the host's CPUs used by others that makes a polite "
+                        "worker yield")
+    p.add_argument("--polite-cpu-low", type=float, default=None,
+                   help="share below which it comes back (default half of --polite-cpu)")
+    p.add_argument("--polite-memory", type=float, default=0.10,
+                   help="available-memory share below which a polite worker yields")
+    p.add_argument("--polite-calm", type=float, default=5.0,
+                   help="seconds the owner must stay idle before a polite worker comes back")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _EnvDefaults(prog="corral", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_EnvDefaults)
 
-    w = sub.add_parser("worker", help="one worker holding one model replica")
+    w = sub.add_parser("worker", help="one worker: its --model, or the models a gateway "
+                       "places on it")
     _worker_flags(w)
     w.add_argument("--id", default=None, help="worker id (default host:port)")
     w.add_argument("--join", default=None, help="gateway URL to join")
@@ -101,13 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--rpc-host", default=None,
                    help="interface an RPC shard listens on when placed (default --host)")
     w.add_argument("--log-level", default="warning")
+    _lifecycle_flags(w)
     w.set_defaults(func=_cmd_worker)
 
     g = sub.add_parser("gateway", help="the OpenAI endpoint in front of the workers")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--worker", action="append", default=[], help="worker URL (repeatable)")
-    g.add_argument("--model", action="append", default=[], help="model to place (repeatable)")
+    g.add_argument("--model", action="append", default=[],
+                   help="model to keep placed (repeatable)")
+    g.add_argument("--models-dir", default=None,
+                   help="catalogue every .gguf here: loaded on demand, unloaded when idle")
     g.add_argument("--redis-url", "--redis", dest="redis_url", default=None,
                    help="Redis URL for state shared by gateway replicas")
     g.add_argument("--config", default=None, help="corral.toml")
@@ -138,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="or an API key, for a closed gateway")
     s.set_defaults(func=_cmd_status)
 
-    from corral import keys
+    from corral import drain, keys
 
     keys.add_parser(sub)
+    drain.add_parser(sub)
 
     b = sub.add_parser("bench", help="load generator for any OpenAI-compatible endpoint")
     b.add_argument("--base-url", required=True)
@@ -183,6 +217,10 @@ def _cmd_worker(a: argparse.Namespace) -> int:
         device=a.device, sim_tokens_per_second=a.sim_tokens_per_second,
         sim_ttft=a.sim_ttft, sim_prefill_tokens_per_second=a.sim_prefill_tokens_per_second,
         log_level=a.log_level,
+        drain_timeout=a.drain_timeout, sleep_command=a.sleep_command, wake_mac=a.wake_mac,
+        wake_broadcast=a.wake_broadcast, wake_port=a.wake_port, polite=a.polite,
+        polite_cpu=a.polite_cpu, polite_cpu_low=a.polite_cpu_low,
+        polite_memory=a.polite_memory, polite_calm=a.polite_calm,
     )
     return run(cfg)
 

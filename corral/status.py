@@ -14,7 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 _STATE_STYLE = {"ready": "green", "busy": "yellow", "loading": "cyan", "idle": "blue",
-                "down": "red", "unplaceable": "bold red", "broken": "red", "draining": "yellow"}
+                "down": "red", "unplaceable": "bold red", "broken": "red", "draining": "yellow",
+                "asleep": "magenta"}
 
 
 def _gib(n: object) -> str:
@@ -63,7 +64,7 @@ def render(data: dict, console: Console) -> None:
             str(w.get("id", "?")),
             f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
             w.get("backend") or "-",
-            ", ".join(w.get("models") or []) or "-",
+            _models_cell(w),
             str(w.get("queue_depth", 0)),
             f"{w.get('slots_busy', 0)}/{w.get('slots_total', 0)}",
             f"{w.get('prefill_tokens_per_second') or 0:.0f}" if w.get(
@@ -75,6 +76,10 @@ def render(data: dict, console: Console) -> None:
     console.print(table)
     for p in data.get("placements") or []:
         console.print(_placement_line(p), highlight=False)
+    for load in data.get("loads") or []:  # models being loaded, drained or that failed
+        why = f": {escape(str(load['error']))}" if load.get("error") else ""
+        console.print(f"model {load.get('model')} on {load.get('worker')}: "
+                      f"{load.get('state')}{why}", highlight=False)
     links = data.get("links") or []
     if links:
         lt = Table(title="Links (measured)", title_justify="left")
@@ -89,6 +94,15 @@ def render(data: dict, console: Console) -> None:
     for warning in data.get("warnings") or []:  # e.g. a host oversubscribed by its workers
         console.print(Text.assemble(("warning: ", "bold yellow"),
                                     str(warning.get("message", warning))))
+
+
+def _models_cell(w: dict) -> str:
+    """The worker's models; one holding several, each with its state when not serving."""
+    per = w.get("per_model") or []
+    if not per:
+        return ", ".join(w.get("models") or []) or "-"
+    return ", ".join(m["name"] if m.get("state") == "ready" else f"{m['name']} ({m['state']})"
+                     for m in per) or "-"
 
 
 def _placement_line(p: dict) -> str:

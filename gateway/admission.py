@@ -13,6 +13,9 @@ worker has ever served it. Nothing waits without a deadline.
 A model that lost its last healthy worker less than `down_grace` seconds ago is in an
 outage that may end any moment (a worker restarting, a probe blip): new requests wait in the
 queue until a worker is back or the grace is over (then 503), instead of failing at once.
+A catalogued model loaded nowhere (`loadable`, the placer's: it loads on demand) lets its
+requests wait up to `model_load_timeout` for its first worker; if the placer finds it
+cannot be placed after all, `fail` answers them at once with its reason.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from gateway.config import GatewayConfig
 from gateway.cost import Job
@@ -66,7 +69,13 @@ class Admission:
         self.router = router
         self.metrics = metrics
         self.queue = queue if queue is not None else FairQueue()
+        # A catalogued model that loads on demand (set by core: the placer's `loadable`).
+        self.loadable: Callable[[str], bool] = lambda model: False
+        self._timer: asyncio.TimerHandle | None = None  # dispatch when a reader frees up
         registry.listeners.append(self.dispatch)
+        # Seconds a request may wait for a model no worker can take now but one will
+        # (an asleep box being woken, a polite one yielding): lifecycle.py sets it.
+        self.hold: Callable[[str], float | None] | None = None
         metrics.collector.queue_length = self.queue.__len__
 
     def check_model(self, model: str) -> float | None:
@@ -74,7 +83,12 @@ class Admission:
         grace when it has no healthy worker right now but may have one shortly."""
         if self.registry.by_model.get(model):
             return None
+        if self.loadable(model):
+            return self.cfg.model_load_timeout
         if model in self.registry.known_models:
+            held = self.hold(model) if self.hold is not None else None
+            if held:
+                return held
             lost = self.registry.lost_at.get(model)
             left = (lost + self.cfg.down_grace - time.monotonic()) if lost is not None else 0
             if left > 0:
@@ -104,7 +118,10 @@ class Admission:
         loop = asyncio.get_running_loop()
         waiter = Waiter(model, exclude, loop.create_future(), user, need, job)
         self.queue.put(waiter)
-        wait = self.cfg.queue_timeout if grace is None else min(self.cfg.queue_timeout, grace)
+        wait = self.cfg.queue_timeout if grace is None else (
+            grace if self.loadable(model) else min(self.cfg.queue_timeout, grace))
+        if self.hold is not None:
+            wait = max(wait, self.hold(model) or 0.0)
         timer = loop.call_later(wait, self._expire, waiter)
         self.dispatch()
         try:
@@ -130,27 +147,75 @@ class Admission:
         if not self.queue:
             return
         blocked: set[str] = set()  # models with no room left in this pass
-        pick = self.router.pick
+        router = self.router
+        pick = router.pick
+        router.held.clear()
+        held_models: set[str] = set()
         for waiter in self.queue.in_order():
             if waiter.future.done():
                 self.queue.remove(waiter)
                 continue
             if waiter.model in blocked:
                 continue
+            router.holding = False
             w = pick(waiter.model, waiter.exclude, None, waiter.need, waiter.job)
             if w is None:
-                if not waiter.exclude and waiter.need is None:
+                # Waiting by choice for a full worker (cost routing) leaves the room
+                # elsewhere to those behind it; otherwise the model is full this pass.
+                if not router.holding and not waiter.exclude and waiter.need is None:
                     blocked.add(waiter.model)
+                elif router.holding:
+                    held_models.add(waiter.model)
                 continue
             self.queue.remove(waiter)
             waiter.future.set_result(w)
+        router.held.clear()
+        router.holding = False
+        if blocked or held_models:
+            self._wake_at(min((t for m in blocked | held_models
+                               if (t := router.reopens_at(m))), default=None))
+
+    def _wake_at(self, at: float | None) -> None:
+        """One timer: the next moment a blocked model's worker has room by the clock."""
+        if at is None or (self._timer is not None and not self._timer.cancelled()
+                          and self._timer.when() <= at):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # dispatched outside the event loop (a unit test)
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        # loop.time() and time.monotonic() are the same clock in asyncio's default loops.
+        self._timer = loop.call_at(at + 0.001, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self.dispatch()
+
+    def waiting(self, model: str) -> int:
+        """Requests queued for `model` (the placer replicates a model others wait for)."""
+        return sum(1 for w in self.queue.in_order() if w.model == model
+                   and not w.future.done())
+
+    def fail(self, model: str, err: APIError) -> None:
+        """Answers every request waiting for `model` with `err` (it cannot be placed)."""
+        for waiter in self.queue.in_order():
+            if waiter.model == model and not waiter.future.done():
+                self.queue.remove(waiter)
+                waiter.future.set_exception(err)
 
     def _expire(self, waiter: Waiter) -> None:
         self.queue.remove(waiter)
         if waiter.future.done():
             return
         err: APIError
-        if not self.registry.by_model.get(waiter.model):
+        if not self.registry.by_model.get(waiter.model) and self.loadable(waiter.model):
+            self.metrics.rejected.labels("load_timeout").inc()
+            err = unavailable(f"The model {waiter.model!r} did not finish loading within "
+                              f"{self.cfg.model_load_timeout:g}s; retry shortly.",
+                              retry_after=5)
+        elif not self.registry.by_model.get(waiter.model):
             self.metrics.rejected.labels("no_healthy_worker").inc()
             err = unavailable(f"No healthy worker serves the model {waiter.model!r} right now.",
                               retry_after=2)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from gateway.api import admin, cluster, embeddings, keys, models, openai, responses
+from gateway.api import admin, cluster, embeddings, keys, lifecycle, models, openai, responses
 from gateway.config import GatewayConfig
 from gateway.core import Gateway
 from gateway.guard import BodyGuard
@@ -59,6 +59,7 @@ def create_app(cfg: GatewayConfig) -> FastAPI:
     app.include_router(embeddings.router)
     app.include_router(responses.router)
     app.include_router(cluster.router)
+    app.include_router(lifecycle.router)
     app.include_router(admin.router)
     app.include_router(keys.router)
     app.include_router(models.router)

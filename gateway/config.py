@@ -58,12 +58,30 @@ class ApiKey:
                 f"frontend={self.frontend!r})")
 
 
+@dataclass(frozen=True)
+class ModelEntry:
+    """One catalogued model (`[[models]]`, `--model`, a GGUF in `--models-dir`).
+
+    `spec` is what `worker.models.resolve` reads: a bundled name or a .gguf path. A pinned
+    model is always placed, with at least `min_replicas`; an unpinned one is loaded when
+    asked for and unloaded after `model_idle_ttl` without a request.
+    """
+
+    name: str
+    spec: str
+    pin: bool = False
+    min_replicas: int = 1
+    aliases: tuple[str, ...] = ()
+
+
 @dataclass
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: list[str] = field(default_factory=list)  # static worker URLs
-    models: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)  # --model and `models = ["..."]`: pinned
+    model_entries: list[ModelEntry] = field(default_factory=list)  # `[[models]]` tables
+    models_dir: str | None = None  # every *.gguf in it is catalogued, unpinned
     redis_url: str | None = None
     cluster_token: str = ""
     cluster_token_generated: bool = False
@@ -79,6 +97,11 @@ class GatewayConfig:
     queue_size: int = 256  # requests waiting in the gateway for a worker
     queue_timeout: float = 30.0  # seconds a request may wait there
     worker_queue_allowance: int = 2  # requests queued at a worker beyond its slots
+    # With cost routing, a worker past that allowance still takes a request while the
+    # expected wait there (its prompt-reading backlog, its slot queue) is under this: a fast
+    # reader holding six short prompts has room; a slow one holding six long ones has not.
+    # 0: the count alone.
+    worker_queue_seconds: float = 0.0
     # A model whose last healthy worker went down less than this long ago (a restart, a
     # blip) lets new requests wait in the queue for one to come back, rather than 503 at once.
     down_grace: float = 10.0
@@ -112,6 +135,19 @@ class GatewayConfig:
     # /openapi.json need a key or the cluster token, unless the dashboard is public.
     public_dashboard: bool = False
     metrics_token: str = ""  # when set, GET /metrics needs it (or the cluster token)
+    # Boxes people also use (lifecycle.py). A worker no placement has needed and no request
+    # has touched for `idle_sleep_after` seconds is drained and runs its --sleep-command
+    # (0: never); requests waiting `wake_after` seconds for a model an asleep box serves
+    # wake it (Wake-on-LAN) and are held up to `wake_deadline` seconds while it rejoins. A
+    # drain without a deadline of its own gets `drain_timeout` (0: until it is empty).
+    idle_sleep_after: float = 0.0
+    wake_after: float = 2.0
+    wake_deadline: float = 90.0
+    drain_timeout: float = 0.0
+    # Many models (placer.py): an unpinned model with no request for this long is unloaded;
+    # a request for a catalogued model loaded nowhere waits this long for it to load.
+    model_idle_ttl: float = 900.0
+    model_load_timeout: float = 120.0
 
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
         return (f"GatewayConfig(host={self.host!r}, port={self.port}, workers={self.workers}, "

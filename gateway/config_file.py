@@ -19,22 +19,25 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     create_model,
     model_validator,
 )
 
-from gateway.config import ApiKey, GatewayConfig
+from gateway.config import ApiKey, GatewayConfig, ModelEntry
 
 # GatewayConfig fields the file sets at the top level or that flags own: not in [gateway].
 _NOT_TUNABLE = {"host", "port", "workers", "models", "redis_url", "cluster_token",
-                "cluster_token_generated", "api_keys", "log_level"}
+                "cluster_token_generated", "api_keys", "log_level", "model_entries",
+                "models_dir"}
 
 
 class ConfigError(Exception):
@@ -99,6 +102,28 @@ class ApiKeyEntry(_Strict):
             self.user_tokens_per_day, self.user_tokens_per_month)
 
 
+class ModelTable(_Strict):
+    """One `[[models]]` entry: a catalogued model (`models = ["..."]` strings still work)."""
+
+    name: str = Field(min_length=1)
+    path: str | None = None  # a .gguf file; absent: `name` is a bundled model
+    pin: bool = False  # always placed (with min_replicas), never evicted or idle-unloaded
+    min_replicas: int = Field(1, ge=1)
+    aliases: list[str] = Field(default_factory=list)  # other names requests may use
+
+    def to_entry(self) -> ModelEntry:
+        return ModelEntry(self.name, self.path or self.name, self.pin, self.min_replicas,
+                          tuple(self.aliases))
+
+
+# `models` holds names (today's list) or tables: told apart by type, so an error names only
+# the form that was written (the tags are dropped from error locations, `_describe`).
+_TAGS = ("model-name", "model-table")
+ModelItem = Annotated[
+    Annotated[str, Tag("model-name")] | Annotated[ModelTable, Tag("model-table")],
+    Discriminator(lambda v: "model-name" if isinstance(v, str) else "model-table")]
+
+
 def _tunables() -> dict[str, Any]:
     # The declared types, not the defaults' (a `bool | None` setting defaults to None).
     hints = typing.get_type_hints(GatewayConfig)
@@ -119,7 +144,8 @@ class ConfigFile(_Strict):
     cluster_token: str | None = None
     redis_url: str | None = None
     workers: list[str] = Field(default_factory=list)
-    models: list[str] = Field(default_factory=list)
+    models: list[ModelItem] = Field(default_factory=list)  # type: ignore[valid-type]
+    models_dir: str | None = None  # every *.gguf in it is catalogued (--models-dir wins)
     api_keys: list[ApiKeyEntry] = Field(default_factory=list)
     gateway: GatewayTable = Field(default_factory=GatewayTable)  # type: ignore[valid-type]
 
@@ -149,7 +175,7 @@ def _dotted(loc: tuple[Any, ...]) -> str:
 
 
 def _describe(path: str, raw: dict[str, Any], err: Any) -> str:
-    loc = tuple(err["loc"])
+    loc = tuple(p for p in err["loc"] if p not in _TAGS)
     where = _dotted(loc)
     if err["type"] != "extra_forbidden":
         return f"{path}: {where}: {err['msg']}"
@@ -207,7 +233,9 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
     Raises ConfigError for a file that cannot be used."""
     file = load(getattr(args, "config", None))
     workers = list(getattr(args, "worker", None) or []) + file.workers
-    models = list(getattr(args, "model", None) or []) + file.models
+    models = list(getattr(args, "model", None) or []) + [
+        m for m in file.models if isinstance(m, str)]
+    tables = [m.to_entry() for m in file.models if isinstance(m, ModelTable)]
     token = getattr(args, "cluster_token", None) or file.cluster_token or ""
     generated = not token
     if generated:
@@ -218,7 +246,8 @@ def load_config(args: argparse.Namespace) -> GatewayConfig:
     cfg = GatewayConfig(
         host=args.host, port=args.port,
         workers=list(dict.fromkeys(w.rstrip("/") for w in workers)),
-        models=list(dict.fromkeys(models)),
+        models=list(dict.fromkeys(models)), model_entries=tables,
+        models_dir=getattr(args, "models_dir", None) or file.models_dir,
         redis_url=getattr(args, "redis_url", None) or file.redis_url,
         cluster_token=token, cluster_token_generated=generated, api_keys=keys,
         log_level=getattr(args, "log_level", None) or "warning",

@@ -16,6 +16,7 @@ from gateway.budgets import Budgets
 from gateway.config import GatewayConfig
 from gateway.hostload import HostWatch
 from gateway.keys import KeyStore
+from gateway.lifecycle import Lifecycle
 from gateway.limits import Limiter
 from gateway.metrics import Metrics
 from gateway.placer import Placer
@@ -41,7 +42,7 @@ class Gateway:
         self.registry = Registry(cfg, self.state)
         self.metrics = Metrics(self.registry)
         self.router = Router(self.registry, cfg.worker_queue_allowance, cfg.affinity_slack,
-                             cfg.cost_routing)
+                             cfg.cost_routing, cfg.worker_queue_seconds)
         self.admission = Admission(cfg, self.registry, self.router, self.metrics)
         self.upstream = Upstream(cfg, self.registry, self.admission, self.metrics)
         if cfg.affinity:
@@ -49,7 +50,13 @@ class Gateway:
         self.topology = Topology(
             lambda: {w.id: w.url for w in self.registry.workers.values()}, cfg.cluster_token)
         self.placer = Placer(cfg, self.registry, self.topology)
+        # On demand: requests wait for a catalogued model to load; the placer sees them.
+        self.admission.loadable = self.placer.loadable
+        self.placer.demand.queued = self.admission.waiting
+        self.placer.fail_waiting = self.admission.fail
         self.metrics.collector.placer = self.placer
+        self.lifecycle = Lifecycle(cfg, self.registry, self.admission, self.placer,
+                                   self.metrics)
         self.hosts = HostWatch(self.registry, max(cfg.probe_interval, 0.5))
         self.limits = Limiter(redis)
         self.budgets = Budgets(redis)
@@ -63,12 +70,14 @@ class Gateway:
         await self.registry.start()
         await self.topology.start()
         await self.placer.start()
+        await self.lifecycle.start()
         await self.hosts.start()
         await self.limits.start()
         await self.usage.start()
 
     async def stop(self) -> None:
         await self.hosts.stop()
+        await self.lifecycle.stop()
         await self.placer.stop()
         await self.topology.stop()
         await self.usage.stop()

@@ -16,6 +16,8 @@ and a request's expected time to finish on worker w is
   that should still be being read: a virtual finish time, `Worker.reader_free`, pushed on
   at every pick and draining with the clock) and the wait for a slot (the requests beyond
   its slots drain `slots` at a time, each about a typical completion long).
+- room: past `worker_queue_allowance` requests beyond its slots, a worker still takes a
+  job while its expected wait is under `worker_queue_seconds` (`full`).
 - DRAG: sequences decoded in one batch slow each other a little on a real backend, so of
   two equal workers the one with fewer sequences in its slots is the faster.
 
@@ -92,18 +94,36 @@ def reads(w: Worker, job: Job, cached: bool) -> float:
     return (job.new_tokens if cached else job.prompt_tokens) / rate if rate > 0 else 0.0
 
 
+def wait(w: Worker, job: Job, now: float) -> float:
+    """Expected seconds before `w` starts reading the job: the later of its prompt-reading
+    backlog and its slot queue."""
+    slots = w.slots_total
+    over = w.load + 1 - slots
+    ahead = w.reader_free - now
+    if over > 0:
+        ahead = max(ahead, over * job.typical / (slots * w.decode_rate))
+    return ahead if ahead > 0.0 else 0.0
+
+
+def full(w: Worker, job: Job, now: float, allowance: int, seconds: float) -> bool:
+    """Whether `w` has no room for the job: past `allowance` requests beyond its slots AND
+    expected to make it wait more than `seconds`. A count alone misjudges prompt reading:
+    six short prompts queued at a fast reader are nothing, six long ones at a slow reader
+    are many seconds; past the bound the request waits in the gateway queue (fair share).
+    Load no gateway sent (`external`: direct clients, or a 429 marking it saturated) has no
+    estimate, so with any of it the count alone decides."""
+    if w.load < w.slots_total + allowance:
+        return False
+    return w.external > 0 or wait(w, job, now) > seconds
+
+
 def finish(w: Worker, job: Job, now: float, cached: bool = False) -> float:
     """Expected seconds until the job is done on `w`, were it sent there now."""
     load = w.load
     slots = w.slots_total
-    rate = w.decode_rate
-    wait = w.reader_free - now
-    over = load + 1 - slots
-    if over > 0:
-        wait = max(wait, over * job.typical / (slots * rate))
     in_slots = load if load < slots else slots
-    return (max(wait, 0.0) + reads(w, job, cached)
-            + job.completion_tokens / rate * (1.0 + DRAG * in_slots))
+    return (wait(w, job, now) + reads(w, job, cached)
+            + job.completion_tokens / w.decode_rate * (1.0 + DRAG * in_slots))
 
 
 def reserve(w: Worker, job: Job, now: float, cached: bool = False) -> None:

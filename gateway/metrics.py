@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from gateway.registry import Registry
+from gateway.registry import STATES, Registry
 
 if TYPE_CHECKING:
     from gateway.placer import Placer
 
 disable_created_metrics()  # no `_created` series: half the scrape size, no loss
 
+WORKER_STATES = STATES  # corral_worker_state's `state` values
 _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _WAIT = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -39,11 +40,17 @@ class _WorkerCollector:
                                "(as last probed).", labels=["worker"])
         inf = GaugeMetricFamily("corral_inflight", "Requests this gateway has in flight on the "
                                 "worker.", labels=["worker"])
+        st = GaugeMetricFamily("corral_worker_state", "1 for the state the worker is in "
+                               "(/cluster's), 0 for the others.", labels=["worker", "state"])
         for w in list(self.registry.workers.values()):
             up.add_metric([w.id], 1.0 if w.healthy else 0.0)
             qd.add_metric([w.id], w.queue_depth)
             inf.add_metric([w.id], w.inflight)
+            now = w.to_json()["state"]
+            for s in WORKER_STATES:
+                st.add_metric([w.id, s], 1.0 if s == now else 0.0)
         yield up
+        yield st
         yield qd
         yield inf
         if self.queue_length is not None:

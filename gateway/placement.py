@@ -10,14 +10,21 @@ Memory a model needs on one box (`estimate`), from the GGUF's metadata and tenso
              n_ubatch 512, this gives 100.1 MiB);
   runtime  = one worker process (Python, llama.cpp, the HTTP stack), measured: 80 MiB RSS.
 
-Plan (`plan`): every worker holds at most one role. First every model gets a home, biggest
-model first: the smallest free worker that holds it (best fit), or, if none can, the FEWEST
-free workers whose memory adds up (largest first) as one split, the largest of them the
-head, `tensor_split` proportional to their memory. Then each remaining worker takes a
-replica of a model it holds, the model with the fewest replicas first. Current members are
-preferred on ties, so a re-plan on the same inventory changes nothing. The plan comes in a
-canonical order (`canonical`), so two plans that place the same roles compare equal even when
-free memory that moved between two probes changed which worker was picked first.
+Plan (`plan`): models are packed onto workers by memory, several per worker as long as
+their needs add up to no more than it offers. Each model has a target number of replicas
+(`ModelSpec.replicas`: 1, a pinned model's `min_replicas`, more while it is busy).
+  0. What runs stays where it is (up to each target), so a re-plan moves nothing that fits.
+  1. A model that fits no single worker is split with llama.cpp RPC over the FEWEST workers
+     holding nothing (largest first, the largest the head, `tensor_split` by memory).
+  2. Every other model without a home, pinned ones first, then the biggest first, goes to
+     the best fit: a worker already in use before an empty one (boxes no placement needs
+     stay free), then the least memory left over. If none has room and it is pinned or
+     `demanded` (requests wait for it), the least recently used unpinned models (or extra
+     replicas) on one worker are evicted for it: a pinned model evicts any unpinned one, a
+     demanded one only those used less recently. Any other is simply not loaded now.
+  3. Replicas beyond the first, up to each target, by the same best fit, evicting nothing.
+The plan comes in a canonical order (`canonical`), so two plans that place the same roles
+compare equal even when free memory that moved between two probes changed an order.
 
 A model left out of the plan is explained (`explain`): what it needs, the largest single
 offer and what all the workers together offer, so it is never silently missing.
@@ -96,6 +103,10 @@ def _estimate(path: str, _size: int, _mtime: int, n_ctx: int, slots: int,
 class ModelSpec:
     name: str
     need: int  # bytes on one box (MemoryNeed.total)
+    replicas: int = 1  # how many the plan should give it (when memory allows)
+    pinned: bool = False  # never evicted for another model
+    last_used: float = 0.0  # when it was last asked for: the LRU order of eviction
+    demanded: bool = False  # requests wait for it, served nowhere: it may evict others
 
 
 @dataclass(frozen=True)
@@ -154,74 +165,165 @@ def _clearly_faster(cost: SplitCost, new: Sequence[str], old: Sequence[str]) -> 
 
 def plan(models: Sequence[ModelSpec], workers: Iterable[WorkerSpec],
          current: Iterable[Placement] = (), cost: SplitCost | None = None) -> list[Placement]:
-    """Placements for `models` on `workers`, in canonical order. A model that fits nowhere,
-    even split, is left out (`explain` says why).
+    """Placements for `models` on `workers`, in canonical order (the module docstring has
+    the rules). A model that fits nowhere, even split or by eviction, is left out
+    (`explain` says why).
 
     `cost(head, members)` (the measured topology's network ms per token) picks, among the
     sets of the fewest workers that hold a split, the fastest-linked one; a running split
     is kept unless another set is clearly faster (`_clearly_faster`).
 
-    Replicas come one placement per worker (mode "replica", one id in `workers`), so a
-    worker's role is always read from exactly one placement.
+    Replicas come one placement per worker and model (mode "replica", one id in
+    `workers`); a worker may hold several models' replicas, or one split role.
     """
-    pool = {w.id: w for w in workers}
-    current = list(current)
-    was = {(wid, p.model, p.mode) for p in current for wid in p.workers}
-    splits = {p.model: p for p in current
-              if p.mode == "split" and p.workers and len(p.tensor_split) == len(p.workers)}
-    free = set(pool)
-    out: list[Placement] = []
-    replicas: dict[str, int] = {m.name: 0 for m in models}
+    return _Packer(models, workers, current, cost).run()
 
-    def kept(wid: str, model: str, mode: str) -> int:
-        return 0 if (wid, model, mode) in was else 1
 
-    # 1. A home for every model, the biggest first.
-    for m in sorted(models, key=lambda m: -m.need):
-        fits = [pool[w] for w in free if pool[w].memory >= m.need]
-        if fits:
-            best = min(fits, key=lambda w: (kept(w.id, m.name, "replica"), w.memory, w.id))
-            free.discard(best.id)
-            out.append(Placement(m.name, "replica", (best.id,), best.id, (1.0,)))
-            replicas[m.name] += 1
-            continue
-        by_size = sorted((pool[w] for w in free),
-                         key=lambda w: (-w.memory, kept(w.id, m.name, "split"), w.id))
+class _Packer:
+    def __init__(self, models: Sequence[ModelSpec], workers: Iterable[WorkerSpec],
+                 current: Iterable[Placement], cost: SplitCost | None) -> None:
+        self.pool = {w.id: w for w in workers}
+        self.current = list(current)
+        self.cost = cost
+        self.spec = {m.name: m for m in models}
+        self.order = sorted(models, key=lambda m: (not m.pinned, -m.need, m.name))
+        self.free = {w: self.pool[w].memory for w in self.pool}
+        self.on: dict[str, list[str]] = {w: [] for w in self.pool}
+        self.count = {m.name: 0 for m in models}
+        self.split: dict[str, Placement] = {}
+        self.held = {(p.workers[0], p.model) for p in self.current
+                     if p.mode == "replica" and p.workers}
+
+    def run(self) -> list[Placement]:
+        for m in self.order:  # 0. what runs stays
+            for wid in sorted(w for w in self.pool if (w, m.name) in self.held):
+                if self.count[m.name] < m.replicas and self._fits(m, wid):
+                    self._put(m, wid)
+        for m in self.order:  # 1. splits, for what no single worker holds
+            if not self.count[m.name] and not any(w.memory >= m.need
+                                                  for w in self.pool.values()):
+                self._split(m)
+        homeless: list[ModelSpec] = []
+        for m in self.order:  # 2. a home for the others: best fit, else evict
+            if self.count[m.name] or m.name in self.split:
+                continue
+            if not any(w.memory >= m.need for w in self.pool.values()):
+                continue
+            wid = self._best_fit(m)
+            if wid is None:
+                wid = self._evict_for(m, homeless)
+            if wid is not None:
+                self._put(m, wid)
+        for m in homeless:  # the evicted: elsewhere, if memory is left
+            if not self.count[m.name] and (wid := self._best_fit(m)) is not None:
+                self._put(m, wid)
+        for m in self.order:  # 3. more replicas up to the target
+            while m.name not in self.split and self.count[m.name] < m.replicas:
+                wid = self._best_fit(m)
+                if wid is None:
+                    break
+                self._put(m, wid)
+        out = [Placement(m, "replica", (w,), w, (1.0,))
+               for w, ms in self.on.items() for m in ms]
+        return canonical([*out, *self.split.values()])
+
+    def _fits(self, m: ModelSpec, wid: str) -> bool:
+        return m.name not in self.on[wid] and self.free[wid] >= m.need \
+            and wid not in self._split_members()
+
+    def _split_members(self) -> set[str]:
+        return {w for p in self.split.values() for w in p.workers}
+
+    def _put(self, m: ModelSpec, wid: str) -> None:
+        self.free[wid] -= m.need
+        self.on[wid].append(m.name)
+        self.count[m.name] += 1
+
+    def _take(self, name: str, wid: str) -> None:
+        self.free[wid] += self.spec[name].need
+        self.on[wid].remove(name)
+        self.count[name] -= 1
+
+    def _best_fit(self, m: ModelSpec) -> str | None:
+        fits = [w for w in self.pool if self._fits(m, w)]
+        if not fits:
+            return None
+        return min(fits, key=lambda w: (not self.on[w], (w, m.name) not in self.held,
+                                        self.free[w] - m.need, w))
+
+    def _evictable(self, v: str, m: ModelSpec) -> bool:
+        if not (m.pinned or m.demanded):
+            return False  # only a model someone waits for (or a pinned one) makes room
+        s = self.spec[v]
+        if self.count[v] > max(1, s.replicas if s.pinned else 1):
+            return True  # an extra replica: the model keeps its others
+        return not s.pinned and (m.pinned or s.last_used < m.last_used)
+
+    def _evict_for(self, m: ModelSpec, homeless: list[ModelSpec]) -> str | None:
+        """The worker where evicting the least recently used makes room for `m`; evicts."""
+        best: tuple[tuple[int, float, int, str], list[str]] | None = None
+        for wid, w in self.pool.items():
+            if w.memory < m.need or m.name in self.on[wid] or wid in self._split_members():
+                continue
+            victims = sorted((v for v in self.on[wid] if self._evictable(v, m)),
+                             key=lambda v: (self.count[v] <= 1, self.spec[v].last_used, v))
+            room, chosen = self.free[wid], []
+            for v in victims:
+                if room >= m.need:
+                    break
+                chosen.append(v)
+                room += self.spec[v].need
+            if room < m.need:
+                continue
+            lost = [v for v in chosen if self.count[v] <= 1]
+            score = (len(lost), max((self.spec[v].last_used for v in lost), default=0.0),
+                     len(chosen), wid)
+            if best is None or score < best[0]:
+                best = (score, chosen)
+        if best is None:
+            return None
+        wid = best[0][3]
+        for v in best[1]:
+            self._take(v, wid)
+            if not self.count[v]:
+                homeless.append(self.spec[v])
+        return wid
+
+    def _split(self, m: ModelSpec) -> None:
+        pool = self.pool
+        members_taken = self._split_members()
+        empty = [w for w in pool if not self.on[w] and w not in members_taken]
+        by_size = sorted((pool[w] for w in empty),
+                         key=lambda w: (-w.memory, self._kept_split(w.id, m.name), w.id))
         chosen: list[WorkerSpec] = []
         for w in by_size:
             chosen.append(w)
             if sum(c.memory for c in chosen) >= m.need:
                 break
         else:
-            continue  # not even all free workers together hold it
+            return  # not even all free workers together hold it
+        cost = self.cost
         if cost is not None:
             chosen = _fastest(by_size, len(chosen), m.need, cost) or chosen
         members = tuple(c.id for c in chosen)
         ratios = _proportional([c.memory for c in chosen])
-        prev = splits.get(m.name)
+        prev = next((p for p in self.current if p.model == m.name and p.mode == "split"
+                     and p.workers and len(p.tensor_split) == len(p.workers)), None)
         if (prev is not None and len(prev.workers) <= len(members)
-                and all(w in free for w in prev.workers)
+                and all(w in empty for w in prev.workers)
                 and sum(pool[w].memory for w in prev.workers) >= m.need
                 and not (cost and _clearly_faster(cost, members, prev.workers))):
             # The running split still holds it with no more workers: keep its members, head
             # and ratios. Free memory moves between probes; a new head or tensor_split
             # would restart a split that serves fine.
             members, ratios = prev.workers, prev.tensor_split
-        free.difference_update(members)
-        out.append(Placement(m.name, "split", members, members[0], ratios))
+        for wid in members:
+            self.free[wid] = 0
+        self.split[m.name] = Placement(m.name, "split", members, members[0], ratios)
 
-    # 2. Every other worker replicates a model it holds, the least replicated first.
-    order = {m.name: i for i, m in enumerate(models)}
-    for wid in sorted(free, key=lambda w: (-pool[w].memory, w)):
-        w = pool[wid]
-        fits = [m for m in models if m.need <= w.memory and replicas[m.name] > 0]
-        if not fits:
-            continue
-        m = min(fits, key=lambda m: (kept(wid, m.name, "replica"), replicas[m.name],
-                                     order[m.name]))
-        replicas[m.name] += 1
-        out.append(Placement(m.name, "replica", (wid,), wid, (1.0,)))
-    return canonical(out)
+    def _kept_split(self, wid: str, model: str) -> int:
+        return 0 if any(p.model == model and p.mode == "split" and wid in p.workers
+                        for p in self.current) else 1
 
 
 def _mib(n: int) -> str:
@@ -274,7 +376,8 @@ def explain(needs: dict[str, MemoryNeed], workers: Sequence[WorkerSpec],
 
 
 def roles(placements: Iterable[Placement]) -> dict[str, tuple[str, Placement]]:
-    """worker id -> (role, placement): "replica", "head" or "shard"."""
+    """worker id -> (role, placement): "replica", "head" or "shard" (for a worker holding
+    several replicas, the last of them)."""
     out: dict[str, tuple[str, Placement]] = {}
     for p in placements:
         for wid in p.workers:
@@ -283,6 +386,15 @@ def roles(placements: Iterable[Placement]) -> dict[str, tuple[str, Placement]]:
             else:
                 out[wid] = ("head" if wid == p.head else "shard", p)
     return out
+
+
+def hosted(placements: Iterable[Placement]) -> dict[str, list[str]]:
+    """worker id -> the models it holds as replicas, by name."""
+    out: dict[str, list[str]] = {}
+    for p in placements:
+        if p.mode == "replica":
+            out.setdefault(p.workers[0], []).append(p.model)
+    return {w: sorted(ms) for w, ms in out.items()}
 
 
 def summary(placements: Iterable[Placement]) -> list[dict[str, Any]]:

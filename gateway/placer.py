@@ -1,27 +1,28 @@
-"""The placer: turns declared models (`--model`, `models = [...]`) into roles on workers.
+"""The placer: turns the model catalogue (gateway.catalog) into models on workers.
 
 Every second, and whenever the set of workers changes, it plans (`gateway.placement.plan`)
 over the workers that asked to be placed (started without `--model`: their `/status` says
-`placement.managed`), from the memory they report, and pushes each worker its role through
-the worker control API (`POST /control/placement`, cluster token):
+`placement.managed`), from the memory they report, and pushes the plan through the worker
+control API (cluster token):
 
-- replica: the model's name, where to fetch it (`/cluster/models/{name}/file` here) and its
-  sha256 and size;
+- replicas, several models per worker where memory allows: model by model
+  (`gateway.replicas`: `POST /control/models` to load, `DELETE` to drain and unload);
 - split: the shards first (each answers with its RPC endpoint, open to the head's address
   only), then the head with those endpoints and the tensor split;
-- workers with no place in the plan are told `none`.
+- workers with no place in the plan are told `none` (boxes no placement needs stay free).
 
-A push happens only when what a worker reports differs from its role, or its placement
-broke (a dead head is restarted with fresh shards). A worker that stops answering is
-given `DEAD_AFTER` seconds before the plan moves its work elsewhere. Requests for a split
-model reach its head by ordinary routing: the head is the member that reports the model.
+What is planned: every pinned model (`--model`, `models = [...]`, `pin = true`) with its
+`min_replicas`; every unpinned one asked for in the last `model_idle_ttl` seconds (a request
+for one loaded nowhere wakes the placer: `demand`), so an idle one is unloaded; and one
+more replica of a busy model each round it stays busy (requests waiting in the gateway
+queue for it, or its slots all taken), while memory is free. The planner evicts the least
+recently used unpinned model when a model needs the room.
 
-A declared model the plan leaves out (it fits no worker and no split of them) is never
-silent: one log line when it becomes unplaceable, an `unplaceable` entry with the numbers in
-`/cluster` placements, and a 503 `model_unplaceable` saying why for requests (`refusal`).
-The plan is logged only when it changes (plans come in a canonical order).
-
-The declared files are served to workers by `api/models.py`, from `catalog` here.
+A model the plan leaves out (it fits no worker and no split of them, or pinned models hold
+the memory it needs) is never silent: one log line when it becomes unplaceable, an
+`unplaceable` entry with the numbers in `/cluster` placements, and a 503
+`model_unplaceable` saying why for requests (`refusal`), including those already waiting
+for it. The plan is logged only when it changes (plans come in a canonical order).
 """
 
 from __future__ import annotations
@@ -31,23 +32,25 @@ import contextlib
 import logging
 import time
 import urllib.parse
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from gateway import placer_view
+from gateway.catalog import Catalog, ModelFile
+from gateway.demand import Demand
 from gateway.placement import (
     MemoryNeed,
-    ModelSpec,
     Placement,
     Unplaceable,
     WorkerSpec,
     estimate,
     explain,
+    hosted,
     plan,
-    summary,
 )
+from gateway.replicas import Reconciler, broken_loads, held
 from wire.errors import APIError
 
 if TYPE_CHECKING:
@@ -66,18 +69,7 @@ PROBE_MAX = 8  # split candidates whose pairs are probed (n(n-1)/2 short probes)
 PUSH_TIMEOUT = 30.0
 
 
-@dataclass
-class ModelFile:
-    name: str
-    path: Path
-    size: int
-    sha256: str
-
-
-def _sha256(path: Path) -> str:
-    from worker.fetch import sha256_of
-
-    return sha256_of(path)
+__all__ = ["ModelFile", "Placer"]
 
 
 class Placer:
@@ -86,9 +78,13 @@ class Placer:
         self.cfg = cfg
         self.registry = registry
         self.topology = topology
-        self.declared = list(cfg.models)
-        self.catalog: dict[str, ModelFile] = {}
-        self._catalog_read = False
+        self.catalog = Catalog(cfg)
+        self.demand = Demand(cfg, self.catalog, registry)
+        self.unreadable: dict[str, str] = {}  # catalogued files the planner cannot read
+        self.fail_waiting: Callable[[str, APIError], None] = lambda model, err: None
+        self._workers: list[WorkerSpec] = []  # as of the last round (refusal's numbers)
+        self._needs: dict[str, MemoryNeed] = {}
+        self.replicas = Reconciler(self._call, self._file_fields)
         self.current: list[Placement] = []
         self.draining: list[Placement] = []  # still serving until their successor is ready
         self.generation = 0
@@ -109,6 +105,8 @@ class Placer:
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(PUSH_TIMEOUT, connect=2.0),
                                          headers=self._headers)
         self.registry.listeners.append(self._wake.set)
+        if self.catalog.declared:  # names known before the first request (no hashing)
+            await self._load_catalog()
         self._started = time.monotonic()
         self._task = asyncio.create_task(self._run())
 
@@ -121,18 +119,24 @@ class Placer:
             await self._client.aclose()
 
     async def _load_catalog(self) -> None:
-        from worker.models import DEFAULT_MODEL, resolve
+        await self.catalog.load()
+        self.registry.known_models.update(self.catalog)
 
-        names = self.declared or [DEFAULT_MODEL]
-        for spec in names:
-            try:
-                name, path = resolve(spec)
-            except Exception as exc:
-                log.error("model %r cannot be placed: %s", spec, exc)
-                continue
-            sha = await asyncio.to_thread(_sha256, path)
-            self.catalog[name] = ModelFile(name, path, path.stat().st_size, sha)
-            self.registry.known_models.add(name)
+    # ------------------------------------------------------------------ demand
+    def resolve(self, requested: str) -> str:
+        """A requested name or alias -> the catalogued name."""
+        return self.catalog.resolve(requested)
+
+    def touch(self, model: str) -> None:
+        """A request for `model`: in use (gateway.demand); if it is catalogued but served
+        nowhere, the placer plans at once (on demand)."""
+        if self.demand.touch(model):
+            self._wake.set()
+
+    def loadable(self, model: str) -> bool:
+        """Whether a request for `model`, served nowhere now, should wait for it to load."""
+        return (model in self.catalog and model not in self.unplaceable
+                and model not in self.unreadable)
 
     async def _run(self) -> None:
         while True:
@@ -163,23 +167,55 @@ class Placer:
         return now - since < DEAD_AFTER
 
     @staticmethod
-    def capacity(w: Worker) -> int:
+    def capacity(w: Worker, needs: dict[str, MemoryNeed] | None = None) -> int:
+        """What `w` offers to models: with --memory-limit, the limit (its models' files
+        are what it reports as taken); without, the box's free memory plus what the
+        models it holds take by the planner's estimate (their KV cache and compute buffers
+        are gone from the free memory too), so a model held is not pushed out by itself."""
         mem = w.status.get("memory") or {}
-        return int(mem.get("available") or 0) + int(mem.get("model_bytes") or 0)
+        avail = int(mem.get("available") or 0)
+        files = int(mem.get("model_bytes") or 0)
+        physical = mem.get("physical_total")
+        if physical is not None and int(mem.get("total") or 0) != int(physical):
+            return avail + files  # a limit: total minus file bytes, plus them back
+        if needs:
+            held_need = sum(needs[m].total for m, st in held(w).items()
+                            if m in needs and st in ("ready", "draining"))
+            if held_need:
+                return avail + max(files, held_need)
+        return avail + files
 
-    def _needs(self, workers: list[Worker]) -> dict[str, MemoryNeed]:
+    def _estimate(self, workers: list[Worker]) -> dict[str, MemoryNeed]:
         n_ctx = max((int(w.status.get("n_ctx") or 0) for w in workers), default=0) or 2048
-        slots = max((int(w.status.get("slots_total") or 1) for w in workers), default=1)
-        return {m.name: estimate(m.path, n_ctx, slots) for m in self.catalog.values()}
+        slots = max((self._slots_per_model(w) for w in workers), default=1)
+        out = {}
+        for m in self.catalog.values():
+            try:
+                out[m.name] = estimate(m.path, n_ctx, slots)
+            except Exception as exc:  # one unreadable file must not stop the others
+                if m.name not in self.unreadable:
+                    log.error("model %s cannot be placed: %s is not a readable GGUF: %s",
+                              m.name, m.path, exc)
+                self.unreadable[m.name] = f"{m.path.name} is not a readable GGUF ({exc})"
+                continue
+            self.unreadable.pop(m.name, None)
+        return out
+
+    @staticmethod
+    def _slots_per_model(w: Worker) -> int:
+        """Slots one model gets on `w` (the top-level figure sums a worker's models)."""
+        per = w.status.get("per_model") or []
+        if per:
+            return max(int(m.get("slots_total") or 1) for m in per)
+        return int(w.status.get("slots_total") or 1)
 
     async def tick(self) -> None:
-        if not self._catalog_read:
+        if not self.catalog.read:
             # Declared models are read at once; the default one only when a worker waits.
-            if not (self.declared or self.managed()):
+            if not (self.catalog.declared or self.managed()):
                 return
-            self._catalog_read = True
             await self._load_catalog()
-        if not self.catalog:
+        if not self.catalog.files:
             return
         now = time.monotonic()
         if now - self._started < STARTUP_GRACE:
@@ -188,9 +224,13 @@ class Placer:
         if not workers and not self.current:
             self.unplaceable = {}  # no worker at all: "no healthy worker", not "too big"
             return
-        needs = await asyncio.to_thread(self._needs, workers)
-        models = [ModelSpec(name, need.total) for name, need in needs.items()]
-        specs = [WorkerSpec(w.id, self.capacity(w)) for w in workers]
+        needs = await asyncio.to_thread(self._estimate, workers)
+        running = self._running(workers)
+        names = [n for n in self.demand.wanted(now, {p.model for p in running})
+                 if n in needs]
+        models = self.demand.specs(names, needs, now, len(workers), self.current)
+        specs = [WorkerSpec(w.id, self.capacity(w, needs)) for w in workers]
+        self._workers, self._needs = specs, needs
         cost = None
         if self.topology is not None and any(
                 all(w.memory < m.need for w in specs) for m in models):
@@ -198,33 +238,56 @@ class Placer:
             if len(specs) <= PROBE_MAX:
                 await self.topology.probe_pairs([w.id for w in specs], self._client)
             cost = self.topology.cost
-        new = plan(models, specs, self.current or self._running(workers), cost)
+        new = plan(models, specs, self.current or running, cost)
         self.rounds += 1
         if new != self.current:  # both canonical: equal roles compare equal
             self.changes += 1
             log.warning("placement: %s", [p.to_json() for p in new] or "nothing placed")
         self.current = new
-        self._note_unplaceable(explain(needs, specs, new), {w.id for w in workers})
+        # Left out and someone needs it (pinned, or requests wait): say why. An unpinned
+        # model nobody waits for is simply not loaded now.
+        must = {m.name: needs[m.name] for m in models if m.pinned or m.demanded}
+        self._note_unplaceable(explain(must, specs, new), {w.id for w in workers})
         by_id = {w.id: w for w in workers}
         for w in workers:  # a placement that serves again starts its retry count afresh
             if self._reported(w).get("state") == "ready":
                 self._retries.pop(w.id, None)
-        placed: set[str] = set()
-        jobs = []
-        for p in new:
-            placed.update(p.workers)
-            jobs.append(self._apply(p, by_id))
+        want = hosted(new)
+        planned = {p.model for p in new}
+        ready = {p.model for p in new if self._serving(p, by_id)}
+        split_members = {wid for p in new if p.mode == "split" for wid in p.workers}
+        for name in planned:
+            await self.catalog.hash(name)  # what workers verify; once per file
+        self._fail_broken_loads(new, by_id)
+        jobs = [self._apply(p, by_id) for p in new if p.mode == "split"]
         # Make before break: what serves a model now keeps serving it until the model's new
         # placement is ready (a split giving way to a replica on a bigger worker, say).
-        ready = {p.model for p in new if self._serving(p, by_id)}
-        pending = {p.model for p in new} - ready
-        self.draining = [rp for rp in self._running(workers)
-                         if rp.model in pending and rp not in new]
-        keep = {wid for rp in self.draining for wid in rp.workers}
+        pending = planned - ready
+        old_splits = [rp for rp in running if rp.mode == "split" and rp.model in pending
+                      and rp not in new]
+        busy_split = {wid for rp in old_splits for wid in rp.workers}
+        keep: list[Placement] = []
         for w in workers:
-            if w.id not in placed | keep and self._reported(w).get("role") != "none":
+            models_here = want.get(w.id, [])
+            if w.id in split_members or (w.id in busy_split and not models_here):
+                continue
+            if models_here or held(w):
+                jobs.append(self.replicas.worker(w, models_here, ready, planned))
+                keep += [Placement(m, "replica", (w.id,), w.id, (1.0,)) for m in
+                         self.replicas.keeping(w, models_here, ready, planned)]
+            elif self._reported(w).get("role") not in ("none", None):
                 jobs.append(self._push(w, {"role": "none"}))
+        self.draining = keep + old_splits
         await asyncio.gather(*jobs)
+
+    def _fail_broken_loads(self, new: list[Placement], by_id: dict[str, Worker]) -> None:
+        """Requests waiting for a model whose every planned replica failed to load get a
+        503 saying why at once (the load is retried; they need not wait it out)."""
+        for model, err in broken_loads(new, by_id).items():
+            if not self.registry.by_model.get(model):
+                self.fail_waiting(model, APIError(
+                    503, f"The model {model!r} failed to load: {err}", "service_unavailable",
+                    None, "model_load_failed", {"Retry-After": "5"}))
 
     def _note_unplaceable(self, found: dict[str, Unplaceable], managed: set[str]) -> None:
         """Keeps `unplaceable`, logging each model once when it becomes so (and when it
@@ -235,19 +298,38 @@ class Placer:
         for name, u in found.items():
             if name not in self.unplaceable:
                 log.error("model %s cannot be placed: %s", name, u.reason)
+            if not self.registry.by_model.get(name):  # requests waiting for it: say why now
+                self.fail_waiting(name, self._unplaceable_error(name, u))
         for name in self.unplaceable.keys() - found.keys():
             log.warning("model %s is no longer unplaceable", name)
         self.unplaceable = found
 
     def refusal(self, model: str) -> APIError | None:
-        """The 503 for a request to a model that cannot be placed, while nothing serves it."""
-        u = self.unplaceable.get(model)
-        if u is None or self.registry.by_model.get(model):
+        """The 503 for a request to a model that cannot be placed, while nothing serves it:
+        one the last round left out, or a catalogued one bigger than every worker and all
+        of them together (no round needs to try it)."""
+        if self.registry.by_model.get(model):
             return None
+        if model in self.unreadable:
+            return APIError(503, f"The model {model!r} cannot be placed: "
+                            f"{self.unreadable[model]}.", "service_unavailable", None,
+                            "model_unplaceable")
+        u = self.unplaceable.get(model)
+        if u is None and model in self._needs and self._workers:
+            too_big = explain({model: self._needs[model]}, self._workers, ())[model]
+            if too_big.split < too_big.need.total:
+                u = too_big
+        return None if u is None else self._unplaceable_error(model, u)
+
+    @staticmethod
+    def _unplaceable_error(model: str, u: Unplaceable) -> APIError:
         return APIError(503, f"The model {model!r} cannot be placed on this cluster: "
                         f"{u.reason}.", "service_unavailable", None, "model_unplaceable")
 
     def _serving(self, p: Placement, by_id: dict[str, Worker]) -> bool:
+        if p.mode == "replica":
+            w = by_id.get(p.workers[0])
+            return w is not None and held(w).get(p.model) == "ready"
         for wid in p.workers:
             r = self._reported(by_id[wid])
             role = "replica" if p.mode == "replica" else ("head" if wid == p.head else "shard")
@@ -262,10 +344,11 @@ class Placer:
                        if self._reported(w).get("role") == "shard"}
         for w in workers:
             r = self._reported(w)
-            if r.get("state") == "broken" or not r.get("model"):
-                continue
             if r.get("role") == "replica":
-                out.append(Placement(r["model"], "replica", (w.id,), w.id, (1.0,)))
+                out += [Placement(m, "replica", (w.id,), w.id, (1.0,))
+                        for m, st in held(w).items() if st not in ("failed", "draining")]
+            elif r.get("state") == "broken" or not r.get("model"):
+                continue
             elif r.get("role") == "head":
                 shards = tuple(by_endpoint.get(e) for e in r.get("shards") or ())
                 if shards and all(shards):
@@ -275,7 +358,7 @@ class Placer:
 
     # ------------------------------------------------------------------ pushing
     def _file_fields(self, model: str) -> dict[str, Any]:
-        m = self.catalog[model]
+        m = self.catalog.files[model]
         quoted = urllib.parse.quote(model, safe="")
         base = f"http://{self._public_host()}:{self.cfg.port}"
         return {"model": model, "sha256": m.sha256, "size": m.size,
@@ -291,17 +374,7 @@ class Placer:
         return w.status.get("placement") or {}
 
     async def _apply(self, p: Placement, by_id: dict[str, Worker]) -> None:
-        if p.mode == "replica":
-            w = by_id[p.workers[0]]
-            r = self._reported(w)
-            broken = r.get("state") == "broken"
-            if broken and not self._may_retry(w.id):
-                return
-            if r.get("role") != "replica" or r.get("model") != p.model or broken:
-                if broken:
-                    self._retried(w.id)
-                await self._push(w, {"role": "replica", **self._file_fields(p.model)})
-            return
+        """A split: the shards, then the head (replicas go through `self.replicas`)."""
         head = by_id[p.head] if p.head else None
         if head is None:
             return
@@ -344,15 +417,24 @@ class Placer:
         self._retries[wid] = (n + 1, time.monotonic() + min(60.0, 2.0 ** n))
 
     async def _push(self, w: Worker, body: dict[str, Any]) -> dict[str, Any] | None:
+        return await self._call(w, "POST", "/control/placement", body)
+
+    async def _call(self, w: Worker, method: str, path: str,
+                    body: dict[str, Any] | None) -> dict[str, Any] | None:
         assert self._client is not None
         self.generation += 1
-        body = {**body, "generation": self.generation}
+        what = (body or {}).get("role") or (body or {}).get("model") or path.rsplit("/", 1)[-1]
+        if body is not None:
+            body = {**body, "generation": self.generation}
         try:
-            r = await self._client.post(w.base + "/control/placement", json=body)
+            r = await self._client.request(method, w.base + path, json=body)
         except httpx.HTTPError as exc:
             self.errors[w.id] = f"{type(exc).__name__}: {exc}"
-            log.warning("placing %s as %s failed: %s", w.id, body["role"], exc)
+            log.warning("placing %s (%s %s) failed: %s", w.id, method, what, exc)
             return None
+        if method == "DELETE" and r.status_code in (200, 404):
+            # Unloading (draining) there: no new request goes to it from now on.
+            self.registry.model_gone(w, urllib.parse.unquote(path.rsplit("/", 1)[-1]))
         if r.status_code != 200:
             self.errors[w.id] = f"HTTP {r.status_code}: {r.text[:200]}"
             log.warning("worker %s refused its placement: %s", w.id, self.errors[w.id])
@@ -366,32 +448,8 @@ class Placer:
     # ------------------------------------------------------------------ reading
     def placements(self, unmanaged: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The contract's `/cluster` placements: ours, plus self-placed replicas."""
-        ours = {w.id for w in self.managed()}
-        out = []
-        for p in unmanaged:
-            ids = [i for i in p.get("workers", []) if i not in ours]
-            if ids:
-                out.append({**p, "workers": ids})
-        for e in summary(self.current):
-            e["state"] = self._state(e)
-            if e.get("mode") == "split" and self.topology is not None:
-                # What the chosen set's links add to each decoded token (topology.cost).
-                e["expected_network_ms_per_token"] = round(
-                    self.topology.cost(e["head"], e["workers"]), 3)
-            out.append(e)
-        for e in summary(self.draining):
-            e["state"] = "draining"
-            out.append(e)
-        out.extend(u.to_json() for u in self.unplaceable.values())
-        return out
+        return placer_view.placements(self, unmanaged)
 
-    def _state(self, e: dict[str, Any]) -> str:
-        states = []
-        for wid in e["workers"]:
-            w = self.registry.workers.get(wid)
-            states.append(((w.status.get("placement") or {}).get("state")) if w else "down")
-        if any(s in ("broken", "down", None) for s in states):
-            return "broken"
-        if all(s == "ready" for s in states):
-            return "ready"
-        return "loading"
+    def loads(self) -> list[dict[str, Any]]:
+        """Models being fetched, loaded, drained (or failed) on managed workers."""
+        return placer_view.loads(self)

@@ -36,7 +36,9 @@ from gateway.transport import LeanTransport
 log = logging.getLogger("corral.gateway")
 
 HEALTHY = ("ready", "busy")
-STATES = ("ready", "busy", "loading", "idle", "down")  # what a worker may report
+# What a worker may report. `draining` and `asleep` (gateway/lifecycle.py) are not routable;
+# an asleep worker that stops answering stays `asleep`, not `down`, and is kept.
+STATES = ("ready", "busy", "loading", "idle", "down", "draining", "asleep")
 DOWN_MARK_SECONDS = 5.0  # an ejection reported by another replica is applied this long
 
 
@@ -52,7 +54,8 @@ class Worker:
                  "queue_depth", "tokens_per_second", "status", "inflight", "others",
                  "external", "capacity", "last_seen", "ejected_at", "fails", "last_error",
                  "task", "base", "answered", "stalled", "watched",
-                 "decode_tps", "prefill_tps", "decode_rate", "prefill_rate", "reader_free")
+                 "decode_tps", "prefill_tps", "decode_rate", "prefill_rate", "reader_free",
+                 "drain", "offered")
 
     def __init__(self, id: str, url: str, source: str) -> None:
         self.id = id
@@ -84,6 +87,8 @@ class Worker:
         self.decode_tps = self.prefill_tps = 0.0
         self.decode_rate, self.prefill_rate = 1.0, 0.0
         self.reader_free = 0.0
+        self.drain: Any = None  # a drain this gateway ordered (gateway/lifecycle.py)
+        self.offered: int | None = None  # slots it offers (polite mode); None: all
 
     @property
     def healthy(self) -> bool:
@@ -116,6 +121,11 @@ class Worker:
             "source": self.source,
             "last_error": self.last_error or None,
             "placement": st.get("placement"),
+            "capacity": self.offered,
+            "polite": st.get("polite"),
+            "wake": st.get("wake"),
+            # A worker holding several models: each one's state, slots and queue.
+            "per_model": st.get("per_model") or [],
         }
 
 
@@ -131,6 +141,7 @@ class Registry:
         self.lost_at: dict[str, float] = {}  # model -> when its last healthy worker went
         self.listeners: list[Callable[[], None]] = []  # called when capacity may have freed
         self.stall_listeners: list[Callable[[Worker], None]] = []  # a worker froze
+        self.state_listeners: list[Callable[[Worker, str, str], None]] = []  # (w, old, new)
         self._client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         # Shared registry: workers that heartbeat to this replica (id -> monotonic time of
@@ -223,6 +234,13 @@ class Registry:
         if w.state != "down":
             self._set_state(w, "down", reason)
 
+    def model_gone(self, w: Worker, model: str) -> None:
+        """`model` is not served on `w` (unloaded or moving, said by the worker or the
+        placer): out of its workers at once, rather than at the next probe."""
+        if model in w.models:
+            w.models = w.models - {model}
+            self._rebuild()
+
     def saturated(self, w: Worker) -> None:
         """The worker said 429: treat it as full until its next probe says otherwise."""
         w.external = max(w.external, w.slots_total + self.cfg.worker_queue_allowance)
@@ -232,15 +250,18 @@ class Registry:
         w.state = state
         if why:
             w.last_error = why
-        if (old in HEALTHY) != (state in HEALTHY):
+        if old != state and not (old in HEALTHY and state in HEALTHY):
             log.warning("worker %s: %s -> %s %s", w.id, old, state, f"({why})" if why else "")
+            for fn in self.state_listeners:
+                fn(w, old, state)
+        if (old in HEALTHY) != (state in HEALTHY):
             self._rebuild()
 
     def _rebuild(self) -> None:
         by_model: dict[str, list[Worker]] = {}
         for w in self.workers.values():
             self.known_models.update(w.models)
-            if w.healthy:
+            if w.healthy and w.offered != 0:
                 for m in w.models:
                     by_model.setdefault(m, []).append(w)
         now = time.monotonic()
@@ -295,6 +316,8 @@ class Registry:
 
     def _probe_failed(self, w: Worker, why: str, hard: bool) -> None:
         w.fails += 1
+        if w.state == "asleep":
+            return  # a sleeping box does not answer: that is not an outage
         if hard or w.fails >= 2:
             self._set_state(w, "down", why)
         limit = self.cfg.stall_timeout
@@ -333,6 +356,17 @@ class Registry:
         new_state = reported if reported in STATES else "ready"
         if new_state in HEALTHY and not models:
             new_state = "loading"
+        if w.drain is not None:  # ordered here (lifecycle.py)
+            if new_state in ("draining", "asleep"):
+                w.drain.confirmed = True  # the worker has taken it up
+            elif w.drain.confirmed:
+                w.drain = None  # and is serving again: its drain ended (a sleep failed)
+            elif new_state in HEALTHY:
+                new_state = "draining"  # until the worker says so from its next probe
+        cap = st.get("capacity")
+        offered = None if cap is None else max(0, min(int(cap), slots))
+        if offered:  # routing fills a worker to what it offers
+            slots = offered
         pl = st.get("placement") or {}
         if new_state == "loading" and not models and pl.get("managed") \
                 and pl.get("state") == "idle":
@@ -341,9 +375,10 @@ class Registry:
             new_state = "idle"
         changed = (models != w.models or slots != w.slots_total
                    or tps != w.tokens_per_second or dec != w.decode_tps
-                   or pre != w.prefill_tps)
+                   or pre != w.prefill_tps or offered != w.offered)
         w.models, w.slots_total, w.tokens_per_second = models, slots, tps
         w.decode_tps, w.prefill_tps = dec, pre
+        w.offered = offered
         if w.state != new_state:
             self._set_state(w, new_state, "" if new_state in HEALTHY else w.last_error)
             if new_state in HEALTHY:
@@ -361,7 +396,8 @@ class Registry:
             for w in list(self.workers.values()):
                 if w.id in self._from_shared and shared_failing:
                     continue  # announced by another replica: keep it while Redis is away
-                if w.source == "joined" and now - w.last_seen > self.cfg.join_ttl:
+                if w.source == "joined" and now - w.last_seen > self.cfg.join_ttl \
+                        and w.state != "asleep":  # asleep: kept, to be woken
                     log.warning("worker %s stopped heartbeating; dropping it", w.id)
                     self.leave(w.id)
             try:

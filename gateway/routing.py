@@ -13,10 +13,11 @@ With a request's `Job` (its prompt length and expected completion, cost.py) and
 `cost_routing` on, the score is instead its expected finish time on each worker: the
 prompt over that worker's prefill rate, the completion over its decode rate, plus the work
 queued there, so a long prompt goes to the box that reads fast and a short one to whoever
-is free; the same `full` bound, ties and power of two choices apply. The preferred worker
-(affinity) is taken within its load guard, as without a job; past the guard it still
-competes, with its cached prefix counted as nearly free, and wins ties: a long
-conversation leaves its cache only when waiting there costs more than reading it again.
+is free; ties and power of two choices apply as without a job, and a worker past the
+`allowance` stays open while its expected wait is under `queue_seconds` (cost.full).
+The preferred worker (affinity) is taken within its load guard, as without a job; past the
+guard it still competes, with its cached prefix counted as nearly free, and wins ties: a
+long conversation leaves its cache only when waiting there costs more than reading it again.
 
 Affinity (affinity.py): a request may name a preferred worker (the one holding its
 conversation's KV cache). It gets it when that worker has room and is not much busier than
@@ -57,11 +58,16 @@ def capable(w: Worker, need: Need) -> bool:
 
 class Router:
     def __init__(self, registry: Registry, allowance: int, slack: int = 2,
-                 cost_routing: bool = True) -> None:
+                 cost_routing: bool = True, queue_seconds: float = 0.0) -> None:
         self.registry = registry
         self.allowance = allowance
         self.slack = slack  # affinity's load guard
         self.cost_routing = cost_routing
+        self.queue_seconds = queue_seconds  # cost routing's room past the allowance
+        # One admission pass's requests waiting for a full worker by choice (_pick_cost):
+        # each counts as queued there for the next; `holding` says the last None was one.
+        self.held: dict[str, int] = {}
+        self.holding = False
         self.lengths = cost.Lengths()  # typical completions, learned (api/openai.py)
         self._rand = random.random
         self._sample = random.sample
@@ -121,12 +127,13 @@ class Router:
                    job: Job) -> Worker | None:
         """The worker where `job` is expected to finish first (cost.finish), reserved."""
         now = time.monotonic()
-        allowance = self.allowance
+        allowance, seconds = self.allowance, self.queue_seconds
+        full = cost.full
         pref = None
         if prefer is not None:
             pref = next((x for x in ws if x.id == prefer), None)
             if pref is not None and (pref.id in exclude
-                                     or pref.load >= pref.slots_total + allowance):
+                                     or full(pref, job, now, allowance, seconds)):
                 pref = None
             if pref is not None and self._preferred(ws, prefer, exclude) is pref:
                 return self._reserve(pref, job, now, True)  # within the load guard
@@ -134,32 +141,59 @@ class Router:
         finish = cost.finish
         if len(ws) > P2C_ABOVE:
             a, b = self._sample(ws, 2)
-            if (a.load < a.slots_total + allowance and a.id not in exclude
-                    and b.load < b.slots_total + allowance and b.id not in exclude):
+            if (a.id not in exclude and not full(a, job, now, allowance, seconds)
+                    and b.id not in exclude and not full(b, job, now, allowance, seconds)):
                 w = a if finish(a, job, now, a is pref) <= finish(b, job, now, b is pref) else b
                 if pref is not None and pref is not w and \
                         finish(pref, job, now, True) <= finish(w, job, now):
                     w = pref
                 return self._reserve(w, job, now, w is pref)
             # One or both of the sample are full: fall back to the full scan below.
+        # Full workers compete too, with their wait and the requests already waiting for
+        # them counted: when one is still where the job finishes first, the job waits in
+        # admission for it (`holding`) instead of taking a worse worker now, so a long
+        # prompt waits for the fast reader rather than hold a slow one three times as long.
         best = pref
         best_cost = finish(pref, job, now, True) if pref is not None else 0.0
+        best_full = False
+        any_open = pref is not None
         ties = 0 if pref is not None else 1
         rand = self._rand
+        held = self.held
         for w in ws:
-            if w is pref:
+            if w is pref or (exclude and w.id in exclude):
                 continue
-            load = w.load
-            if load >= w.slots_total + allowance or (exclude and w.id in exclude):
-                continue
+            is_full = full(w, job, now, allowance, seconds)
+            if is_full and w.external:
+                continue  # full with load nobody can time: nothing to wait for there
             c = finish(w, job, now)
+            if is_full:
+                c += held.get(w.id, 0) * job.typical / (w.slots_total * w.decode_rate)
+            else:
+                any_open = True
             if best is None or c < best_cost:
-                best, best_cost, ties = w, c, 1
+                best, best_cost, best_full, ties = w, c, is_full, 1
             elif c == best_cost and ties:  # the preferred worker keeps its ties (ties = 0)
                 ties += 1
                 if rand() * ties < 1.0:  # reservoir sampling: uniform among equals
-                    best = w
-        return self._reserve(best, job, now, best is pref) if best is not None else None
+                    best, best_full = w, is_full
+        if best is None or best_full:
+            if best is not None and any_open:  # waits for `best` though others have room
+                held[best.id] = held.get(best.id, 0) + 1
+                self.holding = True
+            return None
+        return self._reserve(best, job, now, best is pref)
+
+    def reopens_at(self, model: str) -> float | None:
+        """When the first of `model`'s workers kept full only by its prompt-reading backlog
+        gets room again (`time.monotonic()` clock): no request finishing marks that moment,
+        so admission sets a timer for it rather than leave a fast reader idle."""
+        if not self.cost_routing:
+            return None
+        at = [w.reader_free - self.queue_seconds
+              for w in self.registry.by_model.get(model, ())
+              if w.reader_free - self.queue_seconds > time.monotonic()]
+        return min(at) if at else None
 
     @staticmethod
     def _reserve(w: Worker, job: Job, now: float, cached: bool) -> Worker:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Mapping
 from typing import Any
@@ -41,12 +42,23 @@ from wire.status import WORKER_HEADER
 
 log = logging.getLogger("corral.gateway")
 RETRYABLE = frozenset((429, 500, 502, 503, 504))
+#: A worker's 503 codes that say the model is not (or no longer) served there, by design.
+MOVED = re.compile(rb'"code":\s*"(?:model_draining|no_model|model_loading)"')
 _JSON = {"content-type": "application/json"}
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 class ClientGone(Exception):
     pass
+
+
+def _model_of(body: bytes) -> str:
+    """The model a request body names (read only on the rare error path)."""
+    try:
+        model = orjson.loads(body).get("model")
+    except (orjson.JSONDecodeError, AttributeError):
+        return ""
+    return model if isinstance(model, str) else ""
 
 
 def _error(err: APIError, worker: str) -> Response:
@@ -163,7 +175,8 @@ class Upstream:
                 resp = await self._complete(call, w)
             except Retry as r:
                 self.admission.release(w)
-                call.tried.append(w.id)
+                if r.reason != "model_moved":  # moved: it is out of the model's workers
+                    call.tried.append(w.id)
                 last = r.response
                 if attempt + 1 < attempts:
                     self.metrics.retries.labels(r.reason).inc()
@@ -189,7 +202,14 @@ class Upstream:
         err = unavailable(f"The worker failed to answer ({kind}).", retry_after=1)
         return Retry(kind, _error(err, w.id))
 
-    def _bad_status(self, w: Worker, r: httpx.Response | _Reply, body: bytes) -> Retry:
+    def _bad_status(self, w: Worker, r: httpx.Response | _Reply, body: bytes,
+                    model: str = "") -> Retry:
+        if r.status_code == 503 and MOVED.search(body[:400]):
+            # The model is being unloaded there, or not loaded yet (a view older than the
+            # placer's last change): the worker is fine. It drops out of the model's
+            # workers until its next probe; the request waits for (or takes) another.
+            self.registry.model_gone(w, model)
+            return Retry("model_moved", _relayed(r, body, w.id))
         if r.status_code == 429:
             self.registry.saturated(w)
             reason = "worker_busy"
@@ -261,7 +281,7 @@ class Upstream:
         except httpx.HTTPError as exc:
             raise self._failed(w, exc) from None
         if r.status_code in RETRYABLE:
-            raise self._bad_status(w, r, body)
+            raise self._bad_status(w, r, body, call.model)
         prompt = completion = 0
         if r.status_code == 200:
             i = body.rfind(b'"usage":')
@@ -295,7 +315,7 @@ class Upstream:
             if r.status_code != 200:
                 data = await r.aread()
                 if r.status_code in RETRYABLE:
-                    raise self._bad_status(w, r, data)
+                    raise self._bad_status(w, r, data, _model_of(body))
                 return _relayed(r, data, w.id)
             it = r.aiter_raw()
             try:

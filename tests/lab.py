@@ -227,6 +227,17 @@ class Lab:
         if line.strip() != "READY":
             raise RuntimeError(f"delay stage for {name} did not start: {line!r}")
 
+    def reshape(self, box: str, profile: str) -> None:
+        """Gives a running box's cable another rate-only profile (`tc qdisc replace`), its
+        processes left running: a benchmark measures one layout on 1gbe, 2.5gbe and
+        thunderbolt without restarting it. A profile with a delay needs a box built with it."""
+        b, prof = self.boxes[box], PROFILES[profile]
+        if prof.delay_ms or b.profile.delay_ms:
+            raise ValueError(f"{box}: only rate-only profiles can be swapped in place")
+        _tbf(b.ns, "eth0", prof.mbit)
+        _tbf(self.switch, f"p-{box}", prof.mbit)
+        b.profile = prof
+
     def start(self, box: str, *args: str, env: dict[str, str] | None = None,
               name: str | None = None) -> Proc:
         """`python -m corral.cli ARGS` inside `box`; stopped by PID in `close`. Each box is

@@ -118,5 +118,25 @@ def _toml(v: object) -> str:
 
 def _tunables() -> dict[str, object]:
     skip = {"host", "port", "workers", "models", "redis_url", "cluster_token",
-            "cluster_token_generated", "api_keys", "log_level"}
+            "cluster_token_generated", "api_keys", "log_level", "model_entries", "models_dir"}
     return {f.name: f.default for f in dataclasses.fields(GatewayConfig) if f.name not in skip}
+
+
+def test_models_tables_and_the_old_string_list_both_load(tmp_path: Path) -> None:
+    conf = tmp_path / "corral.toml"
+    conf.write_text('models_dir = "/srv/models"\n'
+                    '[[models]]\nname = "chat"\npath = "/m/chat.gguf"\npin = true\n'
+                    'min_replicas = 2\naliases = ["gpt-4o-mini"]\n'
+                    '[[models]]\nname = "smollm2-135m"\n')
+    cfg = load_config(_ns(conf))
+    assert cfg.models == [] and cfg.models_dir == "/srv/models"
+    chat, small = cfg.model_entries
+    assert (chat.name, chat.spec, chat.pin, chat.min_replicas, chat.aliases) == (
+        "chat", "/m/chat.gguf", True, 2, ("gpt-4o-mini",))
+    assert (small.spec, small.pin, small.min_replicas) == ("smollm2-135m", False, 1)
+    conf.write_text('models = ["smollm2-135m"]\n')  # today's form: a list of names
+    assert load_config(_ns(conf)).models == ["smollm2-135m"]
+    conf.write_text('[[models]]\nname = "x"\nmin_replica = 2\n')
+    with pytest.raises(ConfigError) as e:
+        load(str(conf))
+    assert "models[0].min_replica" in str(e.value) and "min_replicas" in str(e.value)

@@ -263,3 +263,73 @@ def test_generated_cluster_token_goes_to_an_owner_only_file(tmp_path, monkeypatc
     path.chmod(0o644)
     save_token("another")  # rewriting tightens the mode again
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text().strip() == "another"
+
+
+def _readers(cfg: GatewayConfig) -> Registry:
+    reg = _registry([100.0], slots=1, cfg=cfg)
+    w = reg.workers["w0"]
+    w.decode_tps, w.prefill_tps = 100.0, 1000.0
+    reg._weigh()
+    return reg
+
+
+def test_cost_routing_room_follows_expected_wait_and_a_timer_reopens_a_reader() -> None:
+    """Past its allowance a worker still takes a job while the expected wait there is
+    under `worker_queue_seconds`; when only its prompt-reading backlog keeps it full, a
+    timer (no request finishing) hands it to the waiter as the backlog drains."""
+    import time
+
+    from gateway.cost import Job
+
+    cfg = GatewayConfig(worker_queue_allowance=0, worker_queue_seconds=0.2, queue_timeout=5)
+    reg = _readers(cfg)
+    router = Router(reg, 0, queue_seconds=0.2)
+    job = Job(prompt_tokens=10, new_tokens=10, completion_tokens=8, typical=8)
+    assert router.pick("m", job=job) is not None  # the slot
+    w = reg.workers["w0"]
+    w.reader_free = 0.0
+    # One in its slot, 8 tokens at 100/s ahead: 0.08 s of wait < 0.2 s, so still room.
+    assert router.pick("m", job=job) is w and w.inflight == 2
+    w.inflight = 1
+    w.reader_free = time.monotonic() + 5.0  # 5 s of prompts to read: no room
+    assert router.pick("m", job=job) is None
+    assert router.pick("m", job=None) is None  # the count alone: full too
+
+    adm = Admission(cfg, reg, router, Metrics(reg))
+
+    async def scenario() -> None:
+        w.reader_free = time.monotonic() + 0.4  # room again at +0.2 s, by the clock only
+        # Handed over by the timer: no release comes, and the queue timeout is 5 s.
+        got = await asyncio.wait_for(adm.acquire("m", job=job), 3.0)
+        assert got is w and w.inflight == 2
+
+    asyncio.run(scenario())
+
+
+
+def test_cost_routing_holds_a_long_prompt_for_the_fast_reader() -> None:
+    """A full worker still competes with its wait counted: a long prompt that finishes
+    sooner after the fast reader's backlog than on an idle slow reader waits for it (None,
+    `holding`: admission keeps it and lets those behind take the room), a short prompt
+    takes the idle slow reader at once, and each one already waiting counts against the
+    fast reader for the next."""
+    import time
+
+    from gateway.cost import Job
+
+    cfg = GatewayConfig(worker_queue_allowance=0)
+    reg = _registry([50.0, 50.0], slots=1, cfg=cfg)
+    slow, fast = reg.workers["w0"], reg.workers["w1"]
+    for w, rate in ((slow, 1000.0), (fast, 3000.0)):
+        w.decode_tps, w.prefill_tps = 50.0, rate
+    reg._weigh()
+    router = Router(reg, 0)
+    fast.inflight, fast.reader_free = 1, time.monotonic() + 2.5  # full, 2.5 s to read
+    long_job = Job(prompt_tokens=6000, new_tokens=6000, completion_tokens=8, typical=30)
+    short_job = Job(prompt_tokens=50, new_tokens=50, completion_tokens=8, typical=30)
+    assert router.pick("m", job=long_job) is None and router.holding  # ~4.8 s vs 6.2 s
+    assert router.held == {fast.id: 1}
+    assert router.pick("m", job=short_job) is slow
+    router.release(slow)
+    router.held[fast.id] = 4  # four ahead of it wait for the fast one: 2.4 s more there
+    assert router.pick("m", job=long_job) is slow

@@ -40,17 +40,17 @@ def test_estimate_reads_the_gguf_metadata() -> None:
     assert two.kv_cache == 2 * need.kv_cache
 
 
-def test_replicates_on_every_worker_that_holds_it() -> None:
+def test_one_replica_by_default_on_the_best_fit_other_boxes_stay_free() -> None:
+    # Not "every worker where it fits": one home, the worker leaving the least memory over.
     ps = plan([ModelSpec("m", 300 * MB)], [W("a", 1000), W("b", 400), W("c", 2000)])
-    assert {p.mode for p in ps} == {"replica"}
-    assert sorted(w for p in ps for w in p.workers) == ["a", "b", "c"]
+    assert [(p.mode, p.workers) for p in ps] == [("replica", ("b",))]
     (view,) = summary(ps)
-    assert view["mode"] == "replica" and view["head"] is None
-    assert sorted(view["workers"]) == ["a", "b", "c"]
+    assert view["mode"] == "replica" and view["head"] is None and view["workers"] == ["b"]
 
 
-def test_skips_workers_too_small_when_others_hold_it() -> None:
-    ps = plan([ModelSpec("m", 300 * MB)], [W("a", 1000), W("small", 100), W("b", 300)])
+def test_replicas_up_to_the_target_skip_workers_too_small() -> None:
+    ps = plan([ModelSpec("m", 300 * MB, replicas=3)],
+              [W("a", 1000), W("small", 100), W("b", 300)])
     assert sorted(w for p in ps for w in p.workers) == ["a", "b"]
     assert all(p.mode == "replica" for p in ps)
 
@@ -89,7 +89,7 @@ def test_unplaceable_model_is_left_out() -> None:
 def test_free_memory_moving_between_rounds_does_not_change_the_plan() -> None:
     # Two boxes offering their free memory: which one is smaller flips between probes, so
     # which one gets the model's home first flips too. The roles do not: same plan.
-    m = [ModelSpec("m", 300 * MB)]
+    m = [ModelSpec("m", 300 * MB), ModelSpec("n", 800 * MB)]
     first = plan(m, [W("a", 1000), W("b", 1001)])
     again = plan(m, [W("a", 1001), W("b", 1000)], first)
     assert again == first and len(first) == 2
@@ -159,15 +159,12 @@ def test_a_big_joiner_turns_a_split_into_a_replica() -> None:
     assert [(p.mode, p.workers) for p in ps] == [("replica", ("big",))]
 
 
-def test_two_models_each_get_a_home_before_replicas() -> None:
+def test_two_models_share_a_worker_that_holds_both() -> None:
     models = [ModelSpec("small", 100 * MB), ModelSpec("large", 500 * MB)]
     ws = [W("a", 600), W("b", 600), W("c", 150), W("d", 150)]
     ps = plan(models, ws)
-    r = roles(ps)
-    assert r["a"][1].model == "large"
-    # The small model takes the small workers (best fit), the large one a large worker.
-    assert r["c"][1].model == "small" and r["d"][1].model == "small"
-    assert len(r) == 4  # every worker got a role
+    # Biggest first on the best fit, then the small one beside it: one box in use.
+    assert [(p.model, p.workers) for p in ps] == [("large", ("a",)), ("small", ("a",))]
 
 
 def test_two_models_one_split_one_replicated() -> None:

@@ -113,12 +113,13 @@ def test_when_workers_that_hold_it_join_it_is_placed_and_the_plan_logged_once(
            for _ in range(2)]
     big_ids = {w.id for w in big}
 
-    def both_serve() -> bool:
+    def one_serves() -> bool:
         ps = cluster()["placements"]
-        return any(p["mode"] == "replica" and set(p["workers"]) == big_ids
-                   and state_of(p) == "ready" for p in ps)
+        return any(p["mode"] == "replica" and len(p["workers"]) == 1
+                   and set(p["workers"]) <= big_ids and state_of(p) == "ready" for p in ps)
 
-    wait_for(both_serve, 240, 0.25, "a ready replica on both big workers")
+    # One replica (the model is not busy): on one big worker; the rest stay free.
+    wait_for(one_serves, 240, 0.25, "a ready replica on a big worker")
     ps = cluster()["placements"]
     assert not [p for p in ps if state_of(p) == "unplaceable"], ps
     states = {w["id"]: w["state"] for w in cluster()["workers"]}
@@ -135,7 +136,7 @@ def test_when_workers_that_hold_it_join_it_is_placed_and_the_plan_logged_once(
     assert log.count("cannot be placed") == 1 and log.count("no longer unplaceable") == 1
     plans = [line for line in log.splitlines() if "corral.gateway placement: " in line]
     assert len(plans) == changes, plans  # one line per change, none per round
-    assert len(plans) <= 3, plans  # first replica, second replica (and maybe a re-home)
+    assert len(plans) <= 2, plans  # the replica (and maybe a re-home)
 
 
 def test_corral_up_stops_with_the_reason_when_the_model_fits_nowhere() -> None:

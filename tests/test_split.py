@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
 
 HEADER = "x-corral-worker"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+STORY = [{"role": "user", "content": "Write a long story about a horse."}]
 STORY = [{"role": "user", "content": "Write a long story about a dragon and a knight."}]
 LIMIT = str(200 << 20)  # the model needs 317 MiB with one slot's KV cache and buffers
 ONE_SLOT = ("--parallel", "1")  # the default 4 slots need 452 MiB: three LIMIT workers
@@ -269,17 +271,36 @@ def test_killing_the_shard_mid_stream_fails_cleanly_and_rebuilds(split_cluster: 
     assert _greedy(url, QUESTION)[0] == _greedy(single_box.url, QUESTION)[0]
 
 
-def test_with_memory_for_it_the_model_is_replicated(single_box: Worker) -> None:
+def test_with_memory_for_it_one_replica_serves_and_a_busy_model_gets_another(
+        single_box: Worker) -> None:
     proc, url = _up("--workers", "2", "--memory-limit", str(2 << 30))
     try:
         p = _wait_placement(url, "replica")
-        wait_for(lambda: len(_ready_placement(url, "replica")["workers"]) == 2, 240, 0.25,
-                 "two replicas")
-        p = _ready_placement(url, "replica")
-        assert p["head"] is None
-        workers = _cluster(url)["workers"]
-        assert all(MODEL in w["models"] for w in workers)
-        assert all((w["placement"] or {}).get("role") == "replica" for w in workers)
+        assert p["head"] is None and len(p["workers"]) == 1  # not on every worker
+        workers = {w["id"]: w for w in _cluster(url)["workers"]}
+        (home,) = p["workers"]
+        assert (workers[home]["placement"] or {}).get("role") == "replica"
+        wait_for(lambda: {w["state"] for w in _cluster(url)["workers"]
+                          if w["id"] != home} == {"idle"}, 30, 0.1, "the other box idle")
+        # Busy: more requests than its one slot takes wait in the gateway queue, so the
+        # placer adds a replica where memory is free; every request is answered.
+        done: list[str] = []
+        errors: list[BaseException] = []
+
+        def ask() -> None:
+            try:
+                done.append(_greedy(url, STORY, max_tokens=64)[0])
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: (_ready_placement(url, "replica") or {}).get("workers", []).__len__()
+                 == 2, 240, 0.25, "a second replica of the busy model")
+        for t in threads:
+            t.join(240)
+        assert not errors and len(done) == 6, errors
         assert _greedy(url, QUESTION)[0] == _greedy(single_box.url, QUESTION)[0]
     finally:
         proc.stop()

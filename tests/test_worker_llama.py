@@ -139,3 +139,20 @@ def test_detokenizer_holds_back_split_characters():
     assert all("\ufffd" not in o for o in out)
     assert out[1] == ""  # the first byte of "é" waits for the second
     assert d.take() == len(data)
+
+
+def test_unset_truncation_samples_like_llama_server(worker):
+    """A request naming none of top_p/top_k/min_p samples with llama-server's truncation
+    (0.95 / 40 / 0.05), not the whole distribution: what Open WebUI sends (no sampling
+    fields) stays coherent on a small model. Same seed: identical to asking for those
+    values explicitly, and not what the untruncated distribution gives."""
+    c = client_for(worker.url, timeout=120)
+    ask = dict(model=MODEL, max_tokens=32, temperature=1.0, seed=11,
+               messages=[{"role": "user", "content": "Name one animal that lives on a farm."}])
+
+    def text(**extra) -> str:
+        return c.chat.completions.create(**ask, **extra).choices[0].message.content
+
+    plain = text()
+    assert plain == text(top_p=0.95, extra_body={"top_k": 40, "min_p": 0.05})
+    assert plain != text(top_p=1.0, extra_body={"top_k": 0, "min_p": 0.0})

@@ -11,8 +11,19 @@ WORKER_HEADER = "x-corral-worker"
 
 
 #: `idle`: holds no model by design, waiting for the gateway to place one (placeable, not
-#: routable, not down).
-WorkerState = Literal["ready", "busy", "loading", "idle", "down"]
+#: routable, not down). `draining`: finishing what it has, taking nothing new (SIGTERM or
+#: the gateway's drain). `asleep`: drained and put to sleep by the gateway's idle-sleep
+#: (its sleep command ran); a Wake-on-LAN packet brings it back.
+WorkerState = Literal["ready", "busy", "loading", "idle", "down", "draining", "asleep"]
+
+
+class Wake(BaseModel):
+    """How to wake this box with a Wake-on-LAN magic packet (worker/wol.py)."""
+
+    mac: str
+    interface: str = Field("", description="The interface that reaches the gateway.")
+    broadcast: str = Field("", description="Its broadcast address (the packet goes there).")
+    port: int = 9
 
 
 class Memory(BaseModel):
@@ -69,6 +80,26 @@ class WorkerStatus(BaseModel):
     #: How the worker computes embeddings (pooling, dimensions, window, a note when the
     #: GGUF declares no pooling); None when it cannot.
     embeddings: dict[str, Any] | None = None
+    #: Slots this worker offers now (polite mode shrinks it to 0 while the box's owner is
+    #: busy); None: all of slots_total. The gateway routes by it.
+    capacity: int | None = None
+    #: Polite mode's view of the host (owner CPU, memory, input), when --polite.
+    polite: dict[str, Any] | None = None
+    #: Wake-on-LAN facts, when known; `sleep`: whether a sleep command is configured.
+    wake: Wake | None = None
+    sleep: bool = False
+
+
+class DrainRequest(BaseModel):
+    """`POST /control/drain` (worker) and `POST /cluster/workers/{id}/drain` (gateway)."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: What happens once empty: `leave` (the worker leaves the cluster and exits) or
+    #: `sleep` (it runs its --sleep-command and is `asleep` until woken).
+    then: Literal["leave", "sleep"] = "leave"
+    #: Seconds in-flight requests may take; past it the gateway continues them on other
+    #: workers and the worker proceeds anyway. None: wait until they finish.
+    deadline: float | None = Field(None, gt=0)
 
 
 class JoinRequest(BaseModel):

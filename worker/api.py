@@ -38,31 +38,49 @@ class Job:
     prefix: str = ""  # echoed prompt for legacy completions with echo=true
     plan: tools_chat.Plan | None = None  # tools / structured output (worker/tools)
     constraint: object = None  # the backend's compiled form of plan.constraint
+    engine: Engine | None = None  # the model's engine (set by _prepare_*)
 
 
-def _engine(request: Request) -> Engine:
-    return request.app.state.engine
-
-
-def _check_model(request: Request, model: str) -> None:
+def engine_for(request: Request, model: str) -> Engine:
+    """The engine serving `model` here (a worker may hold several, worker.hosting)."""
     state = request.app.state
-    if not state.engine.ready:  # worker.gate answers `loading` first; here for a race
+    engine = state.worker.engine_for(model)
+    if engine is not None:
+        return engine
+    h = state.worker.hosting.get(model)
+    if h is not None:  # held, but not serving: a 503 the gateway retries elsewhere
+        if h.state in ("loading", "fetching"):
+            raise errors.loading()
+        if h.state == "failed":
+            raise errors.APIError(503, f"The model {model!r} failed to load on this worker: "
+                                  f"{h.error}", "service_unavailable", None,
+                                  "model_load_failed")
+        raise errors.APIError(503, f"The model {model!r} is being unloaded from this worker.",
+                              "service_unavailable", None, "model_draining")
+    if not state.worker.served_models():  # worker.gate answers `loading` first; a race
         if state.availability()[0] == "loading":
             raise errors.loading()
         # Idle (nothing placed, or just released): a 503, so a gateway that routed here on
         # a stale view retries elsewhere; a 404 would reach its client.
         raise errors.APIError(503, "No model is placed on this worker.", "service_unavailable",
                               None, "no_model")
-    if model not in state.model_names:
-        raise errors.not_found(f"The model {model!r} does not exist on this worker.")
+    raise errors.not_found(f"The model {model!r} does not exist on this worker.")
+
+
+# Truncation when a request names none of top_p, top_k, min_p (llama-server's defaults):
+# sampling a small model's whole distribution at temperature 1 (OpenAI's default, which
+# front ends such as Open WebUI leave unset) yields gibberish within a few tokens.
+DEFAULT_TRUNCATION = {"top_p": 0.95, "top_k": 40, "min_p": 0.05}
 
 
 def _params(req: oa.SamplingFields) -> SamplingParams:
+    trunc = ({} if req.model_fields_set & DEFAULT_TRUNCATION.keys()
+             else DEFAULT_TRUNCATION)
     return SamplingParams(
         temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
+        top_p=trunc.get("top_p", req.top_p),
+        top_k=int(trunc.get("top_k", req.top_k)),
+        min_p=trunc.get("min_p", req.min_p),
         seed=req.seed,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
@@ -72,28 +90,29 @@ def _params(req: oa.SamplingFields) -> SamplingParams:
 
 async def _prepare_chat(request: Request) -> Job:
     req = oa.ChatCompletionRequest.model_validate(await read_json(request))
-    _check_model(request, req.model)
-    engine = _engine(request)
+    engine = engine_for(request, req.model)
     if tools_chat.needed(req):
         plan = tools_chat.plan(req, engine.backend)
         tokens = engine.backend.tokenize(plan.prompt)
         budget = engine.check_context(len(tokens), req.limit)
         compiled = (engine.backend.compile_constraint(plan.constraint)
                     if plan.constraint is not None else None)
-        return Job("chat", req, tokens, budget, plan=plan, constraint=compiled)
+        return Job("chat", req, tokens, budget, plan=plan, constraint=compiled,
+                   engine=engine)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     text = engine.backend.render_chat(messages, continue_final=req.continue_final_message)
     tokens = engine.backend.tokenize(text)
-    return Job("chat", req, tokens, engine.check_context(len(tokens), req.limit))
+    return Job("chat", req, tokens, engine.check_context(len(tokens), req.limit),
+               engine=engine)
 
 
 async def _prepare_text(request: Request) -> Job:
     req = oa.CompletionRequest.model_validate(await read_json(request))
-    _check_model(request, req.model)
-    engine = _engine(request)
+    engine = engine_for(request, req.model)
     tokens = engine.backend.tokenize(req.prompt_text)
     budget = engine.check_context(len(tokens), req.limit)
-    return Job("text", req, tokens, budget, req.prompt_text if req.echo else "")
+    return Job("text", req, tokens, budget, req.prompt_text if req.echo else "",
+               engine=engine)
 
 
 @router.post("/v1/chat/completions")
@@ -107,7 +126,8 @@ async def completions(request: Request) -> Response:
 
 
 async def _serve(request: Request, job: Job) -> Response:
-    engine = _engine(request)
+    engine = job.engine
+    assert engine is not None
     if engine.queue_depth >= engine.max_queue:
         raise errors.overloaded("The worker's queue is full; retry shortly.", retry_after=1)
     params = _params(job.req)

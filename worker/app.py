@@ -9,18 +9,22 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from wire import http
-from worker import control, linkprobe
+from wire.status import WorkerStatus
+from worker import control, lifecycle, linkprobe
 from worker.api import router
 from worker.backends.base import Backend
 from worker.config import WorkerConfig
 from worker.embed import router as embeddings_router
 from worker.gate import Gate
 from worker.join import discover_and_join, discovering, join_loop
+from worker.polite import Polite
 from worker.state import WorkerState
+from worker.wol import WakeInfo
 
 
 def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
     state = WorkerState(cfg, backend)
+    polite = Polite(cfg) if cfg.polite else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -31,6 +35,8 @@ def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
             tasks.append(asyncio.create_task(discover_and_join(cfg)))
         if state.cores is not None:  # this host's cores, shared with its other workers
             tasks.append(asyncio.create_task(state.share_cores()))
+        if polite is not None:
+            tasks.append(asyncio.create_task(polite.run()))
         try:
             yield
         finally:
@@ -39,6 +45,7 @@ def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
             for t in tasks:
                 with contextlib.suppress(BaseException):
                     await t
+            await app.state.lifecycle.close()
             await app.state.control.close()
             state.backend.close()
             if state.cores is not None:
@@ -59,6 +66,17 @@ def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
     app.include_router(embeddings_router)
     state.control = control.install(app, state)
     app.include_router(linkprobe.router)
+    wake = WakeInfo(cfg)
+
+    def decorate(st: WorkerStatus) -> WorkerStatus:
+        """Lifecycle fields of /status: how to wake us; polite mode's offer."""
+        st.wake = wake.get()
+        if polite is not None:
+            st.capacity = polite.capacity(st.slots_total)
+            st.polite = polite.view()
+        return st
+
+    lifecycle.install(app, state, decorate)
     # Outermost (added last): loading answers 503 before the head relay or any route.
     app.add_middleware(Gate, availability=lambda: app.state.availability())
     return app

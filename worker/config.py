@@ -31,6 +31,21 @@ class WorkerConfig:
     sim_ttft: float = 0.05
     sim_prefill_tokens_per_second: float = 0.0  # 0: a fixed sim_ttft instead
     log_level: str = "warning"
+    # Lifecycle (worker/lifecycle.py): SIGTERM drains for at most this long, then exits; the
+    # gateway's idle-sleep runs `sleep_command` after a drain; Wake-on-LAN facts it reports
+    # (worker/wol.py finds them; these override).
+    drain_timeout: float = 8.0
+    sleep_command: str | None = None
+    wake_mac: str | None = None
+    wake_broadcast: str | None = None
+    wake_port: int = 9
+    # Polite mode (worker/polite.py): yield to the box's owner.
+    polite: bool = False
+    polite_cpu: float = 0.25  # others' CPU share of the host that makes us yield
+    polite_cpu_low: float | None = None  # ...and below which we come back (default half)
+    polite_memory: float = 0.10  # available memory share below which we yield
+    polite_calm: float = 5.0  # seconds the owner must stay idle before we come back
+    polite_input_idle: float = 30.0  # terminal input this recent makes us yield
 
     @property
     def url(self) -> str:

@@ -1,12 +1,17 @@
 """The worker's control API: the gateway tells a worker what to be.
 
 `POST /control/placement` (cluster token) with a role:
-  replica  load the whole model here and serve it (fetching the GGUF if this box lacks it);
+  replica  load the whole model here and serve it (fetching the GGUF if this box lacks it),
+           and unload (drain first) any other model held here;
   head     the split head: fetch the GGUF, start the head child with the shards as devices,
            relay `/v1/*` to it (`worker.rpc.head`, `worker.rpc.supervisor`, `worker.rpc.relay`);
   shard    start an RPC shard child that only `allow_peer` may reach; the answer carries its
            `rpc_endpoint` (shards need no file: weights arrive over RPC);
   none     stop whatever ran.
+`POST /control/models` (a model and its file) loads one more model beside those held
+(worker.hosting: each its own engine, slots and queue); `DELETE /control/models/{name}`
+drains it (finishes what it holds, takes nothing new) and frees it; `GET /control/models`
+lists them. Both are the replica role: a worker that is a split head or shard refuses them.
 `GET /control/placement` reads it back. `/status` gains `placement` (role, phase, error,
 download progress, rpc_endpoint), and a worker started without `--model` reports
 `idle` with no model until it is placed (`loading` while a placed model comes up; `/v1/*`
@@ -39,10 +44,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from wire.errors import APIError
 from wire.http import json_response, read_json, validation_error
 from wire.status import WorkerStatus
-from worker.backends.idle import IdleBackend
-from worker.fetch import Download, fetch, sha256_of, target
+from worker.fetch import Download
 from worker.gate import Availability
-from worker.state import make_backend
+from worker.hosting import ModelFileRequest, model_file
 
 if TYPE_CHECKING:
     from worker.rpc.shard import ShardHost
@@ -133,13 +137,22 @@ class Control:
         self._task: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._verified: dict[str, str] = {}  # path -> sha256, for local files
+        self._jobs: set[asyncio.Future[Any]] = set()  # drains running in the background
+        self._verified_paths: dict[str, str] = {}  # path -> sha256, for local files
         self.relay_client = httpx.AsyncClient(timeout=httpx.Timeout(
             None, connect=2.0, write=30.0), limits=httpx.Limits(max_keepalive_connections=64))
 
     @property
     def role(self) -> str:
-        return self.req.role if self.req else "none"
+        r = self.req.role if self.req else "none"
+        if r in ("head", "shard"):
+            return r
+        return "replica" if self.state.hosting.models else "none"
+
+    def _primary(self) -> Any:
+        """The first hosted model (the one the one-model fields of the view describe)."""
+        hosted = self.state.hosting.models
+        return next(iter(hosted.values())) if hosted else None
 
     # ------------------------------------------------------------------ reading
     def view(self) -> dict[str, Any]:
@@ -151,7 +164,17 @@ class Control:
             "state": self.phase if self.managed else self._own_state(),
             "error": self.error if self.managed else self.state.load_error,
             "since": self.changed_at,
+            "models": self.state.hosting.views(),
         }
+        if self.managed and self.role == "none":
+            out["state"] = "idle"
+        h = self._primary() if self.managed and self.role == "replica" else None
+        if h is not None:  # the one-model fields, as before several could be held
+            out["model"], out["since"] = h.name, h.since
+            out["state"] = {"failed": "broken"}.get(h.state, h.state)
+            out["error"] = h.error
+            if h.download is not None:
+                out["download"] = h.download.to_json()
         if self.download is not None:
             out["download"] = self.download.to_json()
         if self.rpc_endpoint:
@@ -178,7 +201,14 @@ class Control:
         if role == "head":
             return ("ready" if self.head is not None and self.head.ready else "loading"), None
         if role == "replica":
-            return ("ready" if self.state.engine.ready else "loading"), None
+            hosted = list(self.state.hosting.models.values())
+            if any(h.ready for h in hosted):
+                return "ready", None
+            if any(h.state in ("loading", "fetching") for h in hosted):
+                return "loading", None
+            failed = [h for h in hosted if h.state == "failed"]
+            if failed and len(failed) == len(hosted):
+                return "down", "; ".join(f"{h.name}: {h.error}" for h in failed)
         return "idle", None  # nothing placed, or a shard: no model served over /v1 here
 
     def decorate(self, st: WorkerStatus) -> WorkerStatus:
@@ -208,8 +238,8 @@ class Control:
             st.models = []
         elif role == "none":
             st.state, st.models = "idle", []
-        elif not self.state.engine.ready:  # a replica being fetched or loaded
-            st.state, st.models = "loading", []
+        elif not self.state.hosting.ready():  # models being fetched or loaded, or failed
+            st.state, st.models = self.availability()[0], []
         return st
 
     # ------------------------------------------------------------------ changing
@@ -226,19 +256,70 @@ class Control:
         async with self._lock:
             cur = self.req
             if (cur is not None and cur.same_job(req) and self.phase != "broken"
-                    and not req.restart):
+                    and not req.restart and (req.role != "replica" or self._holds_only(req))):
                 cur.generation = req.generation
                 return self.view()
             await self._teardown()
             self.req, self.error, self.download = req, None, None
             self._set_phase("idle" if req.role == "none" else "loading")
-            if req.role == "shard":
+            hosting = self.state.hosting
+            if req.role == "replica":  # this model, and no other (drained first)
+                assert req.model
+                if req.restart and (h := hosting.get(req.model)) and h.state == "failed":
+                    del hosting.models[req.model]
+                self.load_model(ModelFileRequest(
+                    generation=req.generation, model=req.model, model_url=req.model_url,
+                    path=req.path, sha256=req.sha256, size=req.size))
+                for name in [n for n in hosting.models if n != req.model]:
+                    if (work := hosting.drain(name)) is not None:
+                        self._background(work)
+            elif req.role == "none":
+                for name in list(hosting.models):
+                    if (work := hosting.drain(name)) is not None:
+                        self._background(work)
+            elif req.role == "shard":
+                await hosting.unload_all()  # a shard gives its box to the split
                 await self._start_shard(req)
-            elif req.role in ("replica", "head"):
+            else:
                 self._task = asyncio.create_task(self._bring_up(req))
             log.warning("placed as %s%s (generation %d)", req.role,
                         f" of {req.model}" if req.model else "", req.generation)
             return self.view()
+
+    def _holds_only(self, req: PlacementRequest) -> bool:
+        h = self.state.hosting.models
+        return list(h) == [req.model] and h[req.model].state != "failed"
+
+    def _background(self, work: Any) -> None:
+        t = asyncio.ensure_future(work)
+        self._jobs.add(t)
+        t.add_done_callback(self._jobs.discard)
+
+    def load_model(self, req: ModelFileRequest) -> dict[str, Any]:
+        """One more model beside those held (the replica role); refused on a split."""
+        if not self.managed:
+            raise APIError(409, "This worker serves the model it was started with "
+                           "(--model); it is not placed by a gateway.",
+                           "invalid_request_error", None, "not_managed")
+        if self.role in ("head", "shard"):
+            raise APIError(409, f"This worker is a split {self.role}; place it as none first.",
+                           "invalid_request_error", None, "split_member")
+        if self.req is None or self.req.role != "replica":
+            self.req = PlacementRequest(generation=req.generation, role="replica",
+                                        model=req.model)
+            self._set_phase("loading")
+        self.state.hosting.load(req, self.state.idle_backend)
+        return self.view()
+
+    def unload_model(self, name: str) -> dict[str, Any]:
+        """Starts draining `name` (it finishes what it holds, then is freed)."""
+        if self.state.hosting.get(name) is None:
+            raise APIError(404, f"The model {name!r} is not held here.",
+                           "invalid_request_error", "model", "model_not_found")
+        work = self.state.hosting.drain(name)  # served no more from now on
+        if work is not None:
+            self._background(work)
+        return self.view()
 
     def _set_phase(self, phase: str, error: str | None = None) -> None:
         self.phase = phase
@@ -281,13 +362,12 @@ class Control:
             self.broken("the RPC shard process exited")
 
     async def _bring_up(self, req: PlacementRequest) -> None:
+        """A split head: the models held here drain first (the split takes the box)."""
         try:
+            await self.state.hosting.unload_all()
             path = await self._model_file(req)
             self._set_phase("loading")
-            if req.role == "replica":
-                await self._load_replica(req, path)
-            else:
-                await self._start_head(req, path)
+            await self._start_head(req, path)
             self._set_phase("ready")
         except asyncio.CancelledError:
             raise
@@ -297,50 +377,14 @@ class Control:
 
     async def _model_file(self, req: PlacementRequest) -> Path:
         assert req.model
-        if req.sha256:
-            cached = target(req.model, req.sha256)
-            if cached.is_file() and (req.size is None or cached.stat().st_size == req.size):
-                return cached
-        from worker.models import resolve
 
-        candidates: list[Path] = []
-        with contextlib.suppress(APIError, OSError):  # this box may have it already
-            candidates.append(resolve(req.model)[1])
-        if req.path and os.environ.get("CORRAL_USE_GATEWAY_PATH", "1") != "0":
-            candidates.append(Path(req.path))  # the same box as the gateway: no copy
-        for local in candidates:
-            if not req.sha256:
-                return local
-            key = str(local)
-            with contextlib.suppress(OSError):
-                if key not in self._verified:
-                    self._verified[key] = await asyncio.to_thread(sha256_of, local)
-                if self._verified[key] == req.sha256:
-                    return local
-        if not (req.model_url and req.sha256 and req.size is not None):
-            raise RuntimeError(f"this worker does not have {req.model!r} and the placement "
-                               "names no file to fetch")
-        self._set_phase("fetching")
-        self.download = Download(req.model, req.sha256, req.size)
-        url = req.model_url
-        if self.cfg.join:  # the gateway as this worker reaches it, not as it names itself
-            u = urllib.parse.urlsplit(url)
-            url = self.cfg.join.rstrip("/") + u.path + (f"?{u.query}" if u.query else "")
-        return await fetch(url, self.download, self.cfg.cluster_token)
+        def progress(phase: str, dl: Download | None) -> None:
+            self._set_phase(phase)
+            self.download = dl
 
-    async def _load_replica(self, req: PlacementRequest, path: Path) -> None:
-        # The worker's --backend, not always llama, on its share of the host's cores.
-        backend = make_backend(self.cfg, path, self.state.decode_threads())
-        await asyncio.to_thread(backend.load)
-        st = self.state
-        st.backend = st.engine.backend = backend
-        st.model_id, st.model_path = req.model or path.stem, path
-        st.model_bytes = os.stat(path).st_size
-        st.model_names.clear()
-        st.model_names.add(st.model_id)
-        st.engine.calibrate()
-        st.load_error = None
-        st.engine.ready = True
+        return await model_file(ModelFileRequest(
+            model=req.model, model_url=req.model_url, path=req.path, sha256=req.sha256,
+            size=req.size), self.cfg, self._verified_paths, progress)
 
     async def _start_head(self, req: PlacementRequest, path: Path) -> None:
         from worker.rpc.supervisor import HeadProcess
@@ -369,19 +413,18 @@ class Control:
         if self.head is not None:
             head, self.head = self.head, None
             await head.stop()
-        st = self.state
-        if self.managed and st.engine.ready:  # a replica loaded by an earlier placement
-            st.engine.ready = False
-            st.model_names.clear()
-            old = st.backend
-            st.backend = st.engine.backend = IdleBackend(self.cfg.parallel, self.cfg.ctx_size,
-                                                      self.cfg.backend)
-            await asyncio.to_thread(old.close)
-        st.model_bytes = 0
+        self.state.model_bytes = 0  # hosted models count their own (worker.hosting)
 
     async def close(self) -> None:
         async with self._lock:
             await self._teardown()
+        for t in list(self._jobs):
+            t.cancel()
+        for h in list(self.state.hosting.models.values()):  # shutting down: no drain
+            if h.task is not None:
+                h.task.cancel()
+            await asyncio.to_thread(h.engine.backend.close)
+        self.state.hosting.models.clear()
         await self.relay_client.aclose()
 
 
@@ -425,6 +468,29 @@ async def set_placement(request: Request) -> Response:
     except ValidationError as exc:
         raise validation_error(exc) from None
     return json_response(await _control(request).apply(req))
+
+
+@router.get("/control/models")
+async def get_models(request: Request) -> Response:
+    return json_response({"models": request.app.state.worker.hosting.views()})
+
+
+@router.post("/control/models")
+async def load_model(request: Request) -> Response:
+    _authorize(request)
+    try:
+        req = ModelFileRequest.model_validate(await read_json(request))
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    c = _control(request)
+    async with c._lock:
+        return json_response(c.load_model(req))
+
+
+@router.delete("/control/models/{name:path}")
+async def unload_model(request: Request, name: str) -> Response:
+    _authorize(request)
+    return json_response(_control(request).unload_model(name))
 
 
 class HeadRelay:

@@ -18,6 +18,7 @@ from wire import embeddings as emb
 from wire import errors
 from wire.http import read_json
 from wire.status import WORKER_HEADER
+from worker.api import engine_for
 from worker.backends.base import Backend, BackendError
 
 router = APIRouter()
@@ -57,11 +58,7 @@ async def _disconnected(request: Request) -> None:
 async def embeddings(request: Request) -> Response:
     req = emb.EmbeddingRequest.model_validate(await read_json(request))
     state = request.app.state
-    engine = state.engine
-    if not engine.ready:
-        raise errors.unavailable("The model is still loading.", retry_after=2)
-    if req.model not in state.model_names:
-        raise errors.not_found(f"The model {req.model!r} does not exist on this worker.")
+    engine = engine_for(request, req.model)
     backend: Backend = engine.backend
     info = backend.embeddings()
     if info is None:

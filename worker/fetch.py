@@ -4,24 +4,74 @@ The file is written to `<cache>/<name>-<sha256[:16]>.gguf.part`, appending to wh
 earlier attempt left (an HTTP Range request), hashed as it arrives, and renamed to its
 final name only when its size and sha256 match what the gateway announced. A file under
 its final name is therefore complete. Progress is kept on a `Download` for `/status`.
+
+The cache is bounded (`CORRAL_CACHE_MAX_BYTES`, default 32 GiB): before a download, the
+least recently used complete files (by mtime, refreshed on each use: `touch`) are removed
+until the new one fits; files a loaded model maps (`in_use`) are never removed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+log = logging.getLogger("corral.worker")
+
 CHUNK = 1 << 20
+DEFAULT_CACHE_MAX = 32 << 30
+
+#: Paths of files loaded models map right now: never cleaned up.
+in_use: set[Path] = set()
 
 
 def cache_dir() -> Path:
     raw = os.environ.get("CORRAL_CACHE_DIR")
     return Path(raw).expanduser() if raw else Path.home() / ".cache" / "corral" / "models"
+
+
+def cache_max() -> int:
+    raw = os.environ.get("CORRAL_CACHE_MAX_BYTES")
+    return int(raw) if raw else DEFAULT_CACHE_MAX
+
+
+def touch(path: Path) -> None:
+    """Marks a cached file as just used (its mtime is the LRU clock)."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
+
+
+def make_room(incoming: int, limit: int | None = None) -> list[Path]:
+    """Removes least recently used cached models until `incoming` more bytes fit the
+    bound; returns what it removed. Files in use stay, even if the bound is exceeded."""
+    limit = cache_max() if limit is None else limit
+    d = cache_dir()
+    files = []
+    with contextlib.suppress(OSError):
+        for p in d.glob("*.gguf"):
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                files.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in files)
+    removed: list[Path] = []
+    for _, size, p in sorted(files):
+        if total + incoming <= limit:
+            break
+        if p.resolve() in {q.resolve() for q in in_use}:
+            continue
+        with contextlib.suppress(OSError):
+            p.unlink()
+            total -= size
+            removed.append(p)
+            log.warning("model cache: removed %s (least recently used, %d bytes) to stay "
+                        "under %d bytes", p.name, size, limit)
+    return removed
 
 
 class ChecksumError(Exception):
@@ -62,8 +112,10 @@ async def fetch(url: str, dl: Download, token: str | None = None,
     final = target(dl.name, dl.sha256)
     if final.is_file() and final.stat().st_size == dl.size:
         dl.done, dl.state = dl.size, "verified"
+        touch(final)
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    make_room(dl.size)
     part = final.with_name(final.name + ".part")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     last: Exception | None = None

@@ -6,7 +6,7 @@ when Prometheus scrapes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -14,12 +14,54 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from worker.engine import Engine
 
 
+class _Sum:
+    """The engines of a worker holding several models, read as one (the contract's metric
+    names carry no model label)."""
+
+    def __init__(self, engines: list[Engine]) -> None:
+        self.engines = engines
+        self.slots_busy = sum(e.slots_busy for e in engines)
+        self.queue_depth = sum(e.queue_depth for e in engines)
+        self.ready = any(e.ready for e in engines)
+
+
 class EngineCollector:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engines: Callable[[], list[Engine]] | Engine) -> None:
+        self.engines = engines if callable(engines) else (lambda: [engines])
 
     def collect(self) -> Iterator[Metric]:
-        e = self.engine
+        engines = self.engines()
+        if len(engines) == 1:
+            yield from self._one(engines[0])
+            return
+        yield from self._many(engines)
+
+    def _many(self, engines: list[Engine]) -> Iterator[Metric]:
+        s = _Sum(engines)
+        yield GaugeMetricFamily("corral_worker_slots_busy", "Slots generating now.", s.slots_busy)
+        yield GaugeMetricFamily("corral_worker_slots_total", "Slots.",
+                                sum(e.backend.slots for e in engines))
+        yield GaugeMetricFamily("corral_worker_queue_depth", "Requests waiting for a slot.",
+                                s.queue_depth)
+        yield GaugeMetricFamily("corral_worker_tokens_per_second",
+                                "Measured single-stream decode speed (the first model's).",
+                                engines[0].stats.tokens_per_second)
+        yield GaugeMetricFamily("corral_worker_ready", "1 when the model is loaded.", s.ready)
+        for name, attr, doc in (("requests", "requests", "Generations started."),
+                                ("generated_tokens", "generated_tokens",
+                                 "Completion tokens generated."),
+                                ("prompt_tokens", "prompt_tokens", "Prompt tokens received.")):
+            yield CounterMetricFamily(f"corral_worker_{name}", doc,
+                                      sum(getattr(e.stats, attr) for e in engines))
+        for name, key, doc in (("prompt_cache_hits", "prompt_cache_hits",
+                                "Requests that reused a cached prompt prefix."),
+                               ("prompt_cache_reused_tokens", "prompt_cache_reused_tokens",
+                                "Prompt tokens served from the prompt cache instead of "
+                                "prefilled.")):
+            yield CounterMetricFamily(f"corral_worker_{name}", doc,
+                                      sum(e.backend.stats().get(key, 0) for e in engines))
+
+    def _one(self, e: Engine) -> Iterator[Metric]:
         b = e.backend.stats()
         yield GaugeMetricFamily("corral_worker_slots_busy", "Slots generating now.", e.slots_busy)
         yield GaugeMetricFamily("corral_worker_slots_total", "Slots.", e.backend.slots)
@@ -54,7 +96,7 @@ class EngineCollector:
         )
 
 
-def registry_for(engine: Engine) -> CollectorRegistry:
+def registry_for(engines: Callable[[], list[Engine]] | Engine) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=True)
-    reg.register(EngineCollector(engine))
+    reg.register(EngineCollector(engines))
     return reg

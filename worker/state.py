@@ -1,7 +1,12 @@
-"""The worker's state: its backend and engine, the model it serves, and its `/status`.
+"""The worker's state: its backend and engine, the models it serves, and its `/status`.
 
-Built by `worker.app.create_app` and changed by `worker.control` when a gateway places a
-model here; both import it, and it imports neither.
+Built by `worker.app.create_app` and changed by `worker.control` when a gateway places
+models here; both import it, and it imports neither. A worker started with `--model` serves
+that one model on `engine`; a placed worker holds any number of models in `hosting`
+(worker.hosting), each with its own engine, and `engine_for` picks by the request's model.
+`/status` keeps its one-model fields (the primary model's speeds and capabilities; slots
+and queue summed over the models, which is the load the gateway routes by) and lists every
+model in `per_model`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from worker.config import WorkerConfig
 from worker.engine import Engine
 from worker.gate import Availability
 from worker.hostcores import POLL_SECONDS, HostCores, host_id
+from worker.hosting import Hosted, Hosting, ModelFileRequest, model_file
 from worker.metrics import registry_for
 from worker.models import resolve
 
@@ -84,8 +90,31 @@ class WorkerState:
         else:  # no --model: wait for the gateway to place one (worker.control)
             self.backend = IdleBackend(cfg.parallel, cfg.ctx_size, cfg.backend)
         self.engine = Engine(self.backend, cfg.max_queue)
-        self.registry = registry_for(self.engine)
+        self.hosting = Hosting(lambda path: make_backend(cfg, path, self.decode_threads()),
+                               cfg.max_queue, self._file_for)
+        self._verified: dict[str, str] = {}  # local path -> sha256
+        self.registry = registry_for(self.engines)
         self.load_error: str | None = None
+
+    def idle_backend(self) -> Backend:
+        return IdleBackend(self.cfg.parallel, self.cfg.ctx_size, self.cfg.backend)
+
+    async def _file_for(self, req: ModelFileRequest, h: Hosted) -> Path:
+        def progress(phase: str, dl: object) -> None:
+            h.state, h.download = phase, dl  # type: ignore[assignment]
+
+        return await model_file(req, self.cfg, self._verified, progress)
+
+    def engines(self) -> list[Engine]:
+        """Every engine serving now (the metrics sum them)."""
+        out = [self.engine] if self.engine.ready else []
+        return (out + [h.engine for h in self.hosting.ready()]) or [self.engine]
+
+    def engine_for(self, model: str) -> Engine | None:
+        """The engine serving `model` here, or None."""
+        if model in self.model_names and self.engine.ready:
+            return self.engine
+        return self.hosting.engine(model)
 
     # ------------------------------------------------------------------ host cores
     def computing(self) -> bool:
@@ -113,7 +142,9 @@ class WorkerState:
             child = c.head or c.shard
             if child is not None:
                 return child.threads
-        return int(getattr(self.backend, "current_threads", 0) or 0)
+        hosted = self.hosting.ready()
+        backend = hosted[0].engine.backend if hosted and not self.engine.ready else self.backend
+        return int(getattr(backend, "current_threads", 0) or 0)
 
     def adjust_threads(self) -> None:
         """Follows workers coming and going on this host (llama.cpp between decode steps;
@@ -154,11 +185,12 @@ class WorkerState:
 
     # ------------------------------------------------------------------ serving
     def served_models(self) -> list[str]:
-        return sorted(self.model_names) if self.engine.ready else []
+        own = sorted(self.model_names) if self.engine.ready else []
+        return own + [n for n in self.hosting.names() if n not in own]
 
     def availability(self) -> Availability:
         """What `/v1/*` can do now (worker.gate); `Control.availability` when placed."""
-        if self.engine.ready:
+        if self.engine.ready or self.hosting.ready():
             return "ready", None
         if self.load_error:
             return "down", self.load_error
@@ -166,10 +198,13 @@ class WorkerState:
 
     def status(self) -> WorkerStatus:
         e = self.engine
+        hosted = self.hosting.ready()
+        if hosted and not e.ready:
+            return self._hosted_status(hosted)
         state, _ = self.availability()
         if state == "ready":
             state = "busy" if e.slots_busy >= self.backend.slots else "ready"
-        return WorkerStatus(
+        st = WorkerStatus(
             id=self.worker_id,
             backend=self.backend.name,
             models=self.served_models(),
@@ -189,6 +224,32 @@ class WorkerState:
             capabilities=self.backend.capabilities(),
             embeddings=self.backend.embeddings(),
         )
+        st.per_model = self.hosting.views()  # type: ignore[attr-defined]
+        return st
+
+    def _hosted_status(self, hosted: list[Hosted]) -> WorkerStatus:
+        """A placed worker holding models: the primary's speeds and capabilities, the load
+        (slots, queue) summed over all of them, and each one in `per_model`."""
+        first = hosted[0].engine
+        b = first.backend
+        slots = sum(h.engine.backend.slots for h in hosted)
+        busy = sum(h.engine.slots_busy for h in hosted)
+        st = WorkerStatus(
+            id=self.worker_id, backend=b.name, models=self.served_models(),
+            state="busy" if busy >= slots else "ready",
+            queue_depth=sum(h.engine.queue_depth for h in hosted),
+            slots_total=slots, slots_busy=busy,
+            hardware=hardware.hardware(
+                {**b.describe(), "batch_invariant": b.batch_invariant},
+                self.current_threads(), self._host_facts()),
+            memory=hardware.memory(self.cfg.memory_limit, self.hosting.model_bytes()),
+            tokens_per_second=round(first.stats.tokens_per_second, 2),
+            decode_tokens_per_second=round(first.stats.decode_tokens_per_second, 2),
+            prefill_tokens_per_second=round(first.stats.prefill_tokens_per_second, 2),
+            n_ctx=b.n_ctx, prompt_cache=b.stats(), capabilities=b.capabilities(),
+            embeddings=b.embeddings())
+        st.per_model = self.hosting.views()  # type: ignore[attr-defined]
+        return st
 
     async def load(self) -> None:
         if not self.model_id:

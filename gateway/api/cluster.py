@@ -35,6 +35,7 @@ async def cluster(request: Request) -> Response:
         "links": _gw(request).topology.to_json(),
         "warnings": _gw(request).hosts.current,
         "models": capabilities.models(reg),
+        "loads": _gw(request).placer.loads(),  # models being fetched, loaded or drained
     })
 
 

@@ -23,6 +23,7 @@ from gateway import capabilities
 from gateway.affinity import SESSION_HEADER, session_key
 from gateway.identity import EndUser, resolve
 from gateway.limits import Reservation, estimate_tokens
+from gateway.loading import LoadingStream
 from gateway.upstream import Call, _error
 from wire import errors
 from wire import openai as oa
@@ -84,6 +85,7 @@ class Accounted(Response):
         try:
             await self.inner(scope, receive, send)
         finally:
+            self.gw.placer.touch(self.model)  # idle unloading counts from its last answer
             status, prompt, completion = self._outcome()
             self.gw.limits.settle(self.res, prompt + completion)
             self.gw.usage.record(self.user, status, prompt, completion, self.end)
@@ -128,7 +130,12 @@ async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]
             req = model_cls.model_validate(body)
         except ValidationError as exc:
             raise validation_error(exc) from None
+        aliased = gw.placer.resolve(req.model)  # an alias: the catalogued name
+        renamed = aliased != req.model
+        if renamed:
+            req.model = body["model"] = aliased
         model = req.model
+        gw.placer.touch(model)  # in use; loaded on demand when served nowhere
         if check is not None:
             check(gw, req)
         refused = gw.placer.refusal(model)  # a model too big for every worker and split
@@ -149,6 +156,8 @@ async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]
             body["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
                                       "include_usage": True}
             raw = orjson.dumps(body)
+        elif renamed:
+            raw = orjson.dumps(body)  # the alias, renamed
         else:
             raw = await request.body()  # cached by starlette: forwarded as the client sent it
         who = end.queue_user if end is not None else (key.user if key else req.user)
@@ -170,7 +179,11 @@ async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]
     except errors.APIError as err:
         count_refusal(gw, model, started, err, key, end)
         return _error(err, GATEWAY)
-    resp = await gw.upstream.handle(request, call)
+    if stream and not gw.registry.by_model.get(model) and gw.placer.loadable(model):
+        # Loaded nowhere: it loads on demand; the stream says so while it waits.
+        resp: Response = LoadingStream(gw.upstream.handle(request, call))
+    else:
+        resp = await gw.upstream.handle(request, call)
     return Accounted(resp, gw, res, key.user if key else None, end, model)
 
 
@@ -235,10 +248,33 @@ async def models(request: Request) -> Response:
         gw.auth.api_key(request)
     except errors.APIError as err:
         return _error(err, GATEWAY)
-    cards = [{"id": m, "object": "model", "created": gw.started, "owned_by": "corral",
-              "capabilities": capabilities.of_model(gw.registry, m)}
-             for m in gw.registry.models()]
+    names = list(dict.fromkeys([*gw.placer.catalog, *gw.registry.models()]))
+    cards = [_card(gw, m) for m in names]
     return json_response({"object": "list", "data": cards}, headers={WORKER_HEADER: GATEWAY})
+
+
+def _card(gw: Gateway, model: str) -> dict[str, Any]:
+    """A `/v1/models` entry: OpenAI's fields, plus where it is loaded (`loaded_on`, the
+    healthy workers serving it; empty: it loads on the first request) and its `state`."""
+    on = sorted(w.id for w in gw.registry.by_model.get(model, ()))
+    m = gw.placer.catalog.get(model)
+    if on:
+        state = "loaded"
+    elif model in gw.placer.unplaceable or model in gw.placer.unreadable:
+        state = "unplaceable"
+    elif any(load["model"] == model for load in gw.placer.loads()):
+        state = "loading"
+    else:
+        state = "unloaded"
+    card: dict[str, Any] = {
+        "id": model, "object": "model", "created": gw.started, "owned_by": "corral",
+        "capabilities": capabilities.of_model(gw.registry, model)
+        or list(capabilities.GENERATION), "loaded_on": on, "state": state}
+    if m is not None:
+        card["pinned"] = m.pin
+        if m.aliases:
+            card["aliases"] = list(m.aliases)
+    return card
 
 
 @router.get("/v1/models/{model:path}")
@@ -246,10 +282,9 @@ async def model(request: Request, model: str) -> Response:
     gw = _gw(request)
     try:
         gw.auth.api_key(request)
-        if model not in gw.registry.by_model:
+        model = gw.placer.resolve(model)
+        if model not in gw.registry.by_model and model not in gw.placer.catalog:
             raise errors.not_found(f"The model {model!r} does not exist.")
     except errors.APIError as err:
         return _error(err, GATEWAY)
-    card = {"id": model, "object": "model", "created": gw.started, "owned_by": "corral",
-            "capabilities": capabilities.of_model(gw.registry, model)}
-    return json_response(card, headers={WORKER_HEADER: GATEWAY})
+    return json_response(_card(gw, model), headers={WORKER_HEADER: GATEWAY})

@@ -185,7 +185,8 @@ async def create(request: Request) -> Response:
             req = ResponsesRequest.model_validate(body)
         except ValidationError as exc:
             raise validation_error(exc) from None
-        model = req.model
+        model = req.model = gw.placer.resolve(req.model)  # an alias: the catalogued name
+        gw.placer.touch(model)  # in use; loaded on demand when served nowhere
         refused = gw.placer.refusal(model)  # a model too big for every worker and split
         if refused is not None:
             gw.metrics.rejected.labels("model_unplaceable").inc()

@@ -163,13 +163,15 @@ function renderWarnings(cluster) {
 
 function renderKpis(cluster) {
   const workers = cluster.workers || [];
-  // An idle worker (no model by design, waiting to be placed) is up, not a problem.
-  const up = workers.filter((w) => ["ready", "busy", "idle"].includes(w.state)).length;
+  // An idle worker (no model by design, waiting to be placed) is up, not a problem; nor is
+  // one asleep (put to sleep when idle, woken on demand) or draining by request.
+  const up = workers.filter((w) => ["ready", "busy", "idle", "draining", "asleep"]
+    .includes(w.state)).length;
   setText("k-workers", up + " / " + workers.length,
     workers.length && up < workers.length ? "warn" : (workers.length ? "" : "bad"));
   let busy = 0, total = 0, queued = 0, capacity = 0;
   for (const w of workers) {
-    if (w.state === "down") continue;
+    if (w.state === "down" || w.state === "asleep") continue;
     busy += w.slots_busy || 0;
     total += w.slots_total || 0;
     queued += w.queue_depth || 0;
@@ -275,6 +277,8 @@ function renderPlacements(cluster) {
     const name = el("div", "name", p.model);
     name.append(el("span", "badge " + (p.mode === "split" ? "split" : "replica"),
       p.mode === "split" ? "split" : "replica ×" + (p.workers || []).length));
+    // A load (on demand) or a drain in progress: say so on the model's card.
+    if (p.state && p.state !== "ready") name.append(el("span", "badge " + p.state, p.state));
     const chips = el("div", "chips");
     for (const id of p.workers || []) {
       const w = byId.get(id);
@@ -360,10 +364,24 @@ function workerCard(w, placements) {
   const own = w.placement || {};  // the gateway's placement record for this worker, if any
   if (own.model && !roles.has(own.model)) roles.set(own.model, own.role || "replica");
   for (const m of w.models || []) if (!roles.has(m)) roles.set(m, "replica");
+  // A worker holding several models reports each one (per_model): its own state, a load
+  // or drain in progress, download progress.
+  const perModel = new Map((w.per_model || []).map((m) => [m.name, m]));
+  for (const m of perModel.keys()) if (!roles.has(m)) roles.set(m, "replica");
+  const chipState = { ready: "ready", loading: "loading", fetching: "loading",
+    draining: "draining", failed: "down" };
   for (const [m, role] of roles) {
     const chip = el("span", "chip mono", m);
-    chip.dataset.state = w.state || "down";
+    const pm = perModel.get(m);
+    chip.dataset.state = pm ? (chipState[pm.state] || "down") : (w.state || "down");
     if (role !== "replica") chip.append(el("span", "role", role));
+    if (pm && pm.state !== "ready") {
+      const dlm = pm.download;
+      chip.append(el("span", "role", dlm && dlm.state === "downloading" && dlm.total
+        ? "fetching " + Math.floor((100 * dlm.bytes) / dlm.total) + "%" : pm.state));
+    } else if (pm && pm.slots_busy) {
+      chip.append(el("span", "role", pm.slots_busy + "/" + pm.slots_total));
+    }
     models.append(chip);
   }
   if (!roles.size) {
@@ -376,12 +394,23 @@ function workerCard(w, placements) {
   if (dl && dl.state === "downloading" && dl.total) {
     models.append(el("span", "empty", "fetching " + dl.model + " " +
       Math.floor((100 * dl.bytes) / dl.total) + "% of " + fmtBytes(dl.total)));
-  } else if (pl.state === "loading" || pl.state === "fetching") {
+  } else if ((pl.state === "loading" || pl.state === "fetching") && !perModel.size) {
     models.append(el("span", "empty", "loading " + (pl.model || "") + " as " + pl.role));
   } else if (pl.state === "broken" && pl.error) {
     models.append(el("span", "empty", "placement broken: " + pl.error));
   }
 
+  // Lifecycle (gateway/lifecycle.py, worker/polite.py): why it takes no new work.
+  if (w.state === "draining") {
+    models.append(el("span", "empty", "draining: finishing its requests, taking no new ones"));
+  } else if (w.state === "asleep") {
+    models.append(el("span", "empty", "asleep" + (w.wake && w.wake.mac ? ": wakes on demand ("
+      + w.wake.mac + ")" : "")));
+  }
+  if (w.capacity === 0 && w.polite) {
+    models.append(el("span", "empty", "yielding to the box's owner" +
+      (w.polite.reason ? ": " + w.polite.reason : "")));
+  }
   card.append(head, hwLine, dev, stats);
   if (total <= 32) card.append(slots);
   card.append(memBox, models);
