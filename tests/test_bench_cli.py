@@ -7,6 +7,7 @@ tokens, mistimes the first token, or hides errors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -211,3 +212,56 @@ def test_percentiles_interpolate() -> None:
     d = distribution([0.001, 0.002, 0.003])  # seconds in, ms out
     assert (d["min"], d["p50"], d["max"], d["count"]) == (1.0, 2.0, 3.0, 3)
     assert distribution([]) is None
+
+
+def test_a_kept_alive_connection_closed_unanswered_is_sent_again() -> None:
+    """llama-server announces keep-alive, then closes after each streamed answer: a request
+    written on that connection meanwhile gets no byte back (issue 19). A real socket
+    server that answers one request per connection and closes on the next: every request
+    completes, and the resends are counted, not hidden."""
+    import socket
+    import threading
+
+    from corral.bench import LoadSpec, Runner, summarize
+
+    body = (b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+            b'data: {"choices":[],"usage":{"completion_tokens":1}}\n\ndata: [DONE]\n\n')
+    answer = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+              b"Transfer-Encoding: chunked\r\nKeep-Alive: timeout=5, max=100\r\n\r\n"
+              + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(30)
+
+    def read_request(conn: socket.socket) -> bool:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return False
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length"))
+        while len(rest) < length:
+            rest += conn.recv(65536)
+        return True
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = srv.accept()
+                with conn:
+                    if read_request(conn):
+                        conn.sendall(answer)
+                        read_request(conn)  # the next request on it: closed unanswered
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        spec = LoadSpec(base_url=f"http://127.0.0.1:{srv.getsockname()[1]}", model="m",
+                        requests=4, concurrency=1, stream=True, timeout=20)
+        runner = Runner(spec)
+        s = summarize(spec, runner.run(), runner.duration)
+    finally:
+        srv.close()
+    assert (s["completed"], s["errors"]) == (4, 0), s
+    assert s["stale_connection_retries"] == 3 and s["output_tokens"] == 4, s

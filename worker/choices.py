@@ -57,7 +57,7 @@ async def generate_choices(
 ) -> AsyncIterator[ChoiceDelta]:
     """Yields the choices' deltas, interleaved as they come; each choice's last one has
     `finish` set. Cancels whatever is still running on exit."""
-    loop = asyncio.get_running_loop()
+    hand = engine.handoff()  # one event-loop wake-up per decode step, not per token
     out: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
     await engine._acquire(n)
     released = [False] * n
@@ -75,10 +75,10 @@ async def generate_choices(
         put = out.put_nowait
         return Sequence(
             oa.new_id("seq"), prompt, max_tokens, params,
-            on_tokens=lambda text, k: loop.call_soon_threadsafe(put, (i, "t", text, k)),
-            on_finish=lambda r, e: loop.call_soon_threadsafe(finished_in_loop, i, r, e),
+            on_tokens=lambda text, k: hand.put(put, (i, "t", text, k)),
+            on_finish=lambda r, e: hand.put(finished_in_loop, i, r, e),
             logprobs=top,
-            on_logprobs=(lambda lps: loop.call_soon_threadsafe(put, (i, "l", lps)))
+            on_logprobs=(lambda lps: hand.put(put, (i, "l", lps)))
             if top is not None else None,
             index=i,
         )

@@ -60,6 +60,9 @@ class Result:
     start: float = 0.0  # seconds since the run began
     lag: float = 0.0  # open loop: how late the client sent it versus its scheduled arrival
     worker: str | None = None  # x-corral-worker, when a Corral gateway or worker answered
+    # Sent again because a kept-alive connection turned out closed before any response
+    # byte (see STALE): how many times.
+    stale_retries: int = 0
 
     @property
     def itls(self) -> list[float]:
@@ -92,6 +95,15 @@ def request_body(spec: LoadSpec, i: int = 0) -> bytes:
         body["stream_options"] = {"include_usage": True}
     body.update(spec.extra_body)
     return orjson.dumps(body)
+
+
+#: httpx's words when a pooled keep-alive connection was closed by the server before it
+#: sent anything for the request just written on it. llama.cpp's llama-server does this
+#: after every streamed response (it announces `Keep-Alive: timeout=5, max=100`, then
+#: closes): the stream before was complete, and the new request was never read, so it
+#: is sent again on another connection rather than counted as a protocol error.
+STALE = "Server disconnected without sending a response."
+STALE_RETRIES = 2
 
 
 def _error_kind(exc: BaseException) -> str:
@@ -245,16 +257,32 @@ class Runner:
 
     async def _send(self, client: httpx.AsyncClient, i: int, scheduled: float) -> None:
         t0 = time.perf_counter()
-        one = _one_stream if self.spec.stream else _one_plain
         try:
-            res = await asyncio.wait_for(one(client, self.url, self.bodies[i], t0),
-                                         self.spec.timeout)
+            res = await asyncio.wait_for(self._attempts(client, i, t0), self.spec.timeout)
         except Exception as exc:  # every failure is a counted result, never a crash
             res = Result(ok=False, latency=time.perf_counter() - t0, error=_error_kind(exc),
                          message=str(exc)[:200] or type(exc).__name__)
         res.start = t0 - self.t_start
         res.lag = max(0.0, res.start - scheduled)
         self.results[i] = res
+
+    async def _attempts(self, client: httpx.AsyncClient, i: int, t0: float) -> Result:
+        """One request, sent again (timed from the first try) when its connection was a
+        stale keep-alive one (STALE); a last failure says it was retried."""
+        one = _one_stream if self.spec.stream else _one_plain
+        for n in range(STALE_RETRIES + 1):
+            try:
+                res = await one(client, self.url, self.bodies[i], t0)
+            except httpx.RemoteProtocolError as exc:
+                if str(exc) != STALE:
+                    raise
+                if n == STALE_RETRIES:
+                    raise httpx.RemoteProtocolError(
+                        f"{STALE} (also on {n} fresh attempts)") from exc
+                continue
+            res.stale_retries = n
+            return res
+        raise AssertionError("unreachable")
 
     async def _closed(self, client: httpx.AsyncClient) -> None:
         next_i = 0

@@ -49,6 +49,9 @@ def render(summary: dict[str, Any], console: Console | None = None) -> None:
             head.add_row("", f"{kind}: {msg[:120]}")
     else:
         head.add_row("errors", "0")
+    if s.get("stale_connection_retries"):
+        head.add_row("resent", f"{s['stale_connection_retries']} (the server closed a "
+                               "kept-alive connection before answering)")
     if s.get("workers"):
         head.add_row("served by", ", ".join(f"{w}: {n}" for w, n in s["workers"].items()))
     console.print(head)

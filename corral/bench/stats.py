@@ -69,6 +69,8 @@ def summarize(spec: LoadSpec, results: list[Result], duration: float) -> dict[st
         "errors": len(results) - len(ok),
         "errors_by_kind": dict(sorted(errors.items())),
         "error_examples": messages,
+        # Requests sent again after a server closed a kept-alive connection unannounced.
+        "stale_connection_retries": sum(r.stale_retries for r in results),
         "duration_s": round(duration, 4),
         "requests_per_second": round(len(ok) / dur, 3),
         "output_tokens": tokens,

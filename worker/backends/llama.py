@@ -25,6 +25,7 @@ from worker.backends.base import Backend, BackendError, SamplingParams, Sequence
 from worker.backends.llama_batch import BatchLoop, token_bytes
 from worker.backends.llama_chat import ChatTemplate
 from worker.backends.llama_embed import EMBED_WINDOW, Embedder, EmbedJob
+from worker.backends.llama_lookup import draft_limit
 
 log = logging.getLogger("corral.llama")
 
@@ -64,8 +65,12 @@ class LlamaBackend(Backend):
         n_batch: int = 512,
         n_gpu_layers: int = 0,
         tensor_split: list[float] | None = None,
+        lookup: int | None = None,
     ) -> None:
         self.model_path = model_path
+        # Longest prompt-lookup draft per step (llama_lookup.py); None: CORRAL_LLAMA_LOOKUP
+        # or the default, 0: off.
+        self.lookup = draft_limit(lookup)
         # Layers offloaded to non-CPU devices (a split head's RPC shards), shared between
         # them in `tensor_split` proportions; the rest stay on this CPU.
         self.n_gpu_layers = n_gpu_layers
@@ -136,12 +141,18 @@ class LlamaBackend(Backend):
 
         n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         loop = BatchLoop(ctx, vocab, n_vocab, self.slots, self.n_batch, self.n_ctx)
+        if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
+            self.lookup = 0  # drafts need the KV of rejected tokens removable
+        self._describe["lookup_draft_tokens"] = self.lookup
         # Start the decode thread first: every llama_decode must run on that one thread.
         # Decoding a few steps on this (loading) thread first, then on the loop's thread,
         # made every later token 2-3x slower on 2 cores (bench/llama_threads.py).
         loop.start()
         self.calibrated_tokens_per_second = self._calibrate(loop)
         self.calibrated_prefill_tokens_per_second = self._calibrate_prefill(loop)
+        # The calibrations measure plain one-token steps (what the gateway routes by);
+        # the invariance probe then checks what is served, drafts included.
+        loop.lookup = self.lookup
         # The probe ends by emptying the KV cache, so it leaves no prefix behind.
         invariance.probe(self, loop.submit, on_last_finish=loop.forget)
         self._loop = loop

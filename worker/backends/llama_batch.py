@@ -36,6 +36,7 @@ import numpy as np
 
 from worker.backends.base import Sequence
 from worker.backends.llama_logprobs import logprob_entry
+from worker.backends.llama_lookup import Lookup
 from worker.backends.llama_sampling import Detokenizer, sampler_chain
 
 log = logging.getLogger("corral.llama")
@@ -72,6 +73,8 @@ class Run:
     # then gets a copy of the parent's KV sequence and samples from the same logits.
     waiting: bool = False
     forks: list[Run] = field(default_factory=list)
+    lookup: Lookup | None = None  # a plain greedy sequence: prompt-lookup drafts
+    draft: list[int] = field(default_factory=list)  # decoded after next_token this step
 
     @property
     def prefilling(self) -> bool:
@@ -92,7 +95,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 class BatchLoop:
     def __init__(self, ctx: Any, vocab: Any, n_vocab: int, slots: int, n_batch: int,
-                 n_ctx_seq: int) -> None:
+                 n_ctx_seq: int, lookup: int = 0) -> None:
         self.ctx = ctx
         self.mem = llama_cpp.llama_get_memory(ctx)
         self.vocab = vocab
@@ -100,6 +103,7 @@ class BatchLoop:
         self.n_batch = n_batch
         self.n_ctx_seq = n_ctx_seq
         self.slots = [Slot(i) for i in range(slots)]
+        self.lookup = lookup  # longest prompt-lookup draft; 0: no speculation
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._cv = threading.Condition()
         self._incoming: deque[Sequence] = deque()
@@ -115,7 +119,8 @@ class BatchLoop:
         self._want_threads: int | None = None  # set by set_threads, applied between steps
         self.threads = int(llama_cpp.llama_n_threads(ctx))  # what llama_decode uses now
         self.stats = {"prompt_cache_hits": 0, "prompt_cache_reused_tokens": 0,
-                      "prompt_tokens_evaluated": 0, "decode_steps": 0}
+                      "prompt_tokens_evaluated": 0, "decode_steps": 0,
+                      "lookup_drafted_tokens": 0, "lookup_accepted_tokens": 0}
 
     # ------------------------------------------------------------------ other threads
     def start(self) -> None:
@@ -321,6 +326,9 @@ class BatchLoop:
             _finish_once(seq, "error", f"sampler setup failed: {exc}")
             return None
         slot.run = Run(seq, slot, sampler, grammar=seq.constraint)
+        if self.lookup and _plain_greedy(seq):
+            slot.run.lookup = Lookup(self.lookup)
+            slot.run.lookup.extend(seq.prompt)
         return slot.run
 
     def _leave(self, run: Run, reason: str, error: str | None) -> None:
@@ -359,6 +367,12 @@ class BatchLoop:
 
         prefill = [r for r in runs if r.prefilling]
         n_decode = len(runs) - len(prefill)
+        # Drafts only in pure decode steps: a prefill step is long already, and its
+        # prompt tokens need the batch's room.
+        for r in runs:
+            r.draft = []
+        if not prefill and self.lookup:
+            n_decode += self._drafts(runs)
         budget = (self._shared_budget() if n_decode else self.n_batch) - n_decode
         budget = max(budget, min(len(prefill), self.n_batch - n_decode))
         # A fair share each; what one needs less of goes to the ones after it.
@@ -375,6 +389,8 @@ class BatchLoop:
                 r.chunk = 0
                 r.out = n
                 add(r.next_token, start, sid, True)
+                for k, t in enumerate(r.draft):
+                    add(t, start + 1 + k, sid, True)
                 continue
             tokens = r.seq.prompt
             for j in range(start, start + r.chunk):
@@ -383,6 +399,26 @@ class BatchLoop:
                     r.out = n
                 add(tokens[j], j, sid, last)
         return n
+
+    def _drafts(self, runs: list[Run]) -> int:
+        """Gives decode runs prompt-lookup drafts of one common length (llama.cpp splits a
+        step into ubatches of equal tokens per sequence: uneven drafts would cost whole
+        extra passes), or none when some run has none. Returns the rows added."""
+        room = (self.n_batch - len(runs)) // len(runs)
+        drafts = []
+        for r in runs:
+            if r.lookup is None:
+                return 0
+            d = r.lookup.draft(min(room, self.n_ctx_seq - 1 - len(r.slot.tokens),
+                                   r.seq.max_tokens - r.generated - 1))
+            if not d:
+                return 0
+            drafts.append(d)
+        k = min(len(d) for d in drafts)
+        for r, d in zip(runs, drafts, strict=True):
+            r.draft = d[:k]
+        self.stats["lookup_drafted_tokens"] += k * len(runs)
+        return k * len(runs)
 
     def _shared_budget(self) -> int:
         if not self._token_cost:
@@ -407,7 +443,27 @@ class BatchLoop:
             f.slot.tokens = list(r.slot.tokens)
             f.waiting = False
             self._sample(f, r.out)
-        self._sample(r, r.out)
+        if r.draft:
+            self._verify(r)
+        else:
+            self._sample(r, r.out)
+
+    def _verify(self, r: Run) -> None:
+        """Keeps the longest prefix of the draft that greedy sampling agrees with: the
+        token sampled after each kept one is the next, as one-at-a-time decoding gives."""
+        draft, r.draft = r.draft, []
+        kept = 0
+        for k in range(len(draft) + 1):
+            token = llama_cpp.llama_sampler_sample(r.sampler, self.ctx, r.out + k)
+            if not self._take(r, token, None) or k == len(draft) or token != draft[k]:
+                break
+            r.slot.tokens.append(token)  # decoded this step at its position: kept
+            kept += 1
+        self.stats["lookup_accepted_tokens"] += kept
+        if r.lookup is not None:
+            r.lookup.result(len(draft), kept)
+        # The rejected rows' KV goes (kept rows and everything before stay).
+        llama_cpp.llama_memory_seq_rm(self.mem, r.slot.seq_id, len(r.slot.tokens), -1)
 
     def _sample(self, r: Run, out: int) -> None:
         row = self._logits(out) if r.seq.logprobs is not None else None
@@ -423,11 +479,15 @@ class BatchLoop:
                 log.error("constrained sampling failed: %s", exc)
                 self._leave(r, "error", f"constrained sampling failed: {exc}")
                 return
+        self._take(r, token, row)
+
+    def _take(self, r: Run, token: int, row: Any) -> bool:
+        """Emits a sampled token; False when it ended the sequence (which has left)."""
         r.generated += 1
         if llama_cpp.llama_vocab_is_eog(self.vocab, token):
             r.detok.pending_tokens += 1  # no logprob entry: OpenAI leaves the stop out
             self._leave(r, "stop", None)
-            return
+            return False
         piece = self._piece(token)
         if row is not None and r.seq.on_logprobs is not None:
             r.seq.on_logprobs([logprob_entry(row, token, piece, r.seq.logprobs or 0,
@@ -437,8 +497,11 @@ class BatchLoop:
             _emit(r.seq, text, r.detok.take())
         if r.generated >= r.seq.max_tokens or len(r.slot.tokens) >= self.n_ctx_seq:
             self._leave(r, "length", None)
-            return
+            return False
         r.next_token = token
+        if r.lookup is not None:
+            r.lookup.extend([token])
+        return True
 
     def _is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
@@ -472,6 +535,15 @@ def token_bytes(vocab: Any, token: int) -> bytes:
         if n >= 0:
             return bytes(buf[:n])
         size = -n
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    """Whether drafts can be verified by argmax alone: greedy, unconstrained, no
+    penalties (they would see rejected tokens), no logprobs, a single choice."""
+    p = seq.params
+    return (p.greedy and seq.constraint is None and seq.logprobs is None and not seq.forks
+            and seq.index == 0 and p.repeat_penalty == 1.0 and not p.presence_penalty
+            and not p.frequency_penalty)
 
 
 def _emit(seq: Sequence, text: str, n: int) -> None:

@@ -1,0 +1,272 @@
+"""The Corral llama worker against llama.cpp's own C++ `llama-server`, same GGUF, same threads.
+
+    .venv/bin/python bench/llama_server.py [--write] [--levels 1,4,8] [--passes 2]
+        [--corral "label=extra worker args"]... [--prompt TEXT] [--max-tokens 64]
+
+`llama-server` is built (once, cached) from the llama.cpp that llama-cpp-python vendors
+(bench/llama_server_build.py). Both servers load the bundled SmolLM2-135M Q4_1 with
+`--threads` threads and 4 slots of 2048 tokens, are up at once and are measured in turn
+(alternating, `--passes` rounds, so the box's other load weighs on both alike). Load:
+`corral bench` closed loop at each concurrency c, `--rounds` x c streamed chat completions
+of `--max-tokens` greedy tokens, distinct prompts. Every figure is reported as a ratio to
+llama-server's in the same run; the absolute numbers are only for reading the ratios.
+Each `--corral` adds a worker setup, arguments and NAME=value environment variables (e.g.
+`--corral "no-lookup=CORRAL_LLAMA_LOOKUP=0"`); the first,
+`corral` with no extra arguments, is always there. `--write` replaces the `llama-server`
+section of docs/BENCHMARKS.md. Never part of `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import statistics
+import sys
+
+from common import (
+    HOST,
+    MODEL,
+    CpuMeter,
+    LoadSpec,
+    Proc,
+    bench,
+    command_line,
+    free_port,
+    machine,
+    start_worker,
+    write_section,
+)
+from engine import BR, PROMPT
+from llama_server_build import build, installed_version
+
+#: A prompt whose answer repeats its input: where prompt-lookup drafts are kept.
+REPEAT = ("Repeat the following text exactly, word for word:\n\nThe corral stood at the edge "
+          "of the valley. Every morning the horses came down from the hills to drink at the "
+          "river, and the old rancher counted them one by one as they passed the gate. In "
+          "winter the snow covered the fences and the horses stayed in the barn, eating hay "
+          "and waiting for spring.")
+CTX = 2048
+SLOTS = 4
+REF = "llama-server"
+
+
+def start_llama_server(exe: str, threads: int, extra: list[str]) -> Proc:
+    from worker.models import resolve
+
+    port = free_port()
+    proc = Proc([exe, "-m", str(resolve(MODEL)[1]), "--host", HOST, "--port", str(port),
+                 "--threads", str(threads), "--threads-batch", str(threads),
+                 "--parallel", str(SLOTS), "--ctx-size", str(CTX * SLOTS), "--no-webui",
+                 "--alias", MODEL, *extra], name=f"llama-server-{port}").start()
+    proc.url = f"http://{HOST}:{port}"  # type: ignore[attr-defined]
+    proc.wait_http(f"{proc.url}/health", timeout=300)  # type: ignore[attr-defined]
+    return proc
+
+
+def _is_env(word: str) -> bool:
+    """`NAME=value` with an upper-case name: an environment variable for the worker."""
+    name, eq, _ = word.partition("=")
+    return bool(eq) and name.isupper() and not name.startswith("-")
+
+
+def level(url: str, c: int, requests: int, max_tokens: int, prompt: str,
+          pid: int | None = None) -> dict:
+    """One closed-loop load; with `pid`, also the CPU seconds that server's processes used."""
+    meter = CpuMeter(pid) if pid else None
+    with meter.measure() if meter else contextlib.nullcontext({}) as cpu:
+        r = _level(url, c, requests, max_tokens, prompt)
+    r["cpu_s"] = cpu.get("cpu_s")
+    return r
+
+
+def _level(url: str, c: int, requests: int, max_tokens: int, prompt: str) -> dict:
+    spec = LoadSpec(base_url=url, model=MODEL, requests=requests, concurrency=c,
+                    max_tokens=max_tokens, stream=True, timeout=600, distinct_prompts=True,
+                    prompt=prompt, extra_body={"temperature": 0})
+    s, _ = bench(spec)
+    return {"tokens": s["output_tokens"], "seconds": s["duration_s"], "errors": s["errors"],
+            "errors_by_kind": s["errors_by_kind"], "error_examples": s["error_examples"],
+            "ttft_p50_ms": (s.get("ttft_ms") or {}).get("p50"),
+            "tpot_p50_ms": (s.get("tpot_ms") or {}).get("p50")}
+
+
+def _agg(rs: list[dict]) -> dict:
+    def med(key: str) -> float:
+        vals = [r[key] for r in rs if r.get(key) is not None]
+        return statistics.median(vals) if vals else float("nan")
+
+    secs = sum(r["seconds"] for r in rs)
+    return {"tok_s": sum(r["tokens"] for r in rs) / secs if secs else 0.0,
+            "per_pass": [r["tokens"] / r["seconds"] if r["seconds"] else 0.0 for r in rs],
+            "ttft": med("ttft_p50_ms"), "tpot": med("tpot_p50_ms"),
+            "errors": sum(r["errors"] for r in rs)}
+
+
+def ratios(rs: list[dict], ref: list[dict], key: str) -> list[float]:
+    """Per pass: this setup's figure over llama-server's in the same pass."""
+    def val(r: dict) -> float | None:
+        if key == "tok_s":
+            return r["tokens"] / r["seconds"] if r["seconds"] else None
+        if key == "cpu_ms_per_token":
+            return 1000 * r["cpu_s"] / r["tokens"] if r.get("cpu_s") and r["tokens"] else None
+        return r.get(key)
+
+    out = []
+    for r, q in zip(rs, ref, strict=False):
+        a, b = val(r), val(q)
+        if a is not None and b:
+            out.append(a / b)
+    return out
+
+
+def _ratio_cell(xs: list[float], bold: bool = False) -> str:
+    if not xs:
+        return "-"
+    m = f"{statistics.median(xs):.2f}"
+    return (f"**{m}**" if bold else m) + (f" ({min(xs):.2f}-{max(xs):.2f})" if len(xs) > 1
+                                          else "")
+
+
+def render(out: dict) -> str:
+    a = out["args"]
+    levels = sorted(int(c) for c in out["runs"][REF])
+    runs = {n: {int(c): rs for c, rs in by.items()} for n, by in out["runs"].items()}
+    agg = {n: {c: _agg(rs) for c, rs in by.items()} for n, by in runs.items()}
+    lines = ["| setup | c | tok/s, per pass | tok/s ratio, median (range) | TTFT p50 ms "
+             "| TTFT ratio | CPU ms/token | CPU/token ratio | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, by in agg.items():
+        for c in levels:
+            r = by[c]
+            passes = " / ".join(f"{x:.0f}" for x in r["per_pass"])
+            tok = ratios(runs[name][c], runs[REF][c], "tok_s")
+            ttft = ratios(runs[name][c], runs[REF][c], "ttft_p50_ms")
+            cpu = ratios(runs[name][c], runs[REF][c], "cpu_ms_per_token")
+            cpu_s = sum(x.get("cpu_s") or 0 for x in runs[name][c])
+            toks = sum(x["tokens"] for x in runs[name][c])
+            per = f"{1000 * cpu_s / toks:.1f}" if cpu_s and toks else "-"
+            lines.append(
+                f"| {name} | {c} | {passes} | {_ratio_cell(tok, True)} | {r['ttft']:.0f} | "
+                f"{_ratio_cell(ttft)} | {per} | {_ratio_cell(cpu)} | {r['errors']} |")
+    examples = {}
+    for name, by in out["runs"].items():
+        for rs in by.values():
+            for r in rs:
+                for kind, msg in (r.get("error_examples") or {}).items():
+                    examples.setdefault(f"{name}: {kind}", msg)
+    errs = ("Errors: " + "; ".join(f"{k} (e.g. `{v[:160]}`)" for k, v in examples.items())
+            + "." if examples else "No request failed.")
+    setups = "; ".join(f"`{n}`: `corral worker --backend llama --parallel {SLOTS} --threads "
+                       f"{a['threads']} --ctx-size {CTX} {x}`".replace(" `", "`")
+                       for n, x in out["setups"].items())
+    return f"""## Against llama-server: the llama worker and llama.cpp's own server
+
+Command: `{out['command']}`{BR}
+Machine: {out['machine']}.
+
+Same GGUF (SmolLM2-135M-Instruct Q4_1), same llama.cpp (llama-server built from the source
+llama-cpp-python {out['version']} vendors, bench/llama_server_build.py), {a['threads']}
+threads, {SLOTS} slots of {CTX} tokens each: `llama-server --threads {a['threads']}
+--threads-batch {a['threads']} --parallel {SLOTS} --ctx-size {CTX * SLOTS}` against
+{setups}. All up at once, measured in turn ({a['passes']} passes). Load: `corral bench`
+closed loop at concurrency c, {a['rounds']} x c streamed chat completions of
+{a['max_tokens']} greedy tokens per pass, distinct prompts (`Request i. {out['prompt']}`).
+tok/s = output tokens / wall time of each pass; TTFT is the median
+of the passes' p50s; CPU ms/token = CPU time (user + system) of the server's
+processes over its output tokens, the efficiency figure least moved by the box's other
+load (though llama.cpp's threads spin while they wait, so a starved pass costs CPU too).
+**Ratios are to llama-server in the same pass** (median
+over passes, range in brackets): the box is shared and its load swings within a run, so
+only those carry over. Load average after the run: {out.get('load_after', '?')}.
+
+{chr(10).join(lines)}
+
+{errs}
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--levels", default="1,4,8")
+    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--repeat", action="store_true", help="the repeat-the-input prompt")
+    ap.add_argument("--section", default="llama-server", help="BENCHMARKS.md section")
+    ap.add_argument("--corral", action="append", default=[],
+                    help="label=extra corral worker arguments (repeatable)")
+    ap.add_argument("--server-args", default="", help="extra llama-server arguments")
+    ap.add_argument("--write", action="store_true")
+    ap.add_argument("--render", default=None, help="re-render from this script's saved JSON")
+    a = ap.parse_args()
+    if a.render:
+        with open(a.render) as f:
+            write_section(a.section, render(json.load(f)))
+        return
+    if a.repeat:
+        a.prompt = REPEAT
+    exe = str(build())
+    levels = [int(x) for x in a.levels.split(",")]
+    setups = {"corral": ""}
+    for s in a.corral:
+        name, _, extra = s.partition("=")
+        setups[name] = extra
+    where = machine()
+    procs: list[Proc] = []
+    try:
+        targets: dict[str, str] = {}
+        workers = []
+        for name, extra in setups.items():
+            words = shlex.split(extra)
+            env = dict(x.split("=", 1) for x in words if _is_env(x))
+            w = start_worker("--parallel", str(SLOTS), "--threads", str(a.threads),
+                             "--ctx-size", str(CTX), *(x for x in words if not _is_env(x)),
+                             env=env, wait=False)
+            procs.append(w.proc)
+            workers.append((name, w))
+        server = start_llama_server(exe, a.threads, shlex.split(a.server_args))
+        procs.append(server)
+        targets[REF] = server.url  # type: ignore[attr-defined]
+        pids = {REF: server.pid}
+        for name, w in workers:
+            w.proc.wait_http(f"{w.url}/status", timeout=600,
+                             ok=lambda r: r.json().get("state") in ("ready", "busy"))
+            targets[name] = w.url
+            pids[name] = w.proc.pid
+        for url in targets.values():  # warm up
+            level(url, 1, 1, 8, a.prompt)
+        runs: dict[str, dict[int, list[dict]]] = {n: {c: [] for c in levels} for n in targets}
+        for p in range(a.passes):
+            for c in levels:
+                order = list(targets.items())
+                if p % 2:
+                    order.reverse()  # alternate who goes first
+                for name, url in order:
+                    r = level(url, c, c * a.rounds, a.max_tokens, a.prompt, pids[name])
+                    runs[name][c].append(r)
+                    print(json.dumps({"pass": p, "setup": name, "concurrency": c, **r}),
+                          file=sys.stderr, flush=True)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    out = {"machine": where, "command": command_line(), "runs": runs, "setups": setups,
+           "version": installed_version(), "prompt": a.prompt,
+           "load_after": f"{os.getloadavg()[0]:.1f}",
+           "args": {"threads": a.threads, "passes": a.passes, "rounds": a.rounds,
+                    "max_tokens": a.max_tokens}}
+    with open(f"/tmp/corral-{a.section}.json", "w") as f:  # for --render
+        json.dump(out, f)
+    text = render(out)
+    print(text)
+    if a.write:
+        write_section(a.section, text)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("NO_PROXY", "*")
+    main()

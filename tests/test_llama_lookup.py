@@ -1,0 +1,83 @@
+"""Prompt-lookup speculative decoding (worker/backends/llama_lookup.py): the same greedy text
+with and without it, on the real model, and drafts that were really kept.
+
+Two llama workers, drafting off (`CORRAL_LLAMA_LOOKUP=0`) and on, get the same requests in
+the same order, one at a time (so each worker's prompt cache goes through the same states):
+a prompt that makes the model repeat its input, where drafts are long and mostly right,
+and a free-form one, where they are short and mostly wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from conftest import client_for, require_backend, serve_worker, status
+from procs import Worker
+
+from worker.backends.llama_lookup import Lookup
+
+TEXT = ("The corral stood at the edge of the valley. Every morning the horses came down from "
+        "the hills to drink at the river, and the old rancher counted them one by one as they "
+        "passed the gate. In winter the snow covered the fences and the horses stayed in the "
+        "barn, eating hay and waiting for spring.")
+PROMPTS = (f"Repeat the following text exactly, word for word:\n\n{TEXT}",
+           "Write a long essay about the history of Rome.")
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[Worker, Worker]]:
+    require_backend("llama")
+    args = ("--parallel", "2", "--threads", "2", "--ctx-size", "1024")
+    plain = serve_worker(*args, env={"CORRAL_LLAMA_LOOKUP": "0"})
+    drafting = serve_worker(*args, env={"CORRAL_LLAMA_LOOKUP": "8"})
+    a, b = next(plain), next(drafting)
+    try:
+        yield a, b
+    finally:
+        for gen in (plain, drafting):
+            gen.close()
+
+
+def _answer(w: Worker, prompt: str, stream: bool) -> str:
+    c = client_for(w.url, timeout=300)
+    kw = {"model": "smollm2-135m", "messages": [{"role": "user", "content": prompt}],
+          "max_tokens": 96, "temperature": 0}
+    if not stream:
+        return c.chat.completions.create(**kw).choices[0].message.content or ""
+    return "".join(ch.choices[0].delta.content or "" for ch in
+                   c.chat.completions.create(stream=True, **kw) if ch.choices)
+
+
+def test_greedy_text_is_the_same_with_and_without_drafts(pair):
+    plain, drafting = pair
+    assert status(plain)["hardware"]["lookup_draft_tokens"] == 0
+    assert status(drafting)["hardware"]["lookup_draft_tokens"] == 8
+    for i, prompt in enumerate(PROMPTS):
+        for stream in (False, True):
+            want = _answer(plain, prompt, stream)
+            got = _answer(drafting, prompt, stream)
+            assert got == want, (i, stream)
+        if i == 0:  # the repeating answer: drafts were made and most were kept
+            pc = status(drafting)["prompt_cache"]
+            assert pc["lookup_accepted_tokens"] * 2 > pc["lookup_drafted_tokens"] > 0, pc
+    assert status(plain)["prompt_cache"]["lookup_drafted_tokens"] == 0
+
+
+def test_lookup_drafts_what_followed_the_latest_ngram():
+    lk = Lookup(limit=8)
+    lk.extend([1, 2, 3, 4, 5, 6, 9, 1, 2, 3])
+    assert lk.draft(room=8) == [4, 5, 6, 9][: lk.size]  # starts at 4 tokens
+    assert lk.draft(room=2) == [4, 5]
+    lk.result(4, 4)  # all kept: longer drafts
+    assert lk.size == 8
+    lk.result(8, 0)  # mostly rejected overall: a pause, then one token at a time
+    assert lk.draft(room=8) == [] and lk.size == 1
+    lk.extend([7] * 16)
+    assert lk.draft(room=8) == [7]
+
+
+def test_no_draft_without_a_repeated_ngram():
+    lk = Lookup(limit=8)
+    lk.extend([1, 2, 3, 4])
+    assert lk.draft(room=8) == []

@@ -1,0 +1,95 @@
+"""Prompt-lookup drafts for speculative decoding of greedy sequences (llama backend).
+
+A sequence that quotes its prompt (summarise, edit, translate code, answer from a document)
+repeats runs of tokens it has already seen. The decode loop asks `Lookup.draft` for the
+tokens that followed the last occurrence of the sequence's latest n-gram (prompt and text
+so far), decodes them in the same `llama_decode` as the sequence's next token, and keeps
+the longest prefix the greedy sampler agrees with (llama_batch.BatchLoop._verify): every
+kept token is the one plain greedy decoding would have produced, so the text is the same,
+only fewer steps are spent on it. No model, no extra memory beyond an index of n-grams.
+
+Drafts that keep failing shrink (a free-form answer rarely repeats its prompt), and a
+failed draft costs only its extra batch rows, which on a CPU are cheap next to a step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+#: Longest draft per step (tokens); CORRAL_LLAMA_LOOKUP overrides it, 0 turns lookup off.
+DEFAULT_DRAFT = 8
+NGRAMS = (3, 2)  # tried longest first: a 3-gram match predicts better than a 2-gram one
+START = 4  # first draft length; doubled while drafts are kept whole
+REST = 16  # tokens decoded plainly after a mostly rejected draft
+
+
+def draft_limit(value: int | None = None) -> int:
+    """The configured longest draft: `value`, else CORRAL_LLAMA_LOOKUP, else the default."""
+    if value is not None:
+        return max(0, int(value))
+    raw = os.environ.get("CORRAL_LLAMA_LOOKUP", "").strip()
+    if not raw:
+        return DEFAULT_DRAFT
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        raise ValueError(f"CORRAL_LLAMA_LOOKUP must be a whole number of tokens, not {raw!r}"
+                         ) from None
+
+
+@dataclass
+class Lookup:
+    """The n-gram index of one sequence's tokens and how long its drafts may be now."""
+
+    limit: int
+    tokens: list[int] = field(default_factory=list)
+    # n-gram -> index of the token that followed its latest occurrence
+    index: dict[tuple[int, ...], int] = field(default_factory=dict)
+    size: int = 0  # the current longest draft, adapted to what gets accepted
+    rest: int = 0  # tokens to decode without drafting after drafts kept failing
+    proposed: int = 0
+    accepted: int = 0
+
+    def __post_init__(self) -> None:
+        self.size = min(self.limit, START)
+
+    def extend(self, new: list[int]) -> None:
+        toks = self.tokens
+        for t in new:
+            j = len(toks)
+            toks.append(t)
+            for n in NGRAMS:
+                if j >= n:
+                    self.index[tuple(toks[j - n : j])] = j
+        self.rest = max(0, self.rest - len(new))
+
+    def draft(self, room: int) -> list[int]:
+        """Up to min(size, room) tokens predicted to follow the tokens so far."""
+        k = min(self.size, room)
+        if k <= 0 or self.rest:
+            return []
+        toks = self.tokens
+        for n in NGRAMS:
+            if len(toks) <= n:
+                continue
+            at = self.index.get(tuple(toks[-n:]))
+            if at is not None:
+                return toks[at : at + k]
+        return []
+
+    def result(self, proposed: int, accepted: int) -> None:
+        """Adapts the draft length to what was kept: a CPU step costs nearly as much per
+        row as per sequence, so a draft must mostly be kept to pay for itself."""
+        self.proposed += proposed
+        self.accepted += accepted
+        if accepted == proposed:
+            self.size = min(self.limit, self.size * 2)
+        else:
+            self.size = max(1, accepted)
+        if accepted * 2 < proposed and self.accepted * 2 < self.proposed:
+            self.rest = REST  # mostly wrong lately and overall: pause, then try small
+            self.size = 1
+
+
+__all__ = ["DEFAULT_DRAFT", "Lookup", "draft_limit"]
