@@ -29,7 +29,6 @@ import contextlib
 import hmac
 import logging
 import os
-import socket
 import time
 import urllib.parse
 from pathlib import Path
@@ -47,6 +46,7 @@ from wire.status import WorkerStatus
 from worker.fetch import Download
 from worker.gate import Availability
 from worker.hosting import ModelFileRequest, model_file
+from worker.wol import route_to
 
 if TYPE_CHECKING:
     from worker.rpc.shard import ShardHost
@@ -79,16 +79,6 @@ class PlacementRequest(BaseModel):
 ANY = ("0.0.0.0", "::", "")
 
 
-def _route_to(host: str) -> str | None:
-    """This box's address on the route to `host` (no packet is sent)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((host, 9))
-            return s.getsockname()[0]
-    except OSError:
-        return None
-
-
 def rpc_hosts(cfg: Any) -> tuple[str, str]:
     """(address an RPC shard binds, address a head reaches it at).
 
@@ -106,11 +96,11 @@ def rpc_hosts(cfg: Any) -> tuple[str, str]:
         bind = advertised
     else:
         gateway = urllib.parse.urlsplit(cfg.join or "").hostname
-        bind = (_route_to(gateway) if gateway else None) or "127.0.0.1"
+        bind = (route_to(gateway) if gateway else None) or "127.0.0.1"
     reach = bind
     if bind in ANY:
         reach = advertised if advertised and advertised not in ANY else (
-            _route_to(urllib.parse.urlsplit(cfg.join or "").hostname or "127.0.0.1")
+            route_to(urllib.parse.urlsplit(cfg.join or "").hostname or "127.0.0.1")
             or "127.0.0.1")
     return bind, reach
 

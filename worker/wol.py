@@ -24,7 +24,8 @@ log = logging.getLogger("corral.worker")
 NO_MAC = "00:00:00:00:00:00"
 
 
-def _source_address(host: str) -> str | None:
+def route_to(host: str) -> str | None:
+    """This box's address on the route to `host` (no packet is sent)."""
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect((host, 9))
@@ -56,7 +57,7 @@ def discover(cfg: WorkerConfig) -> Wake | None:
     """What the gateway needs to wake this box, or None when it cannot be woken."""
     gateway = urllib.parse.urlsplit(cfg.join or "").hostname or "192.0.2.1"  # default route
     found = None
-    ip = _source_address(gateway)
+    ip = route_to(gateway)
     if ip is not None:
         found = interface_for(ip)
     name, mac, bcast = found or ("", "", "")
