@@ -305,10 +305,13 @@ class _Packer:
         cost = self.cost
         if cost is not None:
             chosen = _fastest(by_size, len(chosen), m.need, cost) or chosen
-        members = tuple(c.id for c in chosen)
-        ratios = _proportional([c.memory for c in chosen])
         prev = next((p for p in self.current if p.model == m.name and p.mode == "split"
                      and p.workers and len(p.tensor_split) == len(p.workers)), None)
+        if prev is not None and (kept := self._survivors(prev, by_size, m.need)) and not (
+                cost and _clearly_faster(cost, [c.id for c in chosen], [c.id for c in kept])):
+            chosen = kept  # a member left: the others (and the head) stay, RTT noise aside
+        members = tuple(c.id for c in chosen)
+        ratios = _proportional([c.memory for c in chosen])
         if (prev is not None and len(prev.workers) <= len(members)
                 and all(w in empty for w in prev.workers)
                 and sum(pool[w].memory for w in prev.workers) >= m.need
@@ -320,6 +323,22 @@ class _Packer:
         for wid in members:
             self.free[wid] = 0
         self.split[m.name] = Placement(m.name, "split", members, members[0], ratios)
+
+    @staticmethod
+    def _survivors(prev: Placement, by_size: Sequence[WorkerSpec],
+                   need: int) -> list[WorkerSpec] | None:
+        """The running split's members still free, head first, topped up from `by_size`
+        until they hold `need`; None when none survives or they cannot hold it."""
+        free = {w.id: w for w in by_size}
+        out = [free[w] for w in prev.workers if w in free]
+        if not out:
+            return None
+        for w in by_size:
+            if sum(c.memory for c in out) >= need:
+                break
+            if w not in out:
+                out.append(w)
+        return out if sum(c.memory for c in out) >= need else None
 
     def _kept_split(self, wid: str, model: str) -> int:
         return 0 if any(p.model == model and p.mode == "split" and wid in p.workers

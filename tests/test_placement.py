@@ -197,3 +197,21 @@ def test_a_file_that_is_not_gguf_is_refused(tmp_path) -> None:
     bad.write_bytes(b"NOPE" + bytes(64))
     with pytest.raises(gguf_meta.GGUFError):
         gguf_meta.read(bad)
+
+
+def test_a_dead_shard_is_replaced_and_the_head_stays_whatever_the_rtt_noise() -> None:
+    ws = [W("a", 200), W("b", 200), W("c", 200), W("d", 200)]
+    cur = [Placement("m", "split", ("b", "c"), "b", (0.5, 0.5))]
+    alive = [w for w in ws if w.id != "c"]  # the shard died
+    # Loopback RTTs differ by noise: the spares' link measures a little faster.
+    rtt = {frozenset("ab"): 0.09, frozenset("bd"): 0.08, frozenset("ad"): 0.05}
+
+    def cost(head: str, members) -> float:
+        return sum(rtt[frozenset((head, s))] for s in members if s != head)
+
+    (p,) = plan([ModelSpec("m", 350 * MB)], alive, cur, cost)
+    assert p.head == "b" and p.workers[0] == "b" and "c" not in p.workers
+    # A clearly faster set still wins: the survivor's links are slow.
+    rtt = {frozenset("ab"): 9.0, frozenset("bd"): 9.0, frozenset("ad"): 0.05}
+    (p,) = plan([ModelSpec("m", 350 * MB)], alive, cur, cost)
+    assert set(p.workers) == {"a", "d"}
