@@ -10,7 +10,10 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from worker.config import WorkerConfig
 
 #: Slots per worker: a team's requests decode together instead of queueing behind one
 #: another (docs/BENCHMARKS.md, "Default --parallel"); llama-server also defaults to 4.
@@ -73,6 +76,10 @@ def _worker_flags(p: argparse.ArgumentParser, with_endpoint: bool = True) -> Non
     p.add_argument("--memory-limit", type=parse_size, default=None,
                    help="memory offered to placement, e.g. 2G")
     p.add_argument("--device", default="CPU", help="openvino device: CPU, GPU, NPU, AUTO")
+    p.add_argument("--batch-invariant", choices=["on", "off"], default=None,
+                   help="openvino on CPU: 'on' (the default) keeps greedy output the same "
+                        "alone and batched, which failover continuation relies on; 'off' "
+                        "trades that for OpenVINO's faster defaults (docs/BENCHMARKS.md)")
     p.add_argument("--sim-tokens-per-second", type=float, default=50.0,
                    help="sim backend: decode rate per slot")
     p.add_argument("--sim-ttft", type=float, default=0.05,
@@ -200,11 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_worker(a: argparse.Namespace) -> int:
-    from worker.config import WorkerConfig
-    from worker.models import DEFAULT_MODEL
     from worker.serve import run
 
-    cfg = WorkerConfig(
+    return run(worker_config(a))
+
+
+def worker_config(a: argparse.Namespace) -> WorkerConfig:
+    """The `corral worker` flags as the worker's one typed configuration."""
+    from worker.config import WorkerConfig
+    from worker.models import DEFAULT_MODEL
+
+    return WorkerConfig(
         host=a.host, port=a.port, backend=a.backend,
         # Without --model a worker that joins a gateway waits to be placed (a replica, a
         # split head or an RPC shard); one on its own serves the default model.
@@ -214,7 +227,8 @@ def _cmd_worker(a: argparse.Namespace) -> int:
         discover=a.discover, cluster=a.cluster,
         parallel=a.parallel or DEFAULT_PARALLEL, threads=a.threads, host_id=a.host_id,
         ctx_size=a.ctx_size, max_queue=a.max_queue, memory_limit=a.memory_limit,
-        device=a.device, sim_tokens_per_second=a.sim_tokens_per_second,
+        device=a.device, batch_invariant=None if a.batch_invariant is None
+        else a.batch_invariant == "on", sim_tokens_per_second=a.sim_tokens_per_second,
         sim_ttft=a.sim_ttft, sim_prefill_tokens_per_second=a.sim_prefill_tokens_per_second,
         log_level=a.log_level,
         drain_timeout=a.drain_timeout, sleep_command=a.sleep_command, wake_mac=a.wake_mac,
@@ -222,7 +236,6 @@ def _cmd_worker(a: argparse.Namespace) -> int:
         polite_cpu=a.polite_cpu, polite_cpu_low=a.polite_cpu_low,
         polite_memory=a.polite_memory, polite_calm=a.polite_calm,
     )
-    return run(cfg)
 
 
 def _joins(a: argparse.Namespace) -> bool:

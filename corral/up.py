@@ -97,6 +97,8 @@ def _worker_args(a: argparse.Namespace, port: int, join: str) -> list[str]:
     # an RPC split where it fits no worker's --memory-limit).
     if a.model and not _placed_by_gateway(a):
         args += ["--model", a.model]
+    if getattr(a, "batch_invariant", None):
+        args += ["--batch-invariant", a.batch_invariant]
     if a.parallel:
         args += ["--parallel", str(a.parallel)]
     if a.threads:

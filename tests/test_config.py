@@ -140,3 +140,27 @@ def test_models_tables_and_the_old_string_list_both_load(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as e:
         load(str(conf))
     assert "models[0].min_replica" in str(e.value) and "min_replicas" in str(e.value)
+
+
+@pytest.mark.parametrize(("flag", "want"), [([], None), (["--batch-invariant", "off"], False),
+                                            (["--batch-invariant", "on"], True)])
+def test_the_openvino_batch_invariance_trade_is_a_worker_flag(flag: list[str],
+                                                              want: bool | None) -> None:
+    """`--batch-invariant off` reaches the backend: OpenVINO's own (faster) CPU defaults."""
+    pytest.importorskip("openvino_genai")
+    from conftest import MODEL
+
+    from corral.cli import build_parser, worker_config
+    from worker.backends.openvino import OpenVINOBackend
+    from worker.backends.openvino_load import env_flag, properties
+    from worker.models import resolve
+    from worker.state import make_backend
+
+    if want is None:  # no flag: the environment's choice, else on
+        want = env_flag("CORRAL_OPENVINO_BATCH_INVARIANT", True)
+
+    a = build_parser().parse_args(["worker", "--backend", "openvino", "--model", MODEL, *flag])
+    backend = make_backend(worker_config(a), resolve(MODEL)[1])
+    assert isinstance(backend, OpenVINOBackend) and backend.invariant_props is want
+    props = properties("CPU", None, backend.invariant_props)
+    assert ("INFERENCE_PRECISION_HINT" in props) is want

@@ -27,6 +27,9 @@ class WorkerConfig:
     memory_limit: int | None = None
     rpc_host: str | None = None  # where an RPC shard listens (default: host)
     device: str = "CPU"  # openvino: CPU | GPU | NPU | AUTO
+    # openvino on CPU: the batch-invariant properties (None: CORRAL_OPENVINO_BATCH_INVARIANT,
+    # else on); off trades greedy identity alone vs batched for speed.
+    batch_invariant: bool | None = None
     sim_tokens_per_second: float = 50.0
     sim_ttft: float = 0.05
     sim_prefill_tokens_per_second: float = 0.0  # 0: a fixed sim_ttft instead

@@ -54,7 +54,7 @@ def make_backend(cfg: WorkerConfig, model_path: Path | None,
         from worker.backends.openvino import OpenVINOBackend
 
         return OpenVINOBackend(str(model_path), cfg.parallel, cfg.ctx_size, cfg.device,
-                               threads=threads)
+                               batch_invariant=cfg.batch_invariant, threads=threads)
     raise ValueError(f"unknown backend {cfg.backend!r}")
 
 
