@@ -90,7 +90,7 @@ def back(g: Gateway, polite: Worker, what: str) -> None:
     """Waits for the polite worker to offer its slots; where other work on the box (not a
     hog of ours: none runs then) keeps it yielding, the box is too busy to test on."""
     try:
-        wait_for(lambda: offered(g, polite) == 2, 30, 0.05, what)
+        wait_for(lambda: offered(g, polite) == 2, 30, 0.2, what)
     except TimeoutError:
         seen = httpx.get(f"{polite.url}/status", timeout=5).json()["polite"]
         if "of the CPUs" in (seen.get("reason") or ""):
@@ -103,7 +103,7 @@ def _route_around_and_back(pair: tuple[Gateway, Worker, Worker], start) -> None:
     assert reaches(g, polite), "the polite worker serves while the box is idle"
     hogs = start()
     try:
-        wait_for(lambda: offered(g, polite) == 0, 15, 0.05, "the polite worker yielding")
+        wait_for(lambda: offered(g, polite) == 0, 15, 0.2, "the polite worker yielding")
         assert all(served_by(g) == plain.id for _ in range(10))
         status = httpx.get(f"{polite.url}/status", timeout=5).json()
         assert status["capacity"] == 0 and status["polite"]["yielding"], status["polite"]
@@ -127,14 +127,18 @@ def memory_flags() -> tuple[str, ...]:
 
 
 def cpu_flags() -> tuple[str, ...]:
-    """Yield above what the box's other work takes now, plus a margin a hog exceeds."""
+    """Yield above what the box's other work takes now, plus a margin a hog (every core
+    busy) exceeds; come back below a mark the test's own gateway, plain worker and polling
+    (~20% of 2 cores, counted as others: they are) stay under."""
     psutil.cpu_percent()
     time.sleep(1.0)  # a measurement window, not synchronisation
     base = psutil.cpu_percent() / 100
-    if base > 0.5:
+    if base > 0.4:
         pytest.skip(f"the box is already {base:.0%} busy with other work: a CPU hog "
                     "cannot be told from it")
-    return "--polite-cpu", f"{min(0.9, base + 0.35):.2f}", "--polite-memory", "0"
+    high = min(0.9, base + 0.5)
+    return ("--polite-cpu", f"{high:.2f}", "--polite-cpu-low", f"{high - 0.1:.2f}",
+            "--polite-memory", "0")
 
 
 @pytest.mark.timeout(120)

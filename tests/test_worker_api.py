@@ -197,7 +197,7 @@ def test_greedy_alone_equals_greedy_in_a_batch(api):
 
     def poll() -> None:
         deadline = time.monotonic() + 120
-        while not stop_polling.is_set() and time.monotonic() < deadline:
+        while not stop_polling.wait(0.02) and time.monotonic() < deadline:
             peak[0] = max(peak[0], status(api.worker)["slots_busy"])
 
     def run(i: int) -> None:
