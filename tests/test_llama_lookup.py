@@ -81,3 +81,16 @@ def test_no_draft_without_a_repeated_ngram():
     lk = Lookup(limit=8)
     lk.extend([1, 2, 3, 4])
     assert lk.draft(room=8) == []
+
+
+def test_the_prefill_chunk_beside_decoding_is_configurable(monkeypatch):
+    pytest.importorskip("llama_cpp")
+    from worker.backends.llama_batch import SHARED_BUDGET_MAX, shared_budget_max
+
+    monkeypatch.delenv("CORRAL_LLAMA_PREFILL_CHUNK", raising=False)
+    assert shared_budget_max() == SHARED_BUDGET_MAX
+    monkeypatch.setenv("CORRAL_LLAMA_PREFILL_CHUNK", "128")
+    assert shared_budget_max() == 128
+    monkeypatch.setenv("CORRAL_LLAMA_PREFILL_CHUNK", "lots")
+    with pytest.raises(ValueError, match="CORRAL_LLAMA_PREFILL_CHUNK"):
+        shared_budget_max()

@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -46,6 +47,17 @@ log = logging.getLogger("corral.llama")
 #: else's next token by at most that much; between these bounds.
 SHARED_STEP_SECONDS = 0.2
 SHARED_BUDGET_MIN, SHARED_BUDGET_MAX = 32, 256
+
+
+def shared_budget_max() -> int:
+    """The most prompt tokens a step carries while others decode: SHARED_BUDGET_MAX, or
+    CORRAL_LLAMA_PREFILL_CHUNK (bench/prefill_chunk.py measures the trade)."""
+    raw = os.environ.get("CORRAL_LLAMA_PREFILL_CHUNK", "").strip()
+    try:
+        return max(SHARED_BUDGET_MIN, int(raw)) if raw else SHARED_BUDGET_MAX
+    except ValueError:
+        raise ValueError("CORRAL_LLAMA_PREFILL_CHUNK must be a whole number of tokens, "
+                         f"not {raw!r}") from None
 
 
 @dataclass
@@ -104,6 +116,7 @@ class BatchLoop:
         self.n_ctx_seq = n_ctx_seq
         self.slots = [Slot(i) for i in range(slots)]
         self.lookup = lookup  # longest prompt-lookup draft; 0: no speculation
+        self.chunk_max = shared_budget_max()
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._cv = threading.Condition()
         self._incoming: deque[Sequence] = deque()
@@ -421,10 +434,11 @@ class BatchLoop:
         return k * len(runs)
 
     def _shared_budget(self) -> int:
+        top = min(self.chunk_max, self.n_batch)
         if not self._token_cost:
-            return SHARED_BUDGET_MAX
+            return top
         fit = int(SHARED_STEP_SECONDS / self._token_cost)
-        return max(SHARED_BUDGET_MIN, min(SHARED_BUDGET_MAX, fit, self.n_batch))
+        return max(SHARED_BUDGET_MIN, min(top, fit))
 
     def _after_decode(self, r: Run) -> None:
         if r.chunk:
