@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from conftest import all_ready, client_for, require_backend, status
-from procs import Worker, start_worker, stop_all
+from conftest import client_for, require_backend, serve_worker, status
+from procs import Worker
 
 from worker.backends.llama_lookup import Lookup
 
@@ -29,13 +29,14 @@ PROMPTS = (f"Repeat the following text exactly, word for word:\n\n{TEXT}",
 def pair() -> Iterator[tuple[Worker, Worker]]:
     require_backend("llama")
     args = ("--parallel", "2", "--threads", "2", "--ctx-size", "1024")
-    # Started together, loading side by side; both stopped also when one never comes up.
-    ws = [start_worker(*args, env={"CORRAL_LLAMA_LOOKUP": n}, wait=False) for n in ("0", "8")]
+    plain = serve_worker(*args, env={"CORRAL_LLAMA_LOOKUP": "0"})
+    drafting = serve_worker(*args, env={"CORRAL_LLAMA_LOOKUP": "8"})
+    a, b = next(plain), next(drafting)
     try:
-        plain, drafting = all_ready(*ws)
-        yield plain, drafting
+        yield a, b
     finally:
-        stop_all(w.proc for w in ws)
+        for gen in (plain, drafting):
+            gen.close()
 
 
 def _answer(w: Worker, prompt: str, stream: bool) -> str:
