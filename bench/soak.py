@@ -49,6 +49,7 @@ from procs import (  # noqa: E402
     metric,
     start_gateway,
     start_worker,
+    stop_all,
     wait_for,
 )
 
@@ -293,10 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     gateway_log: list[str] = []
     started = time.monotonic()
     try:
+        # Started together, then waited for: each start is mostly its own Python import.
         for _ in range(args.workers):
-            workers.append(start_worker(*sim_args, port=free_port(), backend="sim"))
+            workers.append(start_worker(*sim_args, port=free_port(), backend="sim",
+                                        wait=False))
         if args.llama:
-            extra.append(start_worker("--parallel", "2", "--threads", "1"))
+            extra.append(start_worker("--parallel", "2", "--threads", "1", wait=False))
+        for w in workers + extra:
+            w.wait_ready()
         g = start_gateway("--config", cfg.name,
                           *[a for w in workers + extra for a in ("--worker", w.url)])
         n = len(workers) + len(extra)
@@ -314,11 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         retries = metric(g.url, "corral_retries_total")
         if tally.lost or tally.wrong:  # what the gateway said about it, for the report
             gateway_log = _log_tail(g.proc.log())
-    finally:
+    finally:  # the workers first, while the gateway still probes them (procs.stop_all)
+        stop_all(w.proc for w in workers + extra)
         if g is not None:
             g.proc.stop()
-        for w in workers + extra:
-            w.proc.stop()
         os.unlink(cfg.name)
     total = sum(tally.buckets.values())
     report = {

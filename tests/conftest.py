@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from chromium import browser, chromium  # noqa: E402, F401 - fixtures, one per session
 from procs import (  # noqa: E402
     Gateway,
     Proc,
@@ -23,6 +24,7 @@ from procs import (  # noqa: E402
     start_gateway,
     start_redis,
     start_worker,
+    stop_all,
     wait_for,
 )
 
@@ -44,7 +46,7 @@ def llama_worker() -> Iterator[Worker]:
 
 
 def _factory(start: Callable[..., P]) -> Iterator[Callable[..., P]]:
-    """Yields `start`, remembering what it started, then stops all of it."""
+    """Yields `start`, remembering what it started, then stops all of it, side by side."""
     started: list[P] = []
 
     def make(*args: str, **kw) -> P:
@@ -53,13 +55,14 @@ def _factory(start: Callable[..., P]) -> Iterator[Callable[..., P]]:
         return p
 
     yield make
-    for p in started:
-        p.proc.stop()
+    stop_all(p.proc for p in started)
 
 
 @pytest.fixture
-def worker_factory() -> Iterator[Callable[..., Worker]]:
-    """Starts workers for one test and stops them all afterwards."""
+def worker_factory(gateway_factory) -> Iterator[Callable[..., Worker]]:
+    """Starts workers for one test and stops them all afterwards. It needs
+    `gateway_factory` only to end before it: workers stop while the test's gateways still
+    probe them (a drain waits for a probe to see it), then the gateways."""
     yield from _factory(start_worker)
 
 
@@ -67,6 +70,14 @@ def worker_factory() -> Iterator[Callable[..., Worker]]:
 def gateway_factory() -> Iterator[Callable[..., Gateway]]:
     """Starts gateways for one test and stops them all afterwards."""
     yield from _factory(start_gateway)
+
+
+def all_ready(*workers: Worker) -> list[Worker]:
+    """Waits for workers started with `wait=False`: started together, they load side by side
+    (each start is seconds of mostly single-threaded import, load and calibration)."""
+    for w in workers:
+        w.wait_ready()
+    return list(workers)
 
 
 def serve_worker(*args: str, **kw) -> Iterator[Worker]:
@@ -117,8 +128,8 @@ def unplaceable_cluster() -> Iterator[SmallCluster]:
         wait_for(settled, 60, 0.1, "the model reported unplaceable over both workers")
         yield c
     finally:
-        for p in (*ws, g):
-            p.proc.stop()
+        stop_all(w.proc for w in ws)
+        g.proc.stop()
 
 
 @pytest.fixture

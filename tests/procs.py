@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +65,7 @@ class Proc:
     name: str = "proc"
     popen: subprocess.Popen | None = None
     log_path: Path | None = None
+    terminated: bool = False  # SIGTERM sent (`terminate`): `stop` only waits
 
     def start(self) -> Proc:
         fd, path = tempfile.mkstemp(prefix=f"corral-{self.name}-", suffix=".log")
@@ -73,6 +74,7 @@ class Proc:
         self.popen = subprocess.Popen(
             self.args, stdout=fd, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+        self.terminated = False
         os.close(fd)
         return self
 
@@ -102,13 +104,20 @@ class Proc:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGCONT)
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting (`stop` waits): see `stop_all`."""
+        if self.alive() and not self.terminated:
+            self.terminated = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGCONT)  # a frozen process must see the TERM
+                os.killpg(self.pid, signal.SIGTERM)
+
     def stop(self, timeout: float = 15.0) -> None:
         if self.popen is None:
             return
         if self.alive():
             try:
-                os.killpg(self.pid, signal.SIGCONT)  # a frozen process must see the TERM
-                os.killpg(self.pid, signal.SIGTERM)
+                self.terminate()  # once: a second SIGTERM would cut a worker's drain short
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(self.pid, signal.SIGKILL)
@@ -130,6 +139,18 @@ class Proc:
             return ok(r) if ok else r.status_code == 200
 
         wait_for(ready, timeout, 0.1, f"{self.name} at {url}")
+
+
+def stop_all(procs: Iterable[Proc], timeout: float = 15.0) -> None:
+    """Stops `procs` side by side: all get SIGTERM, then each is waited for (and killed past
+    `timeout`), so their shutdowns overlap instead of adding up. Stop workers before the
+    gateway probing them: a SIGTERMed worker a gateway probed lately waits (up to 1.5 s)
+    for a probe to see it draining."""
+    procs = list(procs)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.stop(timeout)
 
 
 def corral(*args: str, env: dict[str, str] | None = None, name: str = "corral") -> Proc:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import redis
-from conftest import MODEL
+from conftest import MODEL, all_ready
 from procs import Gateway, Worker, wait_for
 
 from gateway.affinity import session_key
@@ -26,8 +26,10 @@ SYSTEM = {"role": "system", "content": "You are terse."}
 
 
 def sims(factory: Callable[..., Worker], n: int) -> list[Worker]:
-    return [factory("--sim-tokens-per-second", "200", "--parallel", "4", "--sim-ttft", "0",
-                    backend="sim") for _ in range(n)]
+    """`n` sim workers, started together and then waited for."""
+    return all_ready(*(factory("--sim-tokens-per-second", "200", "--parallel", "4",
+                               "--sim-ttft", "0", backend="sim", wait=False)
+                       for _ in range(n)))
 
 
 def ready(gateway_factory: Callable[..., Gateway], ws: list[Worker], *extra: str) -> Gateway:

@@ -5,47 +5,12 @@ Plus its routes over plain HTTP: the page, its assets, and the metrics summary."
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from procs import HOST, Proc, corral, free_port, start_worker, wait_for
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-@pytest.fixture
-def browser() -> Iterator:
-    if not (CHROMIUM and CHROMEDRIVER):
-        if IN_CI:
-            pytest.fail("chromium and chromium-driver must be installed in CI (.ci/run does it)")
-        pytest.skip("chromium/chromedriver not installed "
-                    "(apt-get install chromium chromium-driver)")
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:  # the `test` extra installs it
-        if IN_CI:
-            raise
-        pytest.skip("selenium is not installed (pip install -e '.[test]')")
-    profile = tempfile.mkdtemp(prefix="corral-chromium-")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 f"--user-data-dir={profile}", "--window-size=1600,1000"):
-        opts.add_argument(flag)
-    # The Debian driver, by path: selenium must not try to fetch one.
-    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+from procs import HOST, Proc, corral, free_port, start_worker, stop_all, wait_for
 
 
 @pytest.fixture
@@ -53,10 +18,12 @@ def cluster() -> Iterator[tuple[str, list]]:
     procs: list[Proc] = []
     workers = []
     try:
-        for _ in range(2):
-            w = start_worker("--sim-tokens-per-second", "200", backend="sim")
+        for _ in range(2):  # started together, then waited for
+            w = start_worker("--sim-tokens-per-second", "200", backend="sim", wait=False)
             procs.append(w.proc)
             workers.append(w)
+        for w in workers:
+            w.wait_ready()
         port = free_port()
         args = ["gateway", "--host", HOST, "--port", str(port)]
         for w in workers:
@@ -71,9 +38,9 @@ def cluster() -> Iterator[tuple[str, list]]:
 
         gw.wait_http(f"{url}/cluster", ok=all_ready)
         yield url, workers
-    finally:
-        for p in procs:
-            p.stop()
+    finally:  # the workers first, while the gateway still probes them (procs.stop_all)
+        stop_all(w.proc for w in workers)
+        stop_all(procs)  # the gateway (the workers' are stopped already)
 
 
 def _card_states(driver) -> dict[str, str]:

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import httpx
 import orjson
 import pytest
-from conftest import MODEL
+from conftest import MODEL, all_ready
 from procs import Gateway, Worker, metric, wait_for
 
 HEADER = "x-corral-worker"
@@ -26,12 +26,16 @@ needs_llama = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
 
 
 def sim(factory: Callable[..., Worker], rate: float = 40) -> Worker:
+    """A sim worker, started but not waited for: `ready_gateway` waits for them together."""
     return factory("--sim-tokens-per-second", str(rate), "--parallel", "4", "--sim-ttft",
-                   "0.01", backend="sim")
+                   "0.01", backend="sim", wait=False)
 
 
 def ready_gateway(gateway_factory: Callable[..., Gateway], *workers: Worker,
                   extra: tuple[str, ...] = ()) -> Gateway:
+    """A gateway over `workers` once each serves (they may still be starting) and the
+    gateway sees all of them ready."""
+    all_ready(*workers)
     args = [*extra, *(a for w in workers for a in ("--worker", w.url))]
     g = gateway_factory(*args)
     wait_for(lambda: sum(w["state"] in ("ready", "busy") for w in
@@ -255,8 +259,8 @@ def test_frozen_worker_non_streamed_request_is_retried(worker_factory, gateway_f
 @pytest.mark.timeout(400)
 def test_greedy_answer_continued_elsewhere_equals_the_uninterrupted_one(
         worker_factory, gateway_factory) -> None:
-    ws = [worker_factory("--parallel", "1", "--threads", "1", "--ctx-size", "2048")
-          for _ in range(2)]
+    ws = [worker_factory("--parallel", "1", "--threads", "1", "--ctx-size", "2048", wait=False)
+          for _ in range(2)]  # started together; ready_gateway waits until each serves
     g = ready_gateway(gateway_factory, *ws)
     msgs = [{"role": "system", "content": "You are a storyteller."},
             {"role": "user", "content": "Write a long story about a brave horse named Star."}]

@@ -18,7 +18,7 @@ import schemathesis
 from conftest import MODEL
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
-from procs import HOST, Gateway, Worker, start_gateway, start_worker, wait_for
+from procs import HOST, Gateway, Worker, start_gateway, start_worker, stop_all, wait_for
 
 LIMIT = 64 * 1024
 
@@ -31,17 +31,18 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     workers: list[Worker] = []
     g: Gateway | None = None
     try:
-        for _ in range(2):
+        for _ in range(2):  # started together, then waited for
             workers.append(start_worker("--sim-tokens-per-second", "20000", "--parallel", "8",
-                                        "--sim-ttft", "0", backend="sim"))
+                                        "--sim-ttft", "0", backend="sim", wait=False))
+        for w in workers:
+            w.wait_ready()
         g = start_gateway("--config", str(cfg), *[a for w in workers for a in ("--worker", w.url)])
         wait_for(lambda: httpx.get(f"{g.url}/readyz").status_code == 200, 30, 0.05, "ready")
         yield g
-    finally:
+    finally:  # the workers first, while the gateway still probes them (procs.stop_all)
+        stop_all(w.proc for w in workers)
         if g is not None:
             g.proc.stop()
-        for w in workers:
-            w.proc.stop()
 
 
 def test_openapi_describes_the_request_bodies(live: Gateway) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import MODEL, client_for, require_backend
+from conftest import MODEL, client_for
+from procs import Worker
 from test_failover import HEADER, Stream, kill_serving, needs_llama, ready_gateway
 
 MSGS = [{"role": "system", "content": "You are a storyteller."},
@@ -19,10 +20,11 @@ MSGS = [{"role": "system", "content": "You are a storyteller."},
 
 @needs_llama
 @pytest.mark.timeout(400)
-def test_routing_prefers_a_worker_that_honours_the_request(worker_factory, gateway_factory):
-    require_backend("openvino")
-    llama = worker_factory("--parallel", "2", "--threads", "1")
-    ov = worker_factory("--parallel", "4", "--device", "CPU", backend="openvino")
+def test_routing_prefers_a_worker_that_honours_the_request(
+        llama_worker: Worker, openvino_api_worker: Worker, gateway_factory) -> None:
+    # The session's workers, only asked here (no new loads): llama with 2 slots (it honours
+    # top_logprobs), OpenVINO with 4 (it takes n=4); the openvino fixture skips without it.
+    llama, ov = llama_worker, openvino_api_worker
     g = ready_gateway(gateway_factory, llama, ov)
     c = client_for(g.url, timeout=120)
     base = dict(model=MODEL, messages=MSGS, max_tokens=2)
@@ -57,7 +59,8 @@ def _chat(events: list[dict]) -> tuple[dict[int, str], dict[int, list], dict[int
 @needs_llama
 @pytest.mark.timeout(400)
 def test_midstream_failover_of_logprobs_and_n_streams(worker_factory, gateway_factory):
-    ws = [worker_factory("--parallel", "3", "--threads", "1") for _ in range(3)]
+    # Started together; ready_gateway waits until each serves.
+    ws = [worker_factory("--parallel", "3", "--threads", "1", wait=False) for _ in range(3)]
     g = ready_gateway(gateway_factory, *ws)
 
     # n=3: the serving worker dies mid-answer -> an OpenAI-shaped error event, no cut.

@@ -19,7 +19,6 @@ from types import SimpleNamespace
 import httpx
 import pytest
 from procs import wait_for
-from test_dashboard import browser  # noqa: F401 - the fixture: headless chromium
 
 from gateway.hostload import HostWatch, oversubscribed
 from worker.hostcores import HostCores, Peer, default_root, fair_share, usable_cpus
@@ -186,11 +185,12 @@ def test_explicit_threads_are_kept_and_the_gateway_warns(host, worker_factory,
 
 
 @needs_llama
-def test_the_dashboard_shows_a_host_warning(host, browser,  # noqa: F811
+def test_the_dashboard_shows_a_host_warning(host, browser,
                                             worker_factory, gateway_factory) -> None:
     cpus = usable_cpus()
-    w = worker_factory("--host-id", host, "--threads", str(cpus + 1), *LIGHT)
-    g = gateway_factory("--worker", w.url)
+    w = worker_factory("--host-id", host, "--threads", str(cpus + 1), *LIGHT, wait=False)
+    g = gateway_factory("--worker", w.url)  # while the worker loads
+    w.wait_ready()
     browser.get(f"{g.url}/")
 
     def banner() -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import MODEL, client_for
+from conftest import MODEL, all_ready, client_for
 from procs import Worker, free_port, metric, start_worker, wait_for
 
 HEADER = "x-corral-worker"
@@ -53,8 +53,9 @@ def stream(client: openai.OpenAI, max_tokens: int) -> Done:
 
 
 def sim(factory, *extra: str, rate: float = 20) -> Worker:
+    """A sim worker, started but not waited for: `ready_gateway` waits for them together."""
     return factory("--sim-tokens-per-second", str(rate), "--parallel", "4", "--sim-ttft",
-                   "0.01", *extra, backend="sim")
+                   "0.01", *extra, backend="sim", wait=False)
 
 
 def cluster(url: str) -> dict:
@@ -66,6 +67,7 @@ def state_of(url: str, wid: str) -> str | None:
 
 
 def ready_gateway(gateway_factory, *workers: Worker, extra: tuple[str, ...] = ()):
+    all_ready(*workers)
     g = gateway_factory(*extra, *(a for w in workers for a in ("--worker", w.url)))
     wait_for(lambda: all(state_of(g.url, w.id) in ("ready", "busy") for w in workers),
              30, 0.05, "every worker ready at the gateway")
@@ -118,11 +120,11 @@ def test_drain_under_load_loses_nothing_and_leaves_when_empty(worker_factory,
 
 @pytest.mark.timeout(180)
 def test_drain_deadline_continues_the_rest_elsewhere(worker_factory, gateway_factory) -> None:
-    w1, w2 = sim(worker_factory, rate=10), sim(worker_factory, rate=10)
+    w1, w2 = sim(worker_factory, rate=20), sim(worker_factory, rate=20)
     g = ready_gateway(gateway_factory, w1, w2)
     client = client_for(g.url)
     pool = ThreadPoolExecutor(6)
-    futs = [pool.submit(stream, client, 100) for _ in range(4)]  # ~10 s each
+    futs = [pool.submit(stream, client, 100) for _ in range(4)]  # ~5 s each: past the 1 s
     wait_for(lambda: busy(w1) > 0, 30, 0.02, "requests on w1")
     r = httpx.post(f"{g.url}/cluster/workers/{w1.id}/drain", json={"deadline": 1.0},
                    headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
@@ -243,7 +245,7 @@ def test_sigterm_drains_a_real_worker(gateway_factory) -> None:
 @pytest.mark.timeout(90)
 def test_a_failed_sleep_command_leaves_the_box_serving(tmp_path: Path, gateway_factory) -> None:
     conf = tmp_path / "corral.toml"
-    conf.write_text("[gateway]\nidle_sleep_after = 3\n")
+    conf.write_text("[gateway]\nidle_sleep_after = 1.5\n")
     g = gateway_factory("--config", str(conf))
     box = start_worker("--join", g.url, "--cluster-token", TOKEN, "--id", "insomniac",
                        "--sleep-command", "exit 3", "--wake-mac", "02:00:5e:10:00:02",

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from conftest import MODEL
+from conftest import MODEL, all_ready
 from procs import Gateway, Worker, wait_for
 
 from worker.backends.base import SamplingParams
@@ -25,12 +25,14 @@ LONG = "horse " * 1334  # ~2,000 tokens (the sim reads 4 characters a token)
 
 
 def reader(factory: Callable[..., Worker], prefill: float) -> Worker:
+    """A sim worker, started but not waited for: `gateway` waits for them together."""
     return factory("--sim-tokens-per-second", str(DECODE), "--parallel", "4",
                    "--sim-prefill-tokens-per-second", str(prefill), "--max-queue", "32",
-                   backend="sim")
+                   backend="sim", wait=False)
 
 
 def gateway(factory: Callable[..., Gateway], ws: list[Worker]) -> Gateway:
+    all_ready(*ws)
     g = factory(*[a for w in ws for a in ("--worker", w.url)])
     wait_for(lambda: sum(x["state"] == "ready" for x in workers(g).values()) == len(ws),
              30, 0.05, "all workers ready")

@@ -5,7 +5,8 @@ bundled model over two workers (a head and an RPC shard), the answers match a si
 greedy output, the shard's RPC port exists only while placed and refuses peers other than
 the head, and killing the shard mid-stream ends the stream cleanly and rebuilds the split
 on the worker that was left idle. With memory for it the model is replicated instead, and
-a worker that lacks a model fetches it from the gateway (resumed, checksummed).
+a worker that lacks a model fetches it from the gateway (resumed, checksummed). A split over
+workers joined to a plain gateway is in test_split_joined.py.
 """
 
 from __future__ import annotations
@@ -365,87 +366,6 @@ def test_killing_the_head_mid_stream_fails_cleanly_and_rebuilds(split_cluster: s
     after = _wait_placement(url, "split", exclude={before["head"]})
     assert after["head"] != before["head"]
     assert _greedy(url, QUESTION)[0] == _greedy(single_box.url, QUESTION)[0]
-
-
-def test_a_restarted_gateway_keeps_the_running_split() -> None:
-    port = free_port()
-    g = start_gateway("--model", MODEL, port=port)
-    env = {"CORRAL_CLUSTER_TOKEN": g.token}
-
-    def worker(wid: str) -> Worker:
-        return start_worker("--join", g.url, "--id", wid, "--memory-limit", LIMIT,
-                            "--threads", "1", *ONE_SLOT, wait=False, env=env)
-
-    workers = [worker("w-b"), worker("w-c")]
-    try:
-        before = _wait_placement(g.url, "split")
-        # A third worker that sorts first joins: the running split stays where it is, and a
-        # restarted gateway adopts it rather than re-planning from scratch.
-        workers.append(worker("w-a"))
-        wait_for(lambda: len(_cluster(g.url)["workers"]) == 3, 60, 0.25, "the third worker")
-        assert sorted(before["workers"]) == ["w-b", "w-c"]
-        head = next(w for w in workers
-                    if httpx.get(f"{w.url}/status").json()["id"] == before["head"])
-        since = httpx.get(f"{head.url}/status").json()["placement"]["since"]
-        g.proc.stop()
-        g = start_gateway("--model", MODEL, port=port)
-        wait_for(lambda: len(_cluster(g.url)["workers"]) == 3, 60, 0.25, "the workers to rejoin")
-        _wait_placement(g.url, "split")
-        # Over a few placement rounds nothing moves and the head is not restarted.
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline:
-            after = _ready_placement(g.url, "split")
-            assert after and (after["workers"], after["head"]) == (before["workers"],
-                                                                  before["head"])
-            assert httpx.get(f"{head.url}/status").json()["placement"]["since"] == since
-            time.sleep(0.25)
-        assert _greedy(g.url, QUESTION, 4)[0]
-    finally:
-        for w in workers:
-            w.proc.stop()
-        g.proc.stop()
-
-
-def test_a_big_worker_joining_turns_the_split_into_a_replica_without_a_gap() -> None:
-    g = start_gateway("--model", MODEL)
-    env = {"CORRAL_CLUSTER_TOKEN": g.token}
-
-    def worker(limit: str) -> Worker:
-        return start_worker("--join", g.url, "--memory-limit", limit, "--threads", "1",
-                            *ONE_SLOT, wait=False, env=env)
-
-    workers = [worker(LIMIT), worker(LIMIT)]
-    try:
-        split = _wait_placement(g.url, "split")
-        (endpoint,) = [w["placement"]["rpc_endpoint"] for w in _cluster(g.url)["workers"]
-                       if w["placement"]["role"] == "shard"]
-        workers.append(worker(str(2 << 30)))
-        # The split serves every request until the replica is ready: no gap, no error.
-        deadline = time.monotonic() + 240
-        served_by = set()
-        while _ready_placement(g.url, "replica") is None:
-            assert time.monotonic() < deadline, "no replica within 240 s"
-            text, by = _greedy(g.url, QUESTION, 2)
-            assert text
-            served_by.add(by)
-        assert split["head"] in served_by
-        replica = _ready_placement(g.url, "replica")
-        (big,) = replica["workers"]
-        assert big not in split["workers"]
-        want = {big: "replica", **{w: "none" for w in split["workers"]}}
-        wait_for(lambda: {w["id"]: w["placement"]["role"]
-                          for w in _cluster(g.url)["workers"]} == want,
-                 30, 0.25, "the split's workers to be released")
-        assert [p["mode"] for p in _cluster(g.url)["placements"]] == ["replica"]
-        # The released shard's RPC port is closed.
-        host, port = endpoint.rsplit(":", 1)
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection((host, int(port)), timeout=5).close()
-        assert _greedy(g.url, QUESTION, 2)[1] == big
-    finally:
-        for w in workers:
-            w.proc.stop()
-        g.proc.stop()
 
 
 def test_a_worker_on_the_gateways_box_uses_its_file_in_place(tmp_path: Path) -> None:

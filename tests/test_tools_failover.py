@@ -36,7 +36,8 @@ def _call_deltas(s: Stream) -> list[dict]:
 @needs_llama
 @pytest.mark.timeout(400)
 def test_constrained_streams_continue_and_validate(worker_factory, gateway_factory) -> None:
-    ws = [worker_factory("--parallel", "1", "--threads", "1") for _ in range(3)]
+    # Started together; ready_gateway waits until each serves.
+    ws = [worker_factory("--parallel", "1", "--threads", "1", wait=False) for _ in range(3)]
     g = ready_gateway(gateway_factory, *ws)
     base = {"model": MODEL, "messages": ASK, "temperature": 0, "max_tokens": 160,
             "stream": True}
