@@ -72,33 +72,47 @@ def one(url: str) -> tuple[float, float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--chunks", default="64,128,256,512")
+    ap.add_argument("--chunks", default="64,128,256,512",
+                    help="CORRAL_LLAMA_PREFILL_CHUNK values (prompt tokens per shared step)")
+    ap.add_argument("--step-seconds", default=None,
+                    help="CORRAL_LLAMA_STEP_SECONDS values instead (the step's time bound), "
+                         "with the chunk cap at the batch size")
+    ap.add_argument("--lines", type=int, default=100, help="lines of the long prompt")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--write", action="store_true")
     a = ap.parse_args()
+    global DOC
+    DOC = " ".join(DOC.split(". ")[: a.lines]) if a.lines < 100 else DOC
     where = machine()
-    chunks = [int(x) for x in a.chunks.split(",")]
-    workers = {c: start_worker("--parallel", "4", "--threads", "2",
-                               env={"CORRAL_LLAMA_PREFILL_CHUNK": str(c)}) for c in chunks}
-    got: dict[int, list[tuple[float, float, float]]] = {c: [] for c in chunks}
+    if a.step_seconds:
+        knob, label = "CORRAL_LLAMA_STEP_SECONDS", "step time bound, s"
+        values = a.step_seconds.split(",")
+        fixed = {"CORRAL_LLAMA_PREFILL_CHUNK": "512"}
+    else:
+        knob, label = "CORRAL_LLAMA_PREFILL_CHUNK", "prompt tokens per shared step"
+        values = a.chunks.split(",")
+        fixed = {"CORRAL_LLAMA_STEP_SECONDS": "1000"}  # the token cap alone decides
+    workers = {v: start_worker("--parallel", "4", "--threads", "2", env={**fixed, knob: v})
+               for v in values}
+    got: dict[str, list[tuple[float, float, float]]] = {v: [] for v in values}
     try:
-        for c in chunks:  # a warm-up each: the first long prompt also sizes the step cost
-            one(workers[c].url)
+        for v in values:  # a warm-up each: the first long prompt also sizes the step cost
+            one(workers[v].url)
         for _ in range(a.repeats):
-            for c in chunks:
-                got[c].append(one(workers[c].url))
-                print(c, got[c][-1], flush=True)
+            for v in values:
+                got[v].append(one(workers[v].url))
+                print(v, [round(x) for x in got[v][-1]], flush=True)
     finally:
         for w in workers.values():
             w.proc.stop()
-    lines = [f"`{command_line()}` on {where}. A ~1,500-token prompt arrives while 3 streams "
-             "decode (`--parallel 4 --threads 2`); medians of "
-             f"{a.repeats} runs, settings measured in turn.", "",
-             "| prompt tokens per shared step | newcomer TTFT ms | streams' longest pause ms "
+    lines = [f"`{command_line()}` on {where}. A prompt of {a.lines} lines (~19 tokens each) "
+             "arrives while 3 streams decode (`--parallel 4 --threads 2`); medians of "
+             f"{a.repeats} runs, settings measured in turn; `{knob}` varied.", "",
+             f"| {label} | newcomer TTFT ms | streams' longest pause ms "
              "| streams' median gap ms |", "|---:|---:|---:|---:|"]
-    for c in chunks:
-        ttft, pause, gap = (statistics.median(x[k] for x in got[c]) for k in range(3))
-        lines.append(f"| {c} | {ttft:.0f} | {pause:.0f} | {gap:.0f} |")
+    for v in values:
+        ttft, pause, gap = (statistics.median(x[k] for x in got[v]) for k in range(3))
+        lines.append(f"| {v} | {ttft:.0f} | {pause:.0f} | {gap:.0f} |")
     print("\n".join(lines))
     if a.write:
         write_section("prefill-chunk", "## llama: prompt tokens per step beside decoding\n\n"

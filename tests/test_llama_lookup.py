@@ -94,3 +94,9 @@ def test_the_prefill_chunk_beside_decoding_is_configurable(monkeypatch):
     monkeypatch.setenv("CORRAL_LLAMA_PREFILL_CHUNK", "lots")
     with pytest.raises(ValueError, match="CORRAL_LLAMA_PREFILL_CHUNK"):
         shared_budget_max()
+    from worker.backends.llama_batch import SHARED_STEP_SECONDS, shared_step_seconds
+
+    monkeypatch.delenv("CORRAL_LLAMA_STEP_SECONDS", raising=False)
+    assert shared_step_seconds() == SHARED_STEP_SECONDS
+    monkeypatch.setenv("CORRAL_LLAMA_STEP_SECONDS", "0.8")
+    assert shared_step_seconds() == 0.8

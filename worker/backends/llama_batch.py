@@ -45,8 +45,19 @@ log = logging.getLogger("corral.llama")
 #: While some sequence is generating, a step carries only as many prompt tokens as fit in
 #: about this long (measured on this box), so a long prompt's prefill delays everyone
 #: else's next token by at most that much; between these bounds.
-SHARED_STEP_SECONDS = 0.2
+SHARED_STEP_SECONDS = 0.2  # measured: bench/prefill_chunk.py
 SHARED_BUDGET_MIN, SHARED_BUDGET_MAX = 32, 256
+
+
+def shared_step_seconds() -> float:
+    """How long a step beside decoding sequences may take: SHARED_STEP_SECONDS, or
+    CORRAL_LLAMA_STEP_SECONDS (bench/prefill_chunk.py measures the trade)."""
+    raw = os.environ.get("CORRAL_LLAMA_STEP_SECONDS", "").strip()
+    try:
+        return max(0.01, float(raw)) if raw else SHARED_STEP_SECONDS
+    except ValueError:
+        raise ValueError("CORRAL_LLAMA_STEP_SECONDS must be a number of seconds, "
+                         f"not {raw!r}") from None
 
 
 def shared_budget_max() -> int:
@@ -117,6 +128,7 @@ class BatchLoop:
         self.slots = [Slot(i) for i in range(slots)]
         self.lookup = lookup  # longest prompt-lookup draft; 0: no speculation
         self.chunk_max = shared_budget_max()
+        self.step_seconds = shared_step_seconds()
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._cv = threading.Condition()
         self._incoming: deque[Sequence] = deque()
@@ -437,7 +449,7 @@ class BatchLoop:
         top = min(self.chunk_max, self.n_batch)
         if not self._token_cost:
             return top
-        fit = int(SHARED_STEP_SECONDS / self._token_cost)
+        fit = int(self.step_seconds / self._token_cost)
         return max(SHARED_BUDGET_MIN, min(top, fit))
 
     def _after_decode(self, r: Run) -> None:
