@@ -123,8 +123,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--cases", default="", help="only the rows whose name contains one of "
+                    "these comma-separated words (default: all)")
     a = ap.parse_args()
     _, path = resolve("smollm2-135m")
+    wanted = [w.strip() for w in a.cases.split(",") if w.strip()]
     core = ov.Core()
     defaults = (f"this CPU's defaults: INFERENCE_PRECISION_HINT "
                 f"{core.get_property('CPU', 'INFERENCE_PRECISION_HINT')}, KV_CACHE_PRECISION "
@@ -134,6 +137,8 @@ def main() -> None:
     rows = ["| CPU properties | mismatches (batched vs alone) | tok/s, 4 at once | "
             "tok/s, alone |", "|---|---:|---:|---:|"]
     for name, props in CASES.items():
+        if wanted and not any(w in name for w in wanted):
+            continue
         r = measure(str(path), props, a.tokens)
         rows.append(f"| {name} | {r['mismatches']} / {r['runs']} | {r['batch']:.0f} | "
                     f"{r['alone']:.0f} |")
