@@ -51,9 +51,9 @@ READING = (
     'give greedy text that is the same alone and batched here; each default alone breaks it '
     "(bf16 is the default on CPUs with AVX512_BF16 or AMX; wave 1's fix, dynamic quantization "
     'off, was enough only on AVX2 hosts, where f32 is already the default). The worker uses '
-    'the f16 KV row (half the KV memory of f32). The tok/s columns were measured while other '
-    "jobs shared the 2 cores (load average at start above): compare them within a row's run "
-    'only, not as the cost of the fix.'
+    'the f16 KV row (half the KV memory of f32; the f32 KV row is no faster). The tok/s '
+    'columns are single short runs: compare them within this run (load average above); '
+    'bench/openvino_trade.py measures what the invariant row costs a worker.'
 )
 
 
