@@ -8,8 +8,9 @@
 `--threads` threads and 4 slots of 2048 tokens, are up at once and are measured in turn
 (alternating, `--passes` rounds, so the box's other load weighs on both alike). Load:
 `corral bench` closed loop at each concurrency c, `--rounds` x c streamed chat completions
-of `--max-tokens` greedy tokens, distinct prompts. Every figure is reported as a ratio to
-llama-server's in the same run; the absolute numbers are only for reading the ratios.
+of `--max-tokens` greedy tokens, prompts distinct across the run. Every figure is
+reported as a ratio to llama-server's in the same run; the absolute numbers are only for
+reading the ratios.
 Each `--corral` adds a worker setup, arguments and NAME=value environment variables (e.g.
 `--corral "no-lookup=CORRAL_LLAMA_LOOKUP=0"`); the first,
 `corral` with no extra arguments, is always there. `--write` replaces the `llama-server`
@@ -173,7 +174,9 @@ threads, {SLOTS} slots of {CTX} tokens each: `llama-server --threads {a['threads
 --threads-batch {a['threads']} --parallel {SLOTS} --ctx-size {CTX * SLOTS}` against
 {setups}. All up at once, measured in turn ({a['passes']} passes). Load: `corral bench`
 closed loop at concurrency c, {a['rounds']} x c streamed chat completions of
-{a['max_tokens']} greedy tokens per pass, distinct prompts (`Request i. {out['prompt']}`).
+{a['max_tokens']} greedy tokens per pass, prompts distinct across the whole run
+(`Request i. (pass p, c streams) {out['prompt']}`: llama-server's host-memory prompt cache,
+`--cache-ram`, would answer a repeated prompt without reading it).
 tok/s = output tokens / wall time of each pass; TTFT is the median
 of the passes' p50s; CPU ms/token = CPU time (user + system) of the server's
 processes over its output tokens, the efficiency figure least moved by the box's other
@@ -246,8 +249,12 @@ def main() -> None:
                 order = list(targets.items())
                 if p % 2:
                     order.reverse()  # alternate who goes first
+                # New text every pass and level (the same for every setup within one):
+                # llama-server keeps prompts it has seen in host memory (`--cache-ram`, 8 GiB
+                # by default) and would answer repeats from there, which the worker cannot.
+                prompt = f"(pass {p}, {c} streams) {a.prompt}"
                 for name, url in order:
-                    r = level(url, c, c * a.rounds, a.max_tokens, a.prompt, pids[name])
+                    r = level(url, c, c * a.rounds, a.max_tokens, prompt, pids[name])
                     runs[name][c].append(r)
                     print(json.dumps({"pass": p, "setup": name, "concurrency": c, **r}),
                           file=sys.stderr, flush=True)

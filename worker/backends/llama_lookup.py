@@ -18,9 +18,9 @@ import os
 from dataclasses import dataclass, field
 
 #: Longest draft per step (tokens); CORRAL_LLAMA_LOOKUP overrides it (0 turns drafting off).
-#: On by default since a quiet-box run (docs/BENCHMARKS.md, "Against llama-server"): 1.18x /
-#: 1.07x the plain worker's tok/s on free-form text at 4 / 8 streams, 0.98x alone (noise),
-#: 1.39x / 1.27x on text that repeats its input; and no greedy answer changes where the
+#: On by default since quiet-box runs (docs/BENCHMARKS.md, "Against llama-server"): 1.39x /
+#: 1.27x the plain worker's tok/s at 1 / 4 streams on text that repeats its input, and a
+#: wash on free-form text (0.95-1.18x, inside the noise); no greedy answer changes where the
 #: prompt caches pass through the same states (bench/greedy_identity.py).
 DEFAULT_DRAFT = 8
 NGRAMS = (3, 2)  # tried longest first: a 3-gram match predicts better than a 2-gram one
