@@ -23,14 +23,18 @@ import httpx
 from common import MODEL, command_line, machine, start_worker, wait_for, write_section
 
 STORY = "Write a long story about a dragon and a knight."
-DOC = " ".join(f"Line {i}: the herd crossed the river at dawn and the rancher counted it."
-               for i in range(100))
+
+
+def document(lines: int) -> str:
+    """The long prompt: `lines` numbered lines of ~19 tokens each."""
+    return " ".join(f"Line {i}: the herd crossed the river at dawn and the rancher counted it."
+                    for i in range(lines))
 
 
 RUNS = iter(range(1_000_000))
 
 
-def one(url: str) -> tuple[float, float, float]:
+def one(url: str, doc: str) -> tuple[float, float, float]:
     """(newcomer TTFT, longest stream pause, median stream gap) in ms, while it was read.
     Every prompt starts differently, so no run reads a cached prefix."""
     n = next(RUNS)
@@ -54,7 +58,7 @@ def one(url: str) -> tuple[float, float, float]:
         t.start()
     try:
         wait_for(lambda: all(len(t) >= 8 for t in ticks), 120, 0.01, "3 running streams")
-        ask = f"Run {n}. Summarise:\n{DOC}"
+        ask = f"Run {n}. Summarise:\n{doc}"
         body = {"model": MODEL, "messages": [{"role": "user", "content": ask}],
                 "max_tokens": 1, "temperature": 0}
         sent = time.perf_counter()
@@ -81,8 +85,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--write", action="store_true")
     a = ap.parse_args()
-    global DOC
-    DOC = " ".join(DOC.split(". ")[: a.lines]) if a.lines < 100 else DOC
+    doc = document(a.lines)
     where = machine()
     if a.step_seconds:
         knob, label = "CORRAL_LLAMA_STEP_SECONDS", "step time bound, s"
@@ -97,10 +100,10 @@ def main() -> None:
     got: dict[str, list[tuple[float, float, float]]] = {v: [] for v in values}
     try:
         for v in values:  # a warm-up each: the first long prompt also sizes the step cost
-            one(workers[v].url)
+            one(workers[v].url, doc)
         for _ in range(a.repeats):
             for v in values:
-                got[v].append(one(workers[v].url))
+                got[v].append(one(workers[v].url, doc))
                 print(v, [round(x) for x in got[v][-1]], flush=True)
     finally:
         for w in workers.values():

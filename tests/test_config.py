@@ -151,8 +151,9 @@ def test_the_openvino_batch_invariance_trade_is_a_worker_flag(flag: list[str],
     from conftest import MODEL
 
     from corral.cli import build_parser, worker_config
+    from worker.backends.knobs import env_flag
     from worker.backends.openvino import OpenVINOBackend
-    from worker.backends.openvino_load import env_flag, properties
+    from worker.backends.openvino_load import properties
     from worker.models import resolve
     from worker.state import make_backend
 

@@ -24,7 +24,6 @@ import contextlib
 import ctypes
 import dataclasses
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -36,6 +35,7 @@ import llama_cpp
 import numpy as np
 
 from worker.backends.base import Sequence
+from worker.backends.knobs import env_number
 from worker.backends.llama_logprobs import logprob_entry
 from worker.backends.llama_lookup import Lookup
 from worker.backends.llama_sampling import Detokenizer, sampler_chain
@@ -52,23 +52,14 @@ SHARED_BUDGET_MIN, SHARED_BUDGET_MAX = 32, 256
 def shared_step_seconds() -> float:
     """How long a step beside decoding sequences may take: SHARED_STEP_SECONDS, or
     CORRAL_LLAMA_STEP_SECONDS (bench/prefill_chunk.py measures the trade)."""
-    raw = os.environ.get("CORRAL_LLAMA_STEP_SECONDS", "").strip()
-    try:
-        return max(0.01, float(raw)) if raw else SHARED_STEP_SECONDS
-    except ValueError:
-        raise ValueError("CORRAL_LLAMA_STEP_SECONDS must be a number of seconds, "
-                         f"not {raw!r}") from None
+    return env_number("CORRAL_LLAMA_STEP_SECONDS", SHARED_STEP_SECONDS, float, 0.01, "seconds")
 
 
 def shared_budget_max() -> int:
     """The most prompt tokens a step carries while others decode: SHARED_BUDGET_MAX, or
     CORRAL_LLAMA_PREFILL_CHUNK (bench/prefill_chunk.py measures the trade)."""
-    raw = os.environ.get("CORRAL_LLAMA_PREFILL_CHUNK", "").strip()
-    try:
-        return max(SHARED_BUDGET_MIN, int(raw)) if raw else SHARED_BUDGET_MAX
-    except ValueError:
-        raise ValueError("CORRAL_LLAMA_PREFILL_CHUNK must be a whole number of tokens, "
-                         f"not {raw!r}") from None
+    return int(env_number("CORRAL_LLAMA_PREFILL_CHUNK", SHARED_BUDGET_MAX, int,
+                          SHARED_BUDGET_MIN))
 
 
 @dataclass

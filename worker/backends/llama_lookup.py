@@ -14,8 +14,9 @@ failed draft costs only its extra batch rows, which on a CPU are cheap next to a
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
+
+from worker.backends.knobs import env_number
 
 #: Longest draft per step (tokens); CORRAL_LLAMA_LOOKUP overrides it (0 turns drafting off).
 #: On by default since quiet-box runs (docs/BENCHMARKS.md, "Against llama-server"): 1.39x /
@@ -32,14 +33,7 @@ def draft_limit(value: int | None = None) -> int:
     """The configured longest draft: `value`, else CORRAL_LLAMA_LOOKUP, else the default."""
     if value is not None:
         return max(0, int(value))
-    raw = os.environ.get("CORRAL_LLAMA_LOOKUP", "").strip()
-    if not raw:
-        return DEFAULT_DRAFT
-    try:
-        return max(0, int(raw))
-    except ValueError:
-        raise ValueError(f"CORRAL_LLAMA_LOOKUP must be a whole number of tokens, not {raw!r}"
-                         ) from None
+    return int(env_number("CORRAL_LLAMA_LOOKUP", DEFAULT_DRAFT))
 
 
 @dataclass

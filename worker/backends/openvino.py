@@ -36,11 +36,11 @@ import openvino_genai as ovg
 from wire.errors import bad_request
 from worker.backends import invariance, openvino_structured
 from worker.backends.base import Backend, BackendError, SamplingParams, Sequence, TokenLogprob
+from worker.backends.knobs import env_flag
 from worker.backends.openvino_load import (
     cache_root,
     calibrate_decode,
     calibrate_prefill,
-    env_flag,
     open_pipeline,
     properties,
 )

@@ -27,11 +27,6 @@ def cache_root() -> Path:
     return Path(base) / "corral" / "openvino"
 
 
-def env_flag(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    return default if raw is None else raw.strip().lower() not in ("0", "false", "no", "off")
-
-
 def properties(device: str, compiled_cache: Path | None, batch_invariant: bool,
                 threads: int | None = None) -> dict[str, Any]:
     props: dict[str, Any] = {}
