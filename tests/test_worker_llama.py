@@ -156,3 +156,55 @@ def test_unset_truncation_samples_like_llama_server(worker):
     plain = text()
     assert plain == text(top_p=0.95, extra_body={"top_k": 40, "min_p": 0.05})
     assert plain != text(top_p=1.0, extra_body={"top_k": 0, "min_p": 0.0})
+
+
+def test_a_conversation_whose_slot_was_taken_comes_back_from_host_memory(worker):
+    """More conversations than slots: every slot is taken by someone else between two turns
+    of one conversation, and its next turn still reads only what is new. The evicted KV
+    went to the host cache and came back (as llama-server's `--cache-ram`)."""
+    client = client_for(worker.url)
+    s0 = status(worker)
+    slots = s0["slots_total"]
+    assert s0["hardware"]["host_cache_bytes_max"] > 0
+    notes = " ".join(f"Note {i}: the grey mare jumped the north fence." for i in range(12))
+    turn1 = [{"role": "system", "content": "You keep the ranch's records."},
+             {"role": "user", "content": f"Remember these notes. {notes}"}]
+    r1 = client.chat.completions.create(model=MODEL, messages=turn1, temperature=0,
+                                        max_tokens=8)
+    # Every slot busy at once with a newcomer: the conversation's slot is certainly
+    # overwritten (its KV dropped but for the shared template prefix).
+    url = f"{worker.url}/v1/completions"
+    busy = threading.Event()
+    stop = threading.Event()
+
+    def newcomer(i: int) -> None:
+        body = {"model": MODEL, "prompt": f"{i} bales of hay were counted in barn {i}, then",
+                "temperature": 0, "max_tokens": 400, "stream": True}
+        with httpx.Client(timeout=120) as http, http.stream("POST", url, json=body) as r:
+            for n, _ in enumerate(r.iter_lines()):
+                if stop.is_set() or n > 900:
+                    return
+
+    threads = [threading.Thread(target=newcomer, args=(i,)) for i in range(slots)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: status(worker)["slots_busy"] == slots, timeout=60,
+                 what="every slot taken by a newcomer")
+        busy.set()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(120)
+    wait_for(lambda: status(worker)["slots_busy"] == 0, timeout=60, what="the slots freed")
+    before = status(worker)["prompt_cache"]
+    turn2 = [*turn1, {"role": "assistant", "content": r1.choices[0].message.content},
+             {"role": "user", "content": "Which fence did the mare jump?"}]
+    r2 = client.chat.completions.create(model=MODEL, messages=turn2, temperature=0,
+                                        max_tokens=4)
+    after = status(worker)["prompt_cache"]
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert busy.is_set()
+    assert cached >= r1.usage.prompt_tokens, (cached, r1.usage.prompt_tokens)  # all of turn 1
+    assert after["host_cache_restores"] == before["host_cache_restores"] + 1
+    assert after["host_cache_restored_tokens"] - before["host_cache_restored_tokens"] == cached

@@ -143,7 +143,9 @@ class LlamaBackend(Backend):
         loop = BatchLoop(ctx, vocab, n_vocab, self.slots, self.n_batch, self.n_ctx)
         if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
             self.lookup = 0  # drafts need the KV of rejected tokens removable
+            loop.host = None  # a restored state could not be cut back to a shared prefix
         self._describe["lookup_draft_tokens"] = self.lookup
+        self._describe["host_cache_bytes_max"] = loop.host.budget if loop.host else 0
         # Start the decode thread first: every llama_decode must run on that one thread.
         # Decoding a few steps on this (loading) thread first, then on the loop's thread,
         # made every later token 2-3x slower on 2 cores (bench/llama_threads.py).
@@ -305,7 +307,10 @@ class LlamaBackend(Backend):
         return job.future
 
     def stats(self) -> dict[str, int]:
-        return dict(self._loop.stats) if self._loop is not None else {}
+        loop = self._loop
+        if loop is None:
+            return {}
+        return {**loop.stats, **(loop.host.stats() if loop.host is not None else {})}
 
     @property
     def current_threads(self) -> int:

@@ -36,6 +36,7 @@ import numpy as np
 
 from worker.backends.base import Sequence
 from worker.backends.knobs import env_number
+from worker.backends.llama_cache import MIN_TOKENS, HostCache, cache_mib
 from worker.backends.llama_logprobs import logprob_entry
 from worker.backends.llama_lookup import Lookup
 from worker.backends.llama_sampling import Detokenizer, sampler_chain
@@ -88,6 +89,7 @@ class Run:
     waiting: bool = False
     forks: list[Run] = field(default_factory=list)
     lookup: Lookup | None = None  # a plain greedy sequence: prompt-lookup drafts
+    argmax: bool = False  # greedy, unconstrained, no penalties: the top logit, read directly
     draft: list[int] = field(default_factory=list)  # decoded after next_token this step
 
     @property
@@ -118,6 +120,8 @@ class BatchLoop:
         self.n_ctx_seq = n_ctx_seq
         self.slots = [Slot(i) for i in range(slots)]
         self.lookup = lookup  # longest prompt-lookup draft; 0: no speculation
+        mib = cache_mib()  # KV of sequences that lost their slot (llama_cache.py)
+        self.host: HostCache | None = HostCache(ctx, mib << 20) if mib else None
         self.chunk_max = shared_budget_max()
         self.step_seconds = shared_step_seconds()
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -199,6 +203,8 @@ class BatchLoop:
         llama_cpp.llama_memory_clear(self.mem, True)
         for s in self.slots:
             s.tokens.clear()
+        if self.host is not None:
+            self.host.clear()
         for k in self.stats:
             self.stats[k] = 0
 
@@ -301,12 +307,18 @@ class BatchLoop:
                 if k > best_len:
                     best, best_len = s, k
             empty = [s for s in free if not s.tokens]
-            if best is not None and empty and best_len * 2 < len(best.tokens):
+            if (self.host is None and best is not None and empty
+                    and best_len * 2 < len(best.tokens)):
                 best = None  # reusing a sliver would throw away most of a warm cache
             if best is None:  # no reuse: take an empty slot, else the least recently used
                 best = min(free, key=lambda s: (bool(s.tokens), s.last_used))
                 best_len = common_prefix(best.tokens, prompt)
+            restored = False
+            if self.host is not None:
+                best, best_len, restored = self._from_host(prompt, free, best, best_len)
             keep = min(best_len, len(prompt) - 1)
+            if restored and self.host is not None:
+                self.host.restored_tokens += keep
             run = self._start(seq, best, keep)
             others = sorted((s for s in free if s is not best),
                             key=lambda s: (bool(s.tokens), s.last_used))
@@ -319,10 +331,32 @@ class BatchLoop:
                     child.waiting = True
                     run.forks.append(child)
 
+    def _from_host(self, prompt: list[int], free: list[Slot], best: Slot, best_len: int
+                   ) -> tuple[Slot, int, bool]:
+        """A host-cache entry sharing more of `prompt` than the best free slot, copied into
+        the emptiest free slot (whose own KV is kept in the cache first)."""
+        assert self.host is not None
+        entry, n = self.host.best(prompt, common_prefix)
+        if entry is None or n < best_len + MIN_TOKENS:
+            return best, best_len, False
+        target = min(free, key=lambda s: (bool(s.tokens), s.last_used))
+        self._keep_in_host(target, 0)
+        target.tokens.clear()
+        if not self.host.restore(entry, target.seq_id):
+            return (target, 0, False) if target is best else (best, best_len, False)
+        target.tokens = list(entry.tokens)
+        return target, n, True
+
+    def _keep_in_host(self, slot: Slot, keep: int) -> None:
+        """Copies a slot's KV to the host cache before all but `keep` of it is dropped."""
+        if self.host is not None and len(slot.tokens) - keep >= MIN_TOKENS:
+            self.host.save(slot.seq_id, slot.tokens, common_prefix)
+
     def _start(self, seq: Sequence, slot: Slot, keep: int) -> Run | None:
         if not seq.prompt or len(seq.prompt) > self.n_ctx_seq:
             _finish_once(seq, "error", "the prompt does not fit this model's context")
             return None
+        self._keep_in_host(slot, keep)
         if keep < len(slot.tokens) and not llama_cpp.llama_memory_seq_rm(
             self.mem, slot.seq_id, keep, -1
         ):
@@ -341,7 +375,8 @@ class BatchLoop:
         except Exception as exc:  # a broken sampler must not take the loop down
             _finish_once(seq, "error", f"sampler setup failed: {exc}")
             return None
-        slot.run = Run(seq, slot, sampler, grammar=seq.constraint)
+        slot.run = Run(seq, slot, sampler, grammar=seq.constraint,
+                       argmax=_argmax_only(seq))
         if self.lookup and _plain_greedy(seq):
             slot.run.lookup = Lookup(self.lookup)
             slot.run.lookup.extend(seq.prompt)
@@ -471,7 +506,7 @@ class BatchLoop:
         draft, r.draft = r.draft, []
         kept = 0
         for k in range(len(draft) + 1):
-            token = llama_cpp.llama_sampler_sample(r.sampler, self.ctx, r.out + k)
+            token = self._top(r.out + k)  # drafts are only made for plain greedy runs
             if not self._take(r, token, None) or k == len(draft) or token != draft[k]:
                 break
             r.slot.tokens.append(token)  # decoded this step at its position: kept
@@ -484,7 +519,9 @@ class BatchLoop:
 
     def _sample(self, r: Run, out: int) -> None:
         row = self._logits(out) if r.seq.logprobs is not None else None
-        if r.grammar is None:
+        if r.argmax:
+            token = self._top(out)
+        elif r.grammar is None:
             token = llama_cpp.llama_sampler_sample(r.sampler, self.ctx, out)
         else:
             try:
@@ -531,6 +568,12 @@ class BatchLoop:
             r.slot.tokens.clear()
             self._leave(r, "error", f"llama_decode failed ({rc})")
 
+    def _top(self, out: int) -> int:
+        """Greedy sampling without a sampler: llama.cpp's greedy sampler first copies the
+        whole vocabulary into a candidate array (~120 us at 49k tokens); numpy's argmax
+        reads the logits in place (~5 us) and breaks ties the same way, to the first."""
+        return int(self._logits(out).argmax())
+
     def _logits(self, out: int) -> Any:
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, out)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
@@ -557,10 +600,15 @@ def token_bytes(vocab: Any, token: int) -> bytes:
 def _plain_greedy(seq: Sequence) -> bool:
     """Whether drafts can be verified by argmax alone: greedy, unconstrained, no
     penalties (they would see rejected tokens), no logprobs, a single choice."""
+    return (_argmax_only(seq) and seq.logprobs is None and not seq.forks
+            and seq.index == 0)
+
+
+def _argmax_only(seq: Sequence) -> bool:
+    """Whether the sampler chain is greedy alone (no grammar, no penalties to apply)."""
     p = seq.params
-    return (p.greedy and seq.constraint is None and seq.logprobs is None and not seq.forks
-            and seq.index == 0 and p.repeat_penalty == 1.0 and not p.presence_penalty
-            and not p.frequency_penalty)
+    return (p.greedy and seq.constraint is None and p.repeat_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty)
 
 
 def _emit(seq: Sequence, text: str, n: int) -> None:
