@@ -44,12 +44,14 @@ def document(conv: str) -> str:
     return "Here are the ranch notes. " + " ".join(lines)
 
 
-def turn(http: httpx.Client, url: str, messages: list[dict], max_tokens: int) -> dict:
+def turn(url: str, messages: list[dict], max_tokens: int) -> dict:
+    """One streamed turn on a fresh connection (llama-server closes a connection after a
+    streamed answer, though it announces keep-alive)."""
     body = {"model": MODEL, "messages": messages, "stream": True, "max_tokens": max_tokens,
             "temperature": 0, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first, parts, usage = None, [], {}
-    with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: {"):
@@ -73,21 +75,18 @@ def one_pass(url: str, tag: str, convs: int, turns: int, max_tokens: int) -> dic
                  for k in range(convs)]
     out: dict[str, list] = {"first": [], "later": [], "cached_later": [], "prompt_later": []}
     t0 = time.perf_counter()
-    tokens = 0
-    with httpx.Client(timeout=600) as http:
-        for t in range(turns):
-            for k, h in enumerate(histories):
-                if t:
-                    h.append({"role": "user", "content": QUESTIONS[(t + k) % len(QUESTIONS)]})
-                r = turn(http, url, h, max_tokens)
-                h.append({"role": "assistant", "content": r["text"]})
-                tokens += max_tokens
-                if t == 0:
-                    out["first"].append(r["ttft_ms"])
-                else:
-                    out["later"].append(r["ttft_ms"])
-                    out["cached_later"].append(r["cached"])
-                    out["prompt_later"].append(r["prompt"])
+    for t in range(turns):
+        for k, h in enumerate(histories):
+            if t:
+                h.append({"role": "user", "content": QUESTIONS[(t + k) % len(QUESTIONS)]})
+            r = turn(url, h, max_tokens)
+            h.append({"role": "assistant", "content": r["text"]})
+            if t == 0:
+                out["first"].append(r["ttft_ms"])
+            else:
+                out["later"].append(r["ttft_ms"])
+                out["cached_later"].append(r["cached"])
+                out["prompt_later"].append(r["prompt"])
     return {"ttft_first": statistics.median(out["first"]),
             "ttft_later": statistics.median(out["later"]) if out["later"] else None,
             "cached_later": statistics.median(out["cached_later"]) if out["later"] else None,
@@ -129,7 +128,7 @@ Machine: {out['machine']}.
 llama-server {out['version']} (`--threads {a['threads']} --parallel {SLOTS} --ctx-size
 {CTX * SLOTS}`, its default `--cache-ram`) against {setups}. Per pass, {a['convs']} new
 conversations, round robin, one request at a time, {a['turns']} turns each: the first
-user message carries a ~300-token document, later turns a short question; {a['max_tokens']}
+user message carries a ~400-token document, later turns a short question; {a['max_tokens']}
 greedy tokens per answer, kept in the history. With {a['convs']} conversations on {SLOTS}
 slots, every conversation's slot has been taken by the time of its next turn.
 Ratios are to llama-server in the same pass (median over {a['passes']} passes, range in
