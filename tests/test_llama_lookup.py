@@ -100,3 +100,32 @@ def test_the_prefill_chunk_beside_decoding_is_configurable(monkeypatch):
     assert shared_step_seconds() == SHARED_STEP_SECONDS
     monkeypatch.setenv("CORRAL_LLAMA_STEP_SECONDS", "0.8")
     assert shared_step_seconds() == 0.8
+
+
+def test_drafts_are_made_only_where_their_rows_pay():
+    """A draft row costs about a batch token and earns its acceptance rate in tokens: with
+    a plain step of 4 runs at 25 ms and a row at 5 ms, drafts need 80% of them kept."""
+    pytest.importorskip("llama_cpp")
+    from types import SimpleNamespace
+
+    from worker.backends.llama_batch import BatchLoop
+
+    def runs(rate: float, n: int) -> list:
+        return [SimpleNamespace(lookup=SimpleNamespace(rate=rate)) for _ in range(n)]
+
+    loop = SimpleNamespace(_plain_step={4: 0.025, 1: 0.010}, _token_cost=0.005)
+    pay = BatchLoop._drafts_pay
+    assert pay(loop, runs(0.9, 4)) and not pay(loop, runs(0.7, 4))
+    assert pay(loop, runs(0.6, 1)) and not pay(loop, runs(0.4, 1))  # alone: half kept pays
+    assert pay(SimpleNamespace(_plain_step={}, _token_cost=0.005), runs(0.1, 4))  # unmeasured
+
+
+def test_a_failing_draft_lowers_the_rate_and_plain_tokens_restore_it():
+    lk = Lookup(limit=8)
+    assert lk.rate == 1.0
+    lk.result(4, 0)
+    assert lk.rate == 0.5
+    lk.result(4, 0)
+    assert lk.rate == 0.25
+    lk.extend([5] * 32)  # decoded without drafts
+    assert 0.7 < lk.rate <= 0.75

@@ -208,3 +208,8 @@ def test_a_conversation_whose_slot_was_taken_comes_back_from_host_memory(worker)
     assert cached >= r1.usage.prompt_tokens, (cached, r1.usage.prompt_tokens)  # all of turn 1
     assert after["host_cache_restores"] == before["host_cache_restores"] + 1
     assert after["host_cache_restored_tokens"] - before["host_cache_restored_tokens"] == cached
+    metrics = httpx.get(f"{worker.url}/metrics", timeout=10).text
+    scraped = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+               if line.startswith("corral_worker_host_cache_")}
+    assert scraped["corral_worker_host_cache_restores_total"] >= after["host_cache_restores"]
+    assert scraped["corral_worker_host_cache_bytes"] > 0

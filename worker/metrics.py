@@ -60,6 +60,7 @@ class EngineCollector:
                                 "prefilled.")):
             yield CounterMetricFamily(f"corral_worker_{name}", doc,
                                       sum(e.backend.stats().get(key, 0) for e in engines))
+        yield from _host_cache([e.backend.stats() for e in engines])
 
     def _one(self, e: Engine) -> Iterator[Metric]:
         b = e.backend.stats()
@@ -94,6 +95,25 @@ class EngineCollector:
             "Prompt tokens served from the prompt cache instead of prefilled.",
             b.get("prompt_cache_reused_tokens", 0),
         )
+        yield from _host_cache([b])
+
+
+def _host_cache(stats: list[dict[str, int]]) -> Iterator[Metric]:
+    """The llama backend's host-memory prompt cache (0 where there is none)."""
+    def total(key: str) -> int:
+        return sum(s.get(key, 0) for s in stats)
+
+    yield CounterMetricFamily(
+        "corral_worker_host_cache_restores",
+        "Prompts whose KV came back from the host-memory prompt cache.",
+        total("host_cache_restores"))
+    yield CounterMetricFamily(
+        "corral_worker_host_cache_restored_tokens",
+        "Prompt tokens restored from host memory instead of prefilled.",
+        total("host_cache_restored_tokens"))
+    yield GaugeMetricFamily("corral_worker_host_cache_bytes",
+                            "Host memory held by the prompt cache's KV states.",
+                            total("host_cache_bytes"))
 
 
 def registry_for(engines: Callable[[], list[Engine]] | Engine) -> CollectorRegistry:

@@ -83,6 +83,7 @@ class BatchLoop(SlotAdmission, TokenOutput):
         self._thread: threading.Thread | None = None
         self._pieces: dict[int, bytes] = {}
         self._token_cost = 0.0  # seconds per batch token in prefill-heavy steps (EWMA)
+        self._plain_step: dict[int, float] = {}  # runs -> seconds of a one-token-each step
         self._want_threads: int | None = None  # set by set_threads, applied between steps
         self.threads = int(llama_cpp.llama_n_threads(ctx))  # what llama_decode uses now
         self.stats = {"prompt_cache_hits": 0, "prompt_cache_reused_tokens": 0,
@@ -216,10 +217,14 @@ class BatchLoop(SlotAdmission, TokenOutput):
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, self.batch)
         self.stats["decode_steps"] += 1
+        took = time.perf_counter() - t0
         if rc == 0 and n >= 32:  # a prefill-heavy step: learn the cost of a batch token
-            per_token = (time.perf_counter() - t0) / n
+            per_token = took / n
             self._token_cost = per_token if not self._token_cost else (
                 0.7 * self._token_cost + 0.3 * per_token)
+        elif rc == 0 and n == len(runs) and not any(r.prefilling for r in runs):
+            old = self._plain_step.get(n)  # a plain decode step: what drafts must beat
+            self._plain_step[n] = took if old is None else 0.7 * old + 0.3 * took
         if rc != 0:
             self._decode_failed(runs, rc)
             return True
@@ -281,10 +286,11 @@ class BatchLoop(SlotAdmission, TokenOutput):
         step into ubatches of equal tokens per sequence: uneven drafts would cost whole
         extra passes), or none when some run has none. Returns the rows added."""
         room = (self.n_batch - len(runs)) // len(runs)
+        if any(r.lookup is None for r in runs) or not self._drafts_pay(runs):
+            return 0
         drafts = []
         for r in runs:
-            if r.lookup is None:
-                return 0
+            assert r.lookup is not None
             d = r.lookup.draft(min(room, self.n_ctx_seq - 1 - len(r.slot.tokens),
                                    r.seq.max_tokens - r.generated - 1))
             if not d:
@@ -295,6 +301,19 @@ class BatchLoop(SlotAdmission, TokenOutput):
             r.draft = d[:k]
         self.stats["lookup_drafted_tokens"] += k * len(runs)
         return k * len(runs)
+
+    def _drafts_pay(self, runs: list[Run]) -> bool:
+        """Whether a draft row is expected to earn its cost. A row costs about one batch
+        token (`_token_cost`; on a small CPU ~half a plain step of one sequence) and earns
+        its acceptance rate in tokens, each worth a plain step's time per run; so drafts
+        pay when the runs' mean rate > runs x row cost / plain step time (0.55 alone and
+        0.83 at 4 runs on the 2-core box of docs/BENCHMARKS.md, lower where rows are cheap).
+        Unmeasured: try."""
+        step, row = self._plain_step.get(len(runs)), self._token_cost
+        if not step or not row:
+            return True
+        rate = sum(r.lookup.rate for r in runs if r.lookup is not None) / len(runs)
+        return rate * step > len(runs) * row
 
     def _shared_budget(self) -> int:
         top = min(self.chunk_max, self.n_batch)

@@ -27,6 +27,9 @@ DEFAULT_DRAFT = 8
 NGRAMS = (3, 2)  # tried longest first: a 3-gram match predicts better than a 2-gram one
 START = 4  # first draft length; doubled while drafts are kept whole
 REST = 16  # tokens decoded plainly after a mostly rejected draft
+#: How fast a low acceptance rate is forgotten, per token decoded without drafts: from a
+#: failed draft (rate ~0) back to trying at 4 runs (0.83) takes ~50 tokens.
+RECOVER = 1 / 64
 
 
 def draft_limit(value: int | None = None) -> int:
@@ -48,6 +51,9 @@ class Lookup:
     rest: int = 0  # tokens to decode without drafting after drafts kept failing
     proposed: int = 0
     accepted: int = 0
+    # Recent share of drafted tokens kept (EWMA; optimistic at first): what the batch loop
+    # weighs against the cost of a draft row (llama_batch.BatchLoop._drafts_pay).
+    rate: float = 1.0
 
     def __post_init__(self) -> None:
         self.size = min(self.limit, START)
@@ -61,6 +67,7 @@ class Lookup:
                 if j >= n:
                     self.index[tuple(toks[j - n : j])] = j
         self.rest = max(0, self.rest - len(new))
+        self.rate = min(1.0, self.rate + RECOVER * len(new))
 
     def draft(self, room: int) -> list[int]:
         """Up to min(size, room) tokens predicted to follow the tokens so far."""
@@ -81,6 +88,8 @@ class Lookup:
         row as per sequence, so a draft must mostly be kept to pay for itself."""
         self.proposed += proposed
         self.accepted += accepted
+        if proposed:
+            self.rate = 0.5 * self.rate + 0.5 * accepted / proposed
         if accepted == proposed:
             self.size = min(self.limit, self.size * 2)
         else:
