@@ -66,16 +66,18 @@ class Children:
         return [(n, p.returncode) for n, p in self.procs if p.poll() is not None]
 
     def stop(self) -> None:
-        # Workers first (they leave the gateway), then the gateway.
-        order = [p for n, p in self.procs if n != "gateway"] + [
-            p for n, p in self.procs if n == "gateway"]
-        for p in order:
-            self._signal(p, signal.SIGTERM)
-        deadline = time.monotonic() + GRACE_SECONDS
-        for p in order:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(max(0.1, deadline - time.monotonic()))
-        for p in order:  # whatever is left, and anything a child left in its group
+        # Workers first, while the gateway still probes them: a stopping worker waits for
+        # the gateway to see it leave (up to 1.5 s), which a stopped gateway never does.
+        workers = [p for n, p in self.procs if n != "gateway"]
+        gateways = [p for n, p in self.procs if n == "gateway"]
+        for group in (workers, gateways):
+            for p in group:
+                self._signal(p, signal.SIGTERM)
+            deadline = time.monotonic() + GRACE_SECONDS
+            for p in group:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(max(0.1, deadline - time.monotonic()))
+        for p in workers + gateways:  # whatever is left, and anything a child left in its group
             self._signal(p, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(5)

@@ -44,6 +44,7 @@ def gw(llama_worker: Worker, sim_twin: Worker, tmp_path_factory) -> Iterator[Gat
     wait_for(lambda: sum(w["state"] in ("ready", "busy") for w in _cluster(g)["workers"]) == 2,
              60, 0.05, "both workers ready")
     yield g
+    sim_twin.proc.stop()  # before the gateway, which would otherwise not see it leave
     g.proc.stop()
 
 

@@ -20,6 +20,7 @@ step's logits (sampling, drafts, text) is `llama_tokens.py`.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -285,8 +286,10 @@ class BatchLoop(SlotAdmission, TokenOutput):
         """Gives decode runs prompt-lookup drafts of one common length (llama.cpp splits a
         step into ubatches of equal tokens per sequence: uneven drafts would cost whole
         extra passes), or none when some run has none. Returns the rows added."""
-        room = (self.n_batch - len(runs)) // len(runs)
-        if any(r.lookup is None for r in runs) or not self._drafts_pay(runs):
+        if any(r.lookup is None for r in runs):
+            return 0
+        room = min((self.n_batch - len(runs)) // len(runs), self._draft_rows(runs))
+        if room <= 0:
             return 0
         drafts = []
         for r in runs:
@@ -302,18 +305,24 @@ class BatchLoop(SlotAdmission, TokenOutput):
         self.stats["lookup_drafted_tokens"] += k * len(runs)
         return k * len(runs)
 
-    def _drafts_pay(self, runs: list[Run]) -> bool:
-        """Whether a draft row is expected to earn its cost. A row costs about one batch
-        token (`_token_cost`; on a small CPU ~half a plain step of one sequence) and earns
-        its acceptance rate in tokens, each worth a plain step's time per run; so drafts
-        pay when the runs' mean rate > runs x row cost / plain step time (0.55 alone and
-        0.83 at 4 runs on the 2-core box of docs/BENCHMARKS.md, lower where rows are cheap).
-        Unmeasured: try."""
+    def _draft_rows(self, runs: list[Run]) -> int:
+        """How long a draft is expected to earn its cost. A draft row costs about one
+        batch token (`_token_cost`; on a small CPU half a plain step of one sequence), and
+        row j is kept only if the j before it were, with probability rate^j (the runs'
+        recent acceptance rate), earning a plain step's time per run. So rows pay while
+        rate^j > runs x row cost / plain step time: none at a rate below that bar (0.5
+        alone, 0.8 at 4 runs on the 2-core box of docs/BENCHMARKS.md), longer drafts the
+        surer they are and the cheaper rows are. Unmeasured: as long as the runs allow."""
         step, row = self._plain_step.get(len(runs)), self._token_cost
         if not step or not row:
-            return True
+            return self.n_batch
+        bar = len(runs) * row / step
         rate = sum(r.lookup.rate for r in runs if r.lookup is not None) / len(runs)
-        return rate * step > len(runs) * row
+        if bar >= 1 or rate <= bar:
+            return 0
+        if rate >= 1:
+            return self.n_batch
+        return int(math.log(bar) / math.log(rate))
 
     def _shared_budget(self) -> int:
         top = min(self.chunk_max, self.n_batch)

@@ -30,6 +30,7 @@ REST = 16  # tokens decoded plainly after a mostly rejected draft
 #: How fast a low acceptance rate is forgotten, per token decoded without drafts: from a
 #: failed draft (rate ~0) back to trying at 4 runs (0.83) takes ~50 tokens.
 RECOVER = 1 / 64
+START_RATE = 0.7
 
 
 def draft_limit(value: int | None = None) -> int:
@@ -51,9 +52,10 @@ class Lookup:
     rest: int = 0  # tokens to decode without drafting after drafts kept failing
     proposed: int = 0
     accepted: int = 0
-    # Recent share of drafted tokens kept (EWMA; optimistic at first): what the batch loop
-    # weighs against the cost of a draft row (llama_batch.BatchLoop._drafts_pay).
-    rate: float = 1.0
+    # Recent share of drafted tokens kept (EWMA): what the batch loop weighs against the
+    # cost of a draft row (llama_batch.BatchLoop._draft_rows). It starts where one draft
+    # row pays for a sequence alone on a small CPU, not more: most free text repeats little.
+    rate: float = START_RATE
 
     def __post_init__(self) -> None:
         self.size = min(self.limit, START)
