@@ -10,7 +10,8 @@ llama.cpp that llama-cpp-python vendors, bench/llama_server_build.py), asked the
 of prompt non-streamed; its own `timings.predicted_per_token_ms` is the reference. The two
 alternate, request by request, so the box's drifting speed weighs on both alike. Reported
 per pair: the loop's time per generated token after the first (prefill excluded) over
-llama-server's, and the share of the loop's time spent outside `llama_decode`.
+llama-server's, the share of the loop's time spent outside `llama_decode`, and the
+prefill's time per prompt token read over llama-server's.
 `--write` replaces the `llama-inprocess` section of docs/BENCHMARKS.md.
 """
 
@@ -59,7 +60,7 @@ def main() -> None:
 
         llama_cpp.llama_decode = timed
 
-        def loop_run(text: str) -> tuple[float, float]:
+        def loop_run(text: str) -> tuple[float, float, float]:
             done = threading.Event()
             marks: list[float] = []
             seq = Sequence("bench", be.tokenize(be.render_chat([{"role": "user",
@@ -72,7 +73,8 @@ def main() -> None:
             done.wait(300)
             wall = marks[-1] - marks[0]
             inside = sum(d for _, d in decodes[1:])  # after the prefill step
-            return wall / (len(marks) - 1), 1 - inside / wall
+            n, prefill = decodes[0]
+            return wall / (len(marks) - 1), 1 - inside / wall, prefill / n
 
         rows = []
         for i in range(a.pairs):
@@ -80,23 +82,27 @@ def main() -> None:
             r = httpx.post(f"{server.url}/v1/chat/completions", timeout=120,  # type: ignore[attr-defined]
                            json={"model": MODEL, "max_tokens": a.tokens, "temperature": 0,
                                  "messages": [{"role": "user", "content": text + " (s)"}]})
-            ref = r.json()["timings"]["predicted_per_token_ms"] / 1000
-            per, outside = loop_run(text)
-            rows.append((ref, per, outside))
+            t = r.json()["timings"]
+            ref = t["predicted_per_token_ms"] / 1000
+            per, outside, prefill = loop_run(text)
+            rows.append((ref, per, outside, prefill / (t["prompt_ms"] / 1000 / t["prompt_n"])))
             print(f"llama-server {ref * 1e3:.2f} ms/token, loop {per * 1e3:.2f} ms/token, "
-                  f"outside llama_decode {outside:.1%}", file=sys.stderr, flush=True)
+                  f"outside llama_decode {outside:.1%}, prefill ratio {rows[-1][3]:.2f}",
+                  file=sys.stderr, flush=True)
         be.close()
     finally:
         server.stop()
-    ratios = [per / ref for ref, per, _ in rows]
+    ratios = [per / ref for ref, per, _, _ in rows]
+    pre = [r[3] for r in rows]
     med = {k: statistics.median(r[i] for r in rows) for i, k in enumerate(("ref", "per", "out"))}
     table = "\n".join([
-        "| pairs | loop / llama-server, median (range) | llama-server ms/token | "
-        "loop ms/token | loop's time outside `llama_decode` |",
-        "|---:|---:|---:|---:|---:|",
+        "| pairs | decode: loop / llama-server, median (range) | llama-server ms/token | "
+        "loop ms/token | loop's time outside `llama_decode` | prefill per token: loop / "
+        "llama-server |",
+        "|---:|---:|---:|---:|---:|---:|",
         f"| {len(rows)} | **{statistics.median(ratios):.2f}** ({min(ratios):.2f}-"
         f"{max(ratios):.2f}) | {med['ref'] * 1e3:.2f} | {med['per'] * 1e3:.2f} | "
-        f"{med['out']:.1%} |"])
+        f"{med['out']:.1%} | {statistics.median(pre):.2f} ({min(pre):.2f}-{max(pre):.2f}) |"])
     text = f"""## llama: the decode loop without HTTP, paired with llama-server
 
 Command: `{command_line()}`{"  "}
@@ -105,7 +111,9 @@ Machine: {where}.
 llama-cpp-python {installed_version()}: `LlamaBackend` in this process (4 slots, {a.threads}
 threads, drafts off), one greedy sequence of {a.tokens} tokens at a time through its
 `BatchLoop`, alternating with llama-server asked the same kind of prompt; llama-server's own
-`timings.predicted_per_token_ms` against the loop's time per token after the first (medians).
+`timings.predicted_per_token_ms` against the loop's time per token after the first, and
+its `prompt_ms / prompt_n` against the loop's prefill `llama_decode` per prompt token read
+(both read the prompt after the same cached template prefix). Medians.
 
 {table}
 """

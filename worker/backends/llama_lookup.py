@@ -8,8 +8,9 @@ the longest prefix the greedy sampler agrees with (llama_batch.BatchLoop._verify
 kept token is the one plain greedy decoding would have produced, so the text is the same,
 only fewer steps are spent on it. No model, no extra memory beyond an index of n-grams.
 
-Drafts that keep failing shrink (a free-form answer rarely repeats its prompt), and a
-failed draft costs only its extra batch rows, which on a CPU are cheap next to a step.
+Drafts that keep failing shrink (a free-form answer rarely repeats its prompt). A draft
+row costs about a prompt token, on a small CPU half a plain step, so the batch loop drafts
+only as many rows as the sequences' recent acceptance rate pays for.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from dataclasses import dataclass, field
 from worker.backends.knobs import env_number
 
 #: Longest draft per step (tokens); CORRAL_LLAMA_LOOKUP overrides it (0 turns drafting off).
-#: On by default since quiet-box runs (docs/BENCHMARKS.md, "Against llama-server"): 1.39x /
-#: 1.27x the plain worker's tok/s at 1 / 4 streams on text that repeats its input, and a
-#: wash on free-form text (0.95-1.18x, inside the noise); no greedy answer changes where the
-#: prompt caches pass through the same states (bench/greedy_identity.py).
+#: On by default: the batch loop sizes each step's drafts by what they earn (their rows'
+#: cost against the runs' acceptance rate, llama_batch.BatchLoop._draft_rows), so free
+#: text gets almost none and is level with plain decoding, while text that repeats its
+#: input ran 1.35x / 1.13x llama-server's tok/s at 1 / 4 streams (docs/BENCHMARKS.md); no
+#: greedy answer changes where the prompt caches pass through the same states
+#: (bench/greedy_identity.py).
 DEFAULT_DRAFT = 8
 NGRAMS = (3, 2)  # tried longest first: a 3-gram match predicts better than a 2-gram one
 START = 4  # first draft length; doubled while drafts are kept whole
