@@ -67,6 +67,32 @@ def start_llama_server(exe: str, threads: int, extra: list[str]) -> Proc:
     return proc
 
 
+def start_all(setups: dict[str, str], exe: str, threads: int, server_args: list[str],
+              procs: list[Proc]) -> tuple[dict[str, str], dict[str, int]]:
+    """Starts a worker per setup ("extra args and NAME=value variables") and llama-server,
+    side by side, appending each to `procs` at once (so a failed start still stops them);
+    returns each one's URL and PID, llama-server's as REF, once all are ready."""
+    workers = []
+    for name, extra in setups.items():
+        words = shlex.split(extra)
+        env = dict(x.split("=", 1) for x in words if _is_env(x))
+        w = start_worker("--parallel", str(SLOTS), "--threads", str(threads),
+                         "--ctx-size", str(CTX), *(x for x in words if not _is_env(x)),
+                         env=env, wait=False)
+        procs.append(w.proc)
+        workers.append((name, w))
+    server = start_llama_server(exe, threads, server_args)
+    procs.append(server)
+    targets = {REF: server.url}  # type: ignore[attr-defined]
+    pids = {REF: server.pid}
+    for name, w in workers:
+        w.proc.wait_http(f"{w.url}/status", timeout=600,
+                         ok=lambda r: r.json().get("state") in ("ready", "busy"))
+        targets[name] = w.url
+        pids[name] = w.proc.pid
+    return targets, pids
+
+
 def _is_env(word: str) -> bool:
     """`NAME=value` with an upper-case name: an environment variable for the worker."""
     name, eq, _ = word.partition("=")
@@ -222,25 +248,7 @@ def main() -> None:
     where = machine()
     procs: list[Proc] = []
     try:
-        targets: dict[str, str] = {}
-        workers = []
-        for name, extra in setups.items():
-            words = shlex.split(extra)
-            env = dict(x.split("=", 1) for x in words if _is_env(x))
-            w = start_worker("--parallel", str(SLOTS), "--threads", str(a.threads),
-                             "--ctx-size", str(CTX), *(x for x in words if not _is_env(x)),
-                             env=env, wait=False)
-            procs.append(w.proc)
-            workers.append((name, w))
-        server = start_llama_server(exe, a.threads, shlex.split(a.server_args))
-        procs.append(server)
-        targets[REF] = server.url  # type: ignore[attr-defined]
-        pids = {REF: server.pid}
-        for name, w in workers:
-            w.proc.wait_http(f"{w.url}/status", timeout=600,
-                             ok=lambda r: r.json().get("state") in ("ready", "busy"))
-            targets[name] = w.url
-            pids[name] = w.proc.pid
+        targets, pids = start_all(setups, exe, a.threads, shlex.split(a.server_args), procs)
         for url in targets.values():  # warm up
             level(url, 1, 1, 8, a.prompt)
         runs: dict[str, dict[int, list[dict]]] = {n: {c: [] for c in levels} for n in targets}

@@ -23,15 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
 
 import httpx
-from common import MODEL, Proc, command_line, machine, start_worker, write_section
+from common import MODEL, Proc, command_line, machine, write_section
 from engine import BR
-from llama_server import CTX, REF, SLOTS, _is_env, start_llama_server
+from llama_server import CTX, REF, SLOTS, start_all
 from llama_server_build import build, installed_version
 
 QUESTIONS = ("Which horse jumped the north fence?", "How many bales were counted?",
@@ -157,23 +156,7 @@ def main() -> None:
     where = machine()
     procs: list[Proc] = []
     try:
-        targets: dict[str, str] = {}
-        workers = []
-        for name, extra in setups.items():
-            words = shlex.split(extra)
-            env = dict(x.split("=", 1) for x in words if _is_env(x))
-            w = start_worker("--parallel", str(SLOTS), "--threads", str(a.threads),
-                             "--ctx-size", str(CTX), *(x for x in words if not _is_env(x)),
-                             env=env, wait=False)
-            procs.append(w.proc)
-            workers.append((name, w))
-        server = start_llama_server(exe, a.threads, [])
-        procs.append(server)
-        targets[REF] = server.url  # type: ignore[attr-defined]
-        for name, w in workers:
-            w.proc.wait_http(f"{w.url}/status", timeout=600,
-                             ok=lambda r: r.json().get("state") in ("ready", "busy"))
-            targets[name] = w.url
+        targets, _ = start_all(setups, exe, a.threads, [], procs)
         runs: dict[str, list[dict]] = {n: [] for n in targets}
         for p in range(a.passes):
             order = list(targets.items())
