@@ -67,6 +67,22 @@ def start_llama_server(exe: str, threads: int, extra: list[str]) -> Proc:
     return proc
 
 
+def parse_setups(base: dict[str, str], specs: list[str]) -> dict[str, str]:
+    """`base` plus each `--corral "label=extra args and NAME=value variables"`."""
+    setups = dict(base)
+    for spec in specs:
+        name, _, extra = spec.partition("=")
+        setups[name] = extra
+    return setups
+
+
+def describe_setups(setups: dict[str, str], threads: int) -> str:
+    """Each setup's worker command line, for a BENCHMARKS.md section."""
+    return "; ".join(f"`{n}`: `corral worker --backend llama --parallel {SLOTS} --threads "
+                     f"{threads} --ctx-size {CTX} {x}`".replace(" `", "`")
+                     for n, x in setups.items())
+
+
 def start_all(setups: dict[str, str], exe: str, threads: int, server_args: list[str],
               procs: list[Proc]) -> tuple[dict[str, str], dict[str, int]]:
     """Starts a worker per setup ("extra args and NAME=value variables") and llama-server,
@@ -186,9 +202,7 @@ def render(out: dict) -> str:
                     examples.setdefault(f"{name}: {kind}", msg)
     errs = ("Errors: " + "; ".join(f"{k} (e.g. `{v[:160]}`)" for k, v in examples.items())
             + "." if examples else "No request failed.")
-    setups = "; ".join(f"`{n}`: `corral worker --backend llama --parallel {SLOTS} --threads "
-                       f"{a['threads']} --ctx-size {CTX} {x}`".replace(" `", "`")
-                       for n, x in out["setups"].items())
+    setups = describe_setups(out["setups"], a["threads"])
     return f"""## Against llama-server: the llama worker and llama.cpp's own server
 
 Command: `{out['command']}`{BR}
@@ -241,10 +255,7 @@ def main() -> None:
         a.prompt = REPEAT
     exe = str(build())
     levels = [int(x) for x in a.levels.split(",")]
-    setups = {"corral": ""}
-    for s in a.corral:
-        name, _, extra = s.partition("=")
-        setups[name] = extra
+    setups = parse_setups({"corral": ""}, a.corral)
     where = machine()
     procs: list[Proc] = []
     try:

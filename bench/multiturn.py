@@ -30,7 +30,7 @@ import time
 import httpx
 from common import MODEL, Proc, command_line, machine, write_section
 from engine import BR
-from llama_server import CTX, REF, SLOTS, start_all
+from llama_server import CTX, REF, SLOTS, describe_setups, parse_setups, start_all
 from llama_server_build import build, installed_version
 
 QUESTIONS = ("Which horse jumped the north fence?", "How many bales were counted?",
@@ -116,9 +116,7 @@ def render(out: dict) -> str:
                      f"{med['ttft_later']:.0f} | **{cell(name, 'ttft_later')}** | "
                      f"{med['cached_later']:.0f} / {med['prompt_later']:.0f} | "
                      f"{med['seconds']:.1f} |")
-    setups = "; ".join(f"`{n}`: `corral worker --backend llama --parallel {SLOTS} --threads "
-                       f"{a['threads']} --ctx-size {CTX} {x}`".replace(" `", "`")
-                       for n, x in out["setups"].items())
+    setups = describe_setups(out["setups"], a["threads"])
     return f"""## Multi-turn chat: more conversations than slots, against llama-server
 
 Command: `{out['command']}`{BR}
@@ -149,10 +147,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true")
     a = ap.parse_args()
     exe = str(build())
-    setups = {"corral": "", "no-cache": "CORRAL_LLAMA_CACHE_MIB=0"}
-    for s in a.corral:
-        name, _, extra = s.partition("=")
-        setups[name] = extra
+    setups = parse_setups({"corral": "", "no-cache": "CORRAL_LLAMA_CACHE_MIB=0"}, a.corral)
     where = machine()
     procs: list[Proc] = []
     try:

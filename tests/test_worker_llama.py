@@ -174,7 +174,6 @@ def test_a_conversation_whose_slot_was_taken_comes_back_from_host_memory(worker)
     # Every slot busy at once with a newcomer: the conversation's slot is certainly
     # overwritten (its KV dropped but for the shared template prefix).
     url = f"{worker.url}/v1/completions"
-    busy = threading.Event()
     stop = threading.Event()
 
     def newcomer(i: int) -> None:
@@ -191,7 +190,6 @@ def test_a_conversation_whose_slot_was_taken_comes_back_from_host_memory(worker)
     try:
         wait_for(lambda: status(worker)["slots_busy"] == slots, timeout=60,
                  what="every slot taken by a newcomer")
-        busy.set()
     finally:
         stop.set()
         for t in threads:
@@ -204,7 +202,6 @@ def test_a_conversation_whose_slot_was_taken_comes_back_from_host_memory(worker)
                                         max_tokens=4)
     after = status(worker)["prompt_cache"]
     cached = r2.usage.prompt_tokens_details.cached_tokens
-    assert busy.is_set()
     assert cached >= r1.usage.prompt_tokens, (cached, r1.usage.prompt_tokens)  # all of turn 1
     assert after["host_cache_restores"] == before["host_cache_restores"] + 1
     assert after["host_cache_restored_tokens"] - before["host_cache_restored_tokens"] == cached

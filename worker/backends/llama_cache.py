@@ -121,7 +121,8 @@ class HostCache:
     def stats(self) -> dict[str, int]:
         return {"host_cache_entries": len(self.entries), "host_cache_bytes": self.bytes,
                 "host_cache_saves": self.saves, "host_cache_restores": self.restores,
-                "host_cache_restored_tokens": self.restored_tokens}
+                "host_cache_restored_tokens": self.restored_tokens,
+                "host_cache_failures": self.failures}
 
     def _drop(self, e: Entry) -> None:
         self.entries.remove(e)
