@@ -36,7 +36,7 @@ SLOTS = 4
 
 def split_limit(n: int) -> int:
     """Memory per worker that holds the model over `n` workers but not over `n - 1`."""
-    from gateway.placement import estimate
+    from gateway.memory_need import estimate
     from worker.models import resolve
 
     need = estimate(resolve(MODEL)[1], n_ctx=2048, slots=SLOTS).total

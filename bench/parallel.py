@@ -164,7 +164,7 @@ Verdict: {"; ".join(verdict)}.
 
 
 def _reading(agg: dict, c: int) -> str:
-    from gateway.placement import estimate
+    from gateway.memory_need import estimate
     from worker.models import resolve
 
     path = resolve(MODEL)[1]

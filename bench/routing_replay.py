@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gateway.cost  # noqa: E402
 import gateway.routing  # noqa: E402
 from gateway.cost import Job, Lengths  # noqa: E402
-from gateway.registry import Worker  # noqa: E402
 from gateway.routing import Router  # noqa: E402
+from gateway.worker_record import Worker  # noqa: E402
 
 LONG, SHORT, LONG_SHARE = 3000, 50, 0.2
 

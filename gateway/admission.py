@@ -30,9 +30,10 @@ from gateway.config import GatewayConfig
 from gateway.cost import Job
 from gateway.fairqueue import FairQueue
 from gateway.metrics import Metrics
-from gateway.registry import Registry, Worker
+from gateway.registry import Registry
 from gateway.routing import Need, Router
 from gateway.waiter import Waiter
+from gateway.worker_record import Worker
 from wire.errors import APIError, not_found, overloaded, unavailable
 
 

@@ -19,7 +19,8 @@ from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.cost import Job
 from gateway.metrics import Metrics
-from gateway.registry import Registry, Worker
+from gateway.registry import Registry
+from gateway.worker_record import Worker
 
 Opened = tuple[httpx.Response, AsyncIterator[bytes], bytes]
 """An open stream: the worker's response, its byte iterator and its first chunk."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.registry import Registry, Worker
+from gateway.registry import Registry
 from gateway.routing import EMBEDDINGS, capable
+from gateway.worker_record import Worker
 
 #: Every worker serving a model generates: chat and legacy completions.
 GENERATION = ("chat", "completions")

@@ -25,7 +25,7 @@ from fastapi.responses import Response
 
 from gateway.admission import Exhausted
 from gateway.call import Call, Retry, StreamOpener
-from gateway.registry import Worker
+from gateway.worker_record import Worker
 from wire.errors import APIError
 from wire.sse import SSE_DONE
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway.registry import Worker
+    from gateway.worker_record import Worker
 
 CHARS_PER_TOKEN = 4.0  # a typical BPE on English text (the sim tokenizes exactly so)
 DRAG = 0.1  # decode slowdown per other sequence in the worker's slots

@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from gateway.placement import MemoryNeed, ModelSpec, Placement
+from gateway.memory_need import MemoryNeed
+from gateway.placement import ModelSpec, Placement
 
 if TYPE_CHECKING:
     from gateway.catalog import Catalog

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from gateway.config import GatewayConfig
     from gateway.metrics import Metrics
     from gateway.placer import Placer
-    from gateway.registry import Registry, Worker
+    from gateway.registry import Registry
+    from gateway.worker_record import Worker
 
 log = logging.getLogger("corral.gateway")
 

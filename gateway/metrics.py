@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from gateway.registry import STATES, Registry
+from gateway.registry import Registry
+from gateway.worker_record import STATES
 
 if TYPE_CHECKING:
     from gateway.placer import Placer

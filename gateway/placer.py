@@ -2,8 +2,8 @@
 
 Every second, and whenever the set of workers changes, it plans (`gateway.placement.plan`)
 over the workers that asked to be placed (started without `--model`: their `/status` says
-`placement.managed`), from the memory they report, and pushes the plan through the worker
-control API (cluster token):
+`placement.managed`), from the memory they report (`gateway.inventory`), and pushes the
+plan through the worker control API (cluster token):
 
 - replicas, several models per worker where memory allows: model by model
   (`gateway.replicas`: `POST /control/models` to load, `DELETE` to drain and unload);
@@ -37,26 +37,19 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from gateway import placer_view
+from gateway import inventory, placer_view
 from gateway.catalog import Catalog, ModelFile
 from gateway.demand import Demand
-from gateway.placement import (
-    MemoryNeed,
-    Placement,
-    Unplaceable,
-    WorkerSpec,
-    estimate,
-    explain,
-    hosted,
-    plan,
-)
-from gateway.replicas import Reconciler, broken_loads, held
+from gateway.memory_need import MemoryNeed, estimate
+from gateway.placement import Placement, Unplaceable, WorkerSpec, explain, hosted, plan
+from gateway.replicas import Reconciler, broken_loads, held, reported
 from wire.errors import APIError
 
 if TYPE_CHECKING:
     from gateway.config import GatewayConfig
-    from gateway.registry import Registry, Worker
+    from gateway.registry import Registry
     from gateway.topology import Topology
+    from gateway.worker_record import Worker
 
 log = logging.getLogger("corral.gateway")
 
@@ -166,28 +159,9 @@ class Placer:
         since = self._down_since.setdefault(w.id, now)
         return now - since < DEAD_AFTER
 
-    @staticmethod
-    def capacity(w: Worker, needs: dict[str, MemoryNeed] | None = None) -> int:
-        """What `w` offers to models: with --memory-limit, the limit (its models' files
-        are what it reports as taken); without, the box's free memory plus what the
-        models it holds take by the planner's estimate (their KV cache and compute buffers
-        are gone from the free memory too), so a model held is not pushed out by itself."""
-        mem = w.status.get("memory") or {}
-        avail = int(mem.get("available") or 0)
-        files = int(mem.get("model_bytes") or 0)
-        physical = mem.get("physical_total")
-        if physical is not None and int(mem.get("total") or 0) != int(physical):
-            return avail + files  # a limit: total minus file bytes, plus them back
-        if needs:
-            held_need = sum(needs[m].total for m, st in held(w).items()
-                            if m in needs and st in ("ready", "draining"))
-            if held_need:
-                return avail + max(files, held_need)
-        return avail + files
-
     def _estimate(self, workers: list[Worker]) -> dict[str, MemoryNeed]:
         n_ctx = max((int(w.status.get("n_ctx") or 0) for w in workers), default=0) or 2048
-        slots = max((self._slots_per_model(w) for w in workers), default=1)
+        slots = max((inventory.slots_per_model(w) for w in workers), default=1)
         out = {}
         for m in self.catalog.values():
             try:
@@ -200,14 +174,6 @@ class Placer:
                 continue
             self.unreadable.pop(m.name, None)
         return out
-
-    @staticmethod
-    def _slots_per_model(w: Worker) -> int:
-        """Slots one model gets on `w` (the top-level figure sums a worker's models)."""
-        per = w.status.get("per_model") or []
-        if per:
-            return max(int(m.get("slots_total") or 1) for m in per)
-        return int(w.status.get("slots_total") or 1)
 
     async def tick(self) -> None:
         if not self.catalog.read:
@@ -225,11 +191,11 @@ class Placer:
             self.unplaceable = {}  # no worker at all: "no healthy worker", not "too big"
             return
         needs = await asyncio.to_thread(self._estimate, workers)
-        running = self._running(workers)
+        running = inventory.running(workers)
         names = [n for n in self.demand.wanted(now, {p.model for p in running})
                  if n in needs]
         models = self.demand.specs(names, needs, now, len(workers), self.current)
-        specs = [WorkerSpec(w.id, self.capacity(w, needs)) for w in workers]
+        specs = [WorkerSpec(w.id, inventory.capacity(w, needs)) for w in workers]
         self._workers, self._needs = specs, needs
         cost = None
         if self.topology is not None and any(
@@ -250,11 +216,11 @@ class Placer:
         self._note_unplaceable(explain(must, specs, new), {w.id for w in workers})
         by_id = {w.id: w for w in workers}
         for w in workers:  # a placement that serves again starts its retry count afresh
-            if self._reported(w).get("state") == "ready":
+            if reported(w).get("state") == "ready":
                 self._retries.pop(w.id, None)
         want = hosted(new)
         planned = {p.model for p in new}
-        ready = {p.model for p in new if self._serving(p, by_id)}
+        ready = {p.model for p in new if inventory.serving(p, by_id)}
         split_members = {wid for p in new if p.mode == "split" for wid in p.workers}
         for name in planned:
             await self.catalog.hash(name)  # what workers verify; once per file
@@ -275,7 +241,7 @@ class Placer:
                 jobs.append(self.replicas.worker(w, models_here, ready, planned))
                 keep += [Placement(m, "replica", (w.id,), w.id, (1.0,)) for m in
                          self.replicas.keeping(w, models_here, ready, planned)]
-            elif self._reported(w).get("role") not in ("none", None):
+            elif reported(w).get("role") not in ("none", None):
                 jobs.append(self._push(w, {"role": "none"}))
         self.draining = keep + old_splits
         await asyncio.gather(*jobs)
@@ -326,36 +292,6 @@ class Placer:
         return APIError(503, f"The model {model!r} cannot be placed on this cluster: "
                         f"{u.reason}.", "service_unavailable", None, "model_unplaceable")
 
-    def _serving(self, p: Placement, by_id: dict[str, Worker]) -> bool:
-        if p.mode == "replica":
-            w = by_id.get(p.workers[0])
-            return w is not None and held(w).get(p.model) == "ready"
-        for wid in p.workers:
-            r = self._reported(by_id[wid])
-            role = "replica" if p.mode == "replica" else ("head" if wid == p.head else "shard")
-            if r.get("role") != role or r.get("model") != p.model or r.get("state") != "ready":
-                return False
-        return True
-
-    def _running(self, workers: list[Worker]) -> list[Placement]:
-        """What the workers already run (after a gateway restart), so the plan keeps it."""
-        out: list[Placement] = []
-        by_endpoint = {self._reported(w).get("rpc_endpoint"): w.id for w in workers
-                       if self._reported(w).get("role") == "shard"}
-        for w in workers:
-            r = self._reported(w)
-            if r.get("role") == "replica":
-                out += [Placement(m, "replica", (w.id,), w.id, (1.0,))
-                        for m, st in held(w).items() if st not in ("failed", "draining")]
-            elif r.get("state") == "broken" or not r.get("model"):
-                continue
-            elif r.get("role") == "head":
-                shards = tuple(by_endpoint.get(e) for e in r.get("shards") or ())
-                if shards and all(shards):
-                    out.append(Placement(r["model"], "split", (w.id, *shards), w.id,
-                                         tuple(r.get("tensor_split") or ())))
-        return out
-
     # ------------------------------------------------------------------ pushing
     def _file_fields(self, model: str) -> dict[str, Any]:
         m = self.catalog.files[model]
@@ -369,16 +305,12 @@ class Placer:
         host = self.cfg.host
         return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
-    @staticmethod
-    def _reported(w: Worker) -> dict[str, Any]:
-        return w.status.get("placement") or {}
-
     async def _apply(self, p: Placement, by_id: dict[str, Worker]) -> None:
         """A split: the shards, then the head (replicas go through `self.replicas`)."""
         head = by_id[p.head] if p.head else None
         if head is None:
             return
-        hr = self._reported(head)
+        hr = reported(head)
         head_broken = hr.get("state") == "broken"
         if head_broken:
             if not self._may_retry(head.id):
@@ -388,7 +320,7 @@ class Placer:
         endpoints: list[str] = []
         for sid in p.workers[1:]:
             s = by_id[sid]
-            sr = self._reported(s)
+            sr = reported(s)
             ok = (sr.get("role") == "shard" and sr.get("model") == p.model
                   and sr.get("state") == "ready" and sr.get("rpc_endpoint")
                   and not head_broken)

@@ -11,6 +11,9 @@ after the ejection. A joined worker that stops heartbeating for `join_ttl` is dr
 A worker that fails every probe for `stall_timeout` seconds while requests are on it is
 declared stalled: a frozen process keeps its sockets open, so those requests would
 otherwise wait out the read timeout. The `stall_listeners` (upstream.py) move them.
+
+Each worker's record is a `gateway.worker_record.Worker`; `gateway.probe_status` copies a probe's
+answer into it, and the registry acts on the state it yields.
 """
 
 from __future__ import annotations
@@ -21,112 +24,21 @@ import logging
 import os
 import socket
 import time
-import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import orjson
 
-from gateway import cost
+from gateway import cost, probe_status
 from gateway.config import GatewayConfig
 from gateway.state import SharedState
 from gateway.transport import LeanTransport
+from gateway.worker_record import HEALTHY, Worker, id_from_url
 
 log = logging.getLogger("corral.gateway")
 
-HEALTHY = ("ready", "busy")
-# What a worker may report. `draining` and `asleep` (gateway/lifecycle.py) are not routable;
-# an asleep worker that stops answering stays `asleep`, not `down`, and is kept.
-STATES = ("ready", "busy", "loading", "idle", "down", "draining", "asleep")
 DOWN_MARK_SECONDS = 5.0  # an ejection reported by another replica is applied this long
-
-
-def id_from_url(url: str) -> str:
-    u = urllib.parse.urlsplit(url)
-    return u.netloc or url
-
-
-class Worker:
-    """One worker as the gateway sees it. Routing reads these attributes directly."""
-
-    __slots__ = ("id", "url", "source", "state", "models", "slots_total", "slots_busy",
-                 "queue_depth", "tokens_per_second", "status", "inflight", "others",
-                 "external", "capacity", "last_seen", "ejected_at", "fails", "last_error",
-                 "task", "base", "answered", "stalled", "watched",
-                 "decode_tps", "prefill_tps", "decode_rate", "prefill_rate", "reader_free",
-                 "drain", "offered")
-
-    def __init__(self, id: str, url: str, source: str) -> None:
-        self.id = id
-        self.url = url.rstrip("/")
-        self.base = self.url  # requests go to base + path
-        self.source = source  # "static" (flag/config) or "joined"
-        self.state = "loading"
-        self.models: frozenset[str] = frozenset()
-        self.slots_total = 1
-        self.slots_busy = 0
-        self.queue_depth = 0
-        self.tokens_per_second = 0.0
-        self.status: dict[str, Any] = {}
-        self.inflight = 0  # this gateway's requests on the worker (reserved at pick time)
-        self.others = 0  # other gateway replicas' requests (from shared state)
-        self.external = 0  # reported load not explained by any gateway's in-flight count
-        self.capacity = 1.0  # slots_total weighted by decode speed
-        self.last_seen = time.monotonic()
-        self.ejected_at = 0.0
-        self.fails = 0
-        self.last_error = ""
-        self.task: asyncio.Task[None] | None = None
-        self.answered = time.monotonic()  # the last probe it answered (or when it was added)
-        self.stalled = False  # declared frozen; cleared by the next probe it answers
-        self.watched: set[Any] = set()  # the in-flight calls on it (upstream.py), to move
-        # Its two speeds as reported (0: not yet), the effective ones routing uses (cost.py:
-        # a missing one is the others' mean), and when it should be done reading the
-        # prompts this gateway sent it (monotonic seconds).
-        self.decode_tps = self.prefill_tps = 0.0
-        self.decode_rate, self.prefill_rate = 1.0, 0.0
-        self.reader_free = 0.0
-        self.drain: Any = None  # a drain this gateway ordered (gateway/lifecycle.py)
-        self.offered: int | None = None  # slots it offers (polite mode); None: all
-
-    @property
-    def healthy(self) -> bool:
-        return self.state in HEALTHY
-
-    @property
-    def load(self) -> int:
-        return self.inflight + self.others + self.external
-
-    def to_json(self) -> dict[str, Any]:
-        st = self.status
-        state = self.state
-        if state in HEALTHY:  # live, from what we know now rather than at the last probe
-            state = "busy" if self.load >= self.slots_total else "ready"
-        return {
-            "id": self.id,
-            "url": self.url,
-            "backend": st.get("backend", ""),
-            "models": sorted(self.models),
-            "state": state,
-            "queue_depth": self.queue_depth,
-            "slots_total": self.slots_total,
-            "slots_busy": self.slots_busy,
-            "hardware": st.get("hardware", {}),
-            "memory": st.get("memory", {}),
-            "tokens_per_second": self.tokens_per_second,
-            "decode_tokens_per_second": self.decode_tps,
-            "prefill_tokens_per_second": self.prefill_tps,
-            "inflight": self.inflight + self.others,
-            "source": self.source,
-            "last_error": self.last_error or None,
-            "placement": st.get("placement"),
-            "capacity": self.offered,
-            "polite": st.get("polite"),
-            "wake": st.get("wake"),
-            # A worker holding several models: each one's state, slots and queue.
-            "per_model": st.get("per_model") or [],
-        }
 
 
 class Registry:
@@ -337,48 +249,7 @@ class Registry:
         w.fails = 0
         if w.source == "static" and isinstance(st.get("id"), str):
             self._rekey(w, st["id"])
-        w.status = st
-        models = frozenset(st.get("models") or ())
-        slots = int(st.get("slots_total") or 1)
-        busy = int(st.get("slots_busy") or 0)
-        queued = int(st.get("queue_depth") or 0)
-        tps = float(st.get("tokens_per_second") or 0.0)
-        # Older workers report one speed: decode.
-        dec = float(st.get("decode_tokens_per_second") or 0.0) or tps
-        pre = float(st.get("prefill_tokens_per_second") or 0.0)
-        # Requests the worker holds that no gateway counted (clients hitting it directly).
-        # Requests of ours that finished during the probe make this an underestimate, the
-        # safe side.
-        ours = max(inflight_sent, w.inflight) + w.others
-        w.external = max(0, busy + queued - ours)
-        w.slots_busy, w.queue_depth = busy, queued
-        reported = st.get("state", "ready")
-        new_state = reported if reported in STATES else "ready"
-        if new_state in HEALTHY and not models:
-            new_state = "loading"
-        if w.drain is not None:  # ordered here (lifecycle.py)
-            if new_state in ("draining", "asleep"):
-                w.drain.confirmed = True  # the worker has taken it up
-            elif w.drain.confirmed:
-                w.drain = None  # and is serving again: its drain ended (a sleep failed)
-            elif new_state in HEALTHY:
-                new_state = "draining"  # until the worker says so from its next probe
-        cap = st.get("capacity")
-        offered = None if cap is None else max(0, min(int(cap), slots))
-        if offered:  # routing fills a worker to what it offers
-            slots = offered
-        pl = st.get("placement") or {}
-        if new_state == "loading" and not models and pl.get("managed") \
-                and pl.get("state") == "idle":
-            # A worker that says `loading` with placement phase `idle` (before workers said
-            # `idle` themselves) is waiting to be placed, not loading anything.
-            new_state = "idle"
-        changed = (models != w.models or slots != w.slots_total
-                   or tps != w.tokens_per_second or dec != w.decode_tps
-                   or pre != w.prefill_tps or offered != w.offered)
-        w.models, w.slots_total, w.tokens_per_second = models, slots, tps
-        w.decode_tps, w.prefill_tps = dec, pre
-        w.offered = offered
+        new_state, changed = probe_status.apply(w, st, inflight_sent)
         if w.state != new_state:
             self._set_state(w, new_state, "" if new_state in HEALTHY else w.last_error)
             if new_state in HEALTHY:

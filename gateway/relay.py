@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.call import Call, StreamOpener
 from gateway.continuation import Continuation
-from gateway.registry import Worker
+from gateway.worker_record import Worker
 from wire.errors import error_body
 from wire.sse import SSE_DONE, sse
 

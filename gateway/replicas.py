@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gateway.registry import Worker
+    from gateway.worker_record import Worker
 
 log = logging.getLogger("corral.gateway")
 

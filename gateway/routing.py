@@ -35,7 +35,8 @@ from collections.abc import Collection
 
 from gateway import cost
 from gateway.cost import Job
-from gateway.registry import Registry, Worker
+from gateway.registry import Registry
+from gateway.worker_record import Worker
 
 P2C_ABOVE = 4
 

@@ -34,9 +34,10 @@ from gateway.affinity import Affinity
 from gateway.call import Call, Opened, Retry
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
-from gateway.registry import Registry, Worker
+from gateway.registry import Registry
 from gateway.relay import Relay, RelayResponse
 from gateway.transport import LeanTransport
+from gateway.worker_record import Worker
 from wire.errors import APIError, unavailable
 from wire.status import WORKER_HEADER
 

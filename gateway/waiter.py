@@ -12,7 +12,7 @@ import time
 from collections.abc import Collection
 
 from gateway.cost import Job
-from gateway.registry import Worker
+from gateway.worker_record import Worker
 
 
 class Waiter:

@@ -17,9 +17,9 @@ from procs import Gateway, Worker, wait_for
 from gateway.affinity import session_key
 from gateway.config import GatewayConfig
 from gateway.registry import Registry
-from gateway.registry import Worker as RegWorker
 from gateway.routing import Router
 from gateway.state import MemoryState
+from gateway.worker_record import Worker as RegWorker
 
 HEADER = "x-corral-worker"
 SYSTEM = {"role": "system", "content": "You are terse."}

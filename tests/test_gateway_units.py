@@ -13,9 +13,10 @@ from gateway.admission import Admission
 from gateway.config import GatewayConfig
 from gateway.config_file import load_config
 from gateway.metrics import Metrics
-from gateway.registry import Registry, Worker
+from gateway.registry import Registry
 from gateway.routing import Router
 from gateway.state import MemoryState
+from gateway.worker_record import Worker
 from wire.errors import APIError
 
 

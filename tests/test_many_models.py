@@ -44,7 +44,7 @@ READY = 300.0  # real-model loads on a loaded 2-core box: generous
 
 
 def _needs() -> dict[str, int]:
-    from gateway.placement import estimate
+    from gateway.memory_need import estimate
     from worker.models import resolve
 
     return {m: estimate(resolve(m)[1], n_ctx=2048, slots=PARALLEL).total

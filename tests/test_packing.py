@@ -88,6 +88,6 @@ def test_a_split_takes_only_workers_holding_nothing() -> None:
 
 
 def _need(total: int):
-    from gateway.placement import MemoryNeed
+    from gateway.memory_need import MemoryNeed
 
     return MemoryNeed(total - (80 << 20), 0, 0)

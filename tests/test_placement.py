@@ -4,18 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.placement import (
-    RUNTIME_BYTES,
-    MemoryNeed,
-    ModelSpec,
-    Placement,
-    WorkerSpec,
-    estimate,
-    explain,
-    plan,
-    roles,
-    summary,
-)
+from gateway.memory_need import RUNTIME_BYTES, MemoryNeed, estimate
+from gateway.placement import ModelSpec, Placement, WorkerSpec, explain, plan, roles, summary
 from worker.models import resolve
 
 MB = 1 << 20

@@ -36,7 +36,7 @@ def _rounds_pass(url: str, n: int) -> None:
 
 def test_a_model_that_fits_nowhere_is_reported_with_its_numbers(
         unplaceable_cluster: SmallCluster) -> None:
-    from gateway.placement import estimate
+    from gateway.memory_need import estimate
     from worker.models import resolve
 
     c, g = unplaceable_cluster, unplaceable_cluster.gateway

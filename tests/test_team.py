@@ -216,8 +216,8 @@ def test_replicas_share_passive_ejections(redis_url) -> None:
     """A worker that failed a real request at one replica is ejected at the others."""
     from gateway.config import GatewayConfig
     from gateway.registry import Registry
-    from gateway.registry import Worker as W
     from gateway.state import RedisState
+    from gateway.worker_record import Worker as W
 
     async def scenario() -> None:
         states_ = [RedisState(redis_url), RedisState(redis_url)]

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from wire import http
 from wire.status import WorkerStatus
-from worker import control, lifecycle, linkprobe
+from worker import control_api, lifecycle, linkprobe
 from worker.api import router
 from worker.backends.base import Backend
 from worker.config import WorkerConfig
@@ -64,7 +64,7 @@ def create_app(cfg: WorkerConfig, backend: Backend | None = None) -> FastAPI:
     http.install(app)
     app.include_router(router)
     app.include_router(embeddings_router)
-    state.control = control.install(app, state)
+    state.control = control_api.install(app, state)
     app.include_router(linkprobe.router)
     wake = WakeInfo(cfg)
 

@@ -1,6 +1,6 @@
-"""The worker's control API: the gateway tells a worker what to be.
+"""What a gateway has placed this worker as, and the processes and downloads that serve it.
 
-`POST /control/placement` (cluster token) with a role:
+The roles (the request is `worker.roles.PlacementRequest`, the routes `worker.control_api`):
   replica  load the whole model here and serve it (fetching the GGUF if this box lacks it),
            and unload (drain first) any other model held here;
   head     the split head: fetch the GGUF, start the head child with the shards as devices,
@@ -8,45 +8,33 @@
   shard    start an RPC shard child that only `allow_peer` may reach; the answer carries its
            `rpc_endpoint` (shards need no file: weights arrive over RPC);
   none     stop whatever ran.
-`POST /control/models` (a model and its file) loads one more model beside those held
-(worker.hosting: each its own engine, slots and queue); `DELETE /control/models/{name}`
-drains it (finishes what it holds, takes nothing new) and frees it; `GET /control/models`
-lists them. Both are the replica role: a worker that is a split head or shard refuses them.
-`GET /control/placement` reads it back. `/status` gains `placement` (role, phase, error,
-download progress, rpc_endpoint), and a worker started without `--model` reports
-`idle` with no model until it is placed (`loading` while a placed model comes up; `/v1/*`
-then answers 503 `model_loading`, see worker.gate). A worker started with `--model` is its
-own replica and is not managed (`placement.managed` is false); the gateway leaves it alone.
-
-Auth: `Authorization: Bearer <cluster token>`; a worker without a token accepts control
-only from loopback.
+More models may be loaded beside those held (worker.hosting: each its own engine, slots and
+queue), and drained and freed one by one; that is the replica role, so a worker that is a
+split head or shard refuses it. `/status` gains `placement` (role, phase, error, download
+progress, rpc_endpoint), and a worker started without `--model` reports `idle` with no
+model until it is placed (`loading` while a placed model comes up; `/v1/*` then answers 503
+`model_loading`, see worker.gate). A worker started with `--model` is its own replica and
+is not managed (`placement.managed` is false); the gateway leaves it alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import time
-import urllib.parse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import Response
-from pydantic import BaseModel, Field, ValidationError
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wire.errors import APIError
-from wire.http import json_response, read_json, validation_error
 from wire.status import WorkerStatus
 from worker.fetch import Download
 from worker.gate import Availability
 from worker.hosting import ModelFileRequest, model_file
-from worker.wol import route_to
+from worker.roles import PlacementRequest, rpc_hosts, stall_seconds
 
 if TYPE_CHECKING:
     from worker.rpc.shard import ShardHost
@@ -54,59 +42,6 @@ if TYPE_CHECKING:
     from worker.state import WorkerState
 
 log = logging.getLogger("corral.worker")
-
-Role = Literal["replica", "head", "shard", "none"]
-
-
-class PlacementRequest(BaseModel):
-    generation: int = 0
-    role: Role
-    model: str | None = None
-    model_url: str | None = None
-    path: str | None = None  # where the gateway has the file: used if this box has it too
-    sha256: str | None = None
-    size: int | None = None
-    shards: list[str] = Field(default_factory=list)
-    tensor_split: list[float] = Field(default_factory=list)
-    allow_peer: list[str] = Field(default_factory=list)
-    restart: bool = False  # start afresh even if the job is the one running
-
-    def same_job(self, other: PlacementRequest) -> bool:
-        skip = {"generation", "model_url", "path", "restart"}
-        return self.model_dump(exclude=skip) == other.model_dump(exclude=skip)
-
-
-ANY = ("0.0.0.0", "::", "")
-
-
-def rpc_hosts(cfg: Any) -> tuple[str, str]:
-    """(address an RPC shard binds, address a head reaches it at).
-
-    `--rpc-host` if given (0.0.0.0 only when said so); else the worker's own `--host`; if
-    that is a wildcard, the address the gateway reaches this worker at (its advertised URL,
-    or the interface on the route to the gateway), so the shard is never on every
-    interface by default.
-    """
-    advertised = urllib.parse.urlsplit(cfg.url).hostname or ""
-    if cfg.rpc_host:
-        bind = cfg.rpc_host
-    elif cfg.host not in ANY:
-        bind = cfg.host
-    elif advertised and advertised not in ANY:
-        bind = advertised
-    else:
-        gateway = urllib.parse.urlsplit(cfg.join or "").hostname
-        bind = (route_to(gateway) if gateway else None) or "127.0.0.1"
-    reach = bind
-    if bind in ANY:
-        reach = advertised if advertised and advertised not in ANY else (
-            route_to(urllib.parse.urlsplit(cfg.join or "").hostname or "127.0.0.1")
-            or "127.0.0.1")
-    return bind, reach
-
-
-def stall_seconds() -> float:
-    return float(os.environ.get("CORRAL_RPC_STALL_SECONDS", "30"))
 
 
 class Control:
@@ -416,117 +351,3 @@ class Control:
             await asyncio.to_thread(h.engine.backend.close)
         self.state.hosting.models.clear()
         await self.relay_client.aclose()
-
-
-# --------------------------------------------------------------------------- HTTP
-
-
-router = APIRouter()
-
-
-def _control(request: Request) -> Control:
-    return request.app.state.control
-
-
-def _authorize(request: Request) -> None:
-    token = request.app.state.worker.cfg.cluster_token
-    if not token:
-        host = request.client.host if request.client else ""
-        if host in ("127.0.0.1", "::1", "localhost"):
-            return
-        raise APIError(401, "This worker has no cluster token: control is loopback-only.",
-                       "invalid_request_error", None, "invalid_cluster_token")
-    auth = request.headers.get("authorization", "")
-    scheme, _, given = auth.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                             token.encode()):
-        raise APIError(401, "Control needs the cluster token (Authorization: Bearer ...).",
-                       "invalid_request_error", None, "invalid_cluster_token",
-                       {"WWW-Authenticate": "Bearer"})
-
-
-@router.get("/control/placement")
-async def get_placement(request: Request) -> Response:
-    return json_response(_control(request).view())
-
-
-@router.post("/control/placement")
-async def set_placement(request: Request) -> Response:
-    _authorize(request)
-    try:
-        req = PlacementRequest.model_validate(await read_json(request))
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-    return json_response(await _control(request).apply(req))
-
-
-@router.get("/control/models")
-async def get_models(request: Request) -> Response:
-    return json_response({"models": request.app.state.worker.hosting.views()})
-
-
-@router.post("/control/models")
-async def load_model(request: Request) -> Response:
-    _authorize(request)
-    try:
-        req = ModelFileRequest.model_validate(await read_json(request))
-    except ValidationError as exc:
-        raise validation_error(exc) from None
-    c = _control(request)
-    async with c._lock:
-        return json_response(c.load_model(req))
-
-
-@router.delete("/control/models/{name:path}")
-async def unload_model(request: Request, name: str) -> Response:
-    _authorize(request)
-    return json_response(_control(request).unload_model(name))
-
-
-class HeadRelay:
-    """ASGI middleware: while this worker is a split head, `/v1/*` (and `/metrics`, whose
-    counters live there) go to the head child."""
-
-    def __init__(self, app: ASGIApp, get_control: Any) -> None:
-        self.app = app
-        self.get_control = get_control
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and (path.startswith("/v1/") or path == "/metrics"):
-            c: Control | None = self.get_control()
-            if c is not None and c.managed and c.role == "head":
-                from worker.rpc.relay import relay
-
-                head = c.head
-                up = head is not None and head.ready and c.phase != "broken"
-                if path == "/metrics" and not up:
-                    await self.app(scope, receive, send)  # this process's own counters
-                    return
-                if head is None or not up:
-                    err = APIError(503, "The split model is not ready on this worker.",
-                                   "service_unavailable", None, "no_healthy_worker",
-                                   {"Retry-After": "1"})
-                    resp = json_response(err.body(), 503, err.headers)
-                    await resp(scope, receive, send)
-                    return
-                await relay(scope, receive, send, c.relay_client, head.base,
-                            c.cfg.worker_id, c.broken)
-                return
-        await self.app(scope, receive, send)
-
-
-def install(app: FastAPI, state: WorkerState) -> Control:
-    """Adds the control routes, the head relay and the `placement` field of `/status`."""
-    control = Control(state)
-    app.state.control = control
-    app.include_router(router)
-    app.add_middleware(HeadRelay, get_control=lambda: getattr(app.state, "control", None))
-    base_status = app.state.status
-
-    def status() -> WorkerStatus:
-        return control.decorate(base_status())
-
-    app.state.status = status
-    app.state.availability = control.availability
-    return control

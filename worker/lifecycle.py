@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wire.http import json_response, read_json, validation_error
 from wire.status import DrainRequest, WorkerStatus
+from worker.auth import authorize
 
 if TYPE_CHECKING:
     from worker.state import WorkerState
@@ -192,9 +193,7 @@ def _life(request: Request) -> Lifecycle:
 
 @router.post("/control/drain")
 async def drain(request: Request) -> Response:
-    from worker.control import _authorize
-
-    _authorize(request)
+    authorize(request)
     try:
         body = DrainRequest.model_validate(await read_json(request))
     except ValidationError as exc:
@@ -204,9 +203,7 @@ async def drain(request: Request) -> Response:
 
 @router.post("/control/wake")
 async def wake(request: Request) -> Response:
-    from worker.control import _authorize
-
-    _authorize(request)
+    authorize(request)
     return json_response(_life(request).wake("the gateway woke it"))
 
 

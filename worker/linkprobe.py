@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 from wire.errors import bad_request
 from wire.http import json_response, read_json, validation_error
 from wire.links import connect_rtt, host_port
-from worker.control import _authorize
+from worker.auth import authorize
 
 CONNECTS = 5
 MAX_BYTES = 64 << 20
@@ -36,7 +36,7 @@ class ProbeRequest(BaseModel):
 
 @router.post("/control/probe")
 async def probe(request: Request) -> Response:
-    _authorize(request)
+    authorize(request)
     try:
         body = ProbeRequest.model_validate(await read_json(request))
     except ValidationError as exc:
@@ -67,7 +67,7 @@ async def probe(request: Request) -> Response:
 
 @router.get("/control/probe/blob")
 async def blob(request: Request, bytes: int = 4 << 20) -> Response:
-    _authorize(request)
+    authorize(request)
     n = max(0, min(bytes, MAX_BYTES))
 
     async def gen():

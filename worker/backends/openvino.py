@@ -1,41 +1,27 @@
 """The OpenVINO GenAI backend: continuous batching on CPU, GPU, NPU or AUTO.
 
 One `ContinuousBatchingPipeline` holds the model (read straight from the GGUF; an IR copy is
-kept in a cache directory so later loads skip the GGUF conversion). A pipeline is not
-re-entrant, and its `step()` holds the GIL, so exactly one thread — the decode thread here —
-touches it: it adds requests, calls `step()` while any are running, reads each request's new
-tokens, detokenizes them incrementally and reports through the `Sequence` callbacks. It
-sleeps on a condition when there is nothing to do.
-
-What OpenVINO cannot do the way the OpenAI API means it is refused with a 400 in
-`validate()` before a request starts, never silently ignored:
-
-* `presence_penalty` / `frequency_penalty`: OpenVINO moves a logit *towards zero* (it adds
-  the penalty to negative logits, making those tokens more likely), not down as OpenAI does.
-* `min_p` of 1.0 or more while sampling (OpenVINO accepts [0, 1)).
-
-`repeat_penalty` is honoured with the usual divide/multiply rule; OpenVINO applies it to
-every prompt and generated token (llama.cpp: the last 64 tokens).
+kept in a cache directory so later loads skip the GGUF conversion). This module loads it and
+answers for the model: prompts, capabilities, status. Its parts: `openvino_load.py` (the CPU
+properties, the IR cache, the load-time calibration), `openvino_config.py` (the scheduler,
+each request's GenerationConfig, the 400s for what OpenVINO cannot honour) and
+`openvino_loop.py` (the one decode thread that drives the pipeline).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import openvino as ov
 import openvino_genai as ovg
 
 from wire.errors import bad_request
-from worker.backends import invariance, openvino_structured
-from worker.backends.base import Backend, BackendError, SamplingParams, Sequence, TokenLogprob
+from worker.backends import invariance, openvino_config, openvino_structured
+from worker.backends.base import Backend, BackendError, SamplingParams
 from worker.backends.knobs import env_flag
 from worker.backends.openvino_load import (
     cache_root,
@@ -44,57 +30,25 @@ from worker.backends.openvino_load import (
     open_pipeline,
     properties,
 )
+from worker.backends.openvino_loop import DecodeLoop
 
 log = logging.getLogger("corral.worker.openvino")
 
 #: OpenVINO GenAI keeps only the last 8192 prompt tokens of a request, silently.
 MAX_CTX = 8192
-#: Prompt tokens one `step()` may prefill (split-fuse chunk); bounds one step's latency.
-MAX_BATCHED_TOKENS = 256
 _CALIBRATION_PROMPT = "Count from one to forty, in words, separated by commas."
 _CALIBRATION_TOKENS = 32
 _MARKER = "\x00corral-continue\x00"
-_SEED_MASK = (1 << 64) - 1
 _CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
     "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-_FINISH = {ovg.GenerationFinishReason.STOP: "stop", ovg.GenerationFinishReason.LENGTH: "length"}
 
 
-@dataclass
-class _Live:
-    """A sequence (one choice) inside the pipeline, with its incremental detokenizer state."""
+class OpenVINOBackend(DecodeLoop, Backend):
+    """Loads the pipeline and answers for the model; `DecodeLoop` serves its requests."""
 
-    seq: Sequence
-    handle: Any  # shared by the choices of one request
-    tokens: list[int] = field(default_factory=list)
-    prefix: int = 0  # detokenizer: the window starts here
-    read: int = 0  # ... and the text up to here has been emitted
-    counted: int = 0  # tokens already counted into `unsent` or sent
-    unsent: int = 0  # tokens whose text is held back (an incomplete UTF-8 character)
-    finish: str | None = None
-    last: bool = False  # the pipeline is done with it: flush and finish
-    ended: bool = False  # on_finish sent (a choice cut by its stop string, before the rest)
-
-
-@dataclass
-class _Request:
-    """One pipeline request: its choices (num_return_sequences) by the pipeline's output key."""
-
-    handle: Any
-    choices: list[_Live]
-    keys: dict[int, int] = field(default_factory=dict)  # output key -> choice index
-
-    def choice(self, key: int) -> _Live | None:
-        i = self.keys.get(key)
-        if i is None and len(self.keys) < len(self.choices):
-            i = self.keys[key] = len(self.keys)
-        return None if i is None else self.choices[i]
-
-
-class OpenVINOBackend(Backend):
     name = "openvino"
     # Its prefix cache says nothing per request about what it reused, so a cache hit would
     # look like a fast read: the engine keeps the calibrated prefill figure (engine.py).
@@ -105,6 +59,7 @@ class OpenVINOBackend(Backend):
         cache_dir: str | Path | None = None, batch_invariant: bool | None = None,
         threads: int | None = None,
     ) -> None:
+        super().__init__()  # the decode loop's hand-over state
         self.model_path = model_path
         self.threads = threads  # None: OpenVINO's own choice (every core)
         self.slots = max(1, int(parallel))
@@ -130,13 +85,6 @@ class OpenVINOBackend(Backend):
         self._eos: int = -1
         self._bos_text = ""
         self._bos_id = -1
-        self._pending: list[Sequence] = []
-        self._live: dict[int, _Request] = {}
-        self._pieces: dict[int, bytes] = {}
-        self._next_id = 0
-        self._cv = threading.Condition()
-        self._closing = False
-        self._thread: threading.Thread | None = None
         self._describe: dict[str, Any] = {"device": self.device, "devices": []}
         self.load_seconds = 0.0
         self.load_source = ""
@@ -144,14 +92,8 @@ class OpenVINOBackend(Backend):
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
         started = time.perf_counter()
-        sc = ovg.SchedulerConfig()
-        sc.enable_prefix_caching = True
-        sc.max_num_seqs = self.slots
-        sc.max_num_batched_tokens = MAX_BATCHED_TOKENS
-        sc.dynamic_split_fuse = True
-        sc.cache_size = self._kv_cache_gb()
         try:
-            self._pipe = self._open(sc)
+            self._pipe = self._open(openvino_config.scheduler_config(self.slots, self.n_ctx))
         except RuntimeError as exc:
             raise BackendError(
                 f"OpenVINO could not load {self.model_path} on {self.device}: {exc}"
@@ -171,8 +113,7 @@ class OpenVINOBackend(Backend):
         self._describe = self._facts()
         self.calibrated_tokens_per_second = self._calibrate()
         self.calibrated_prefill_tokens_per_second = self._calibrate_prefill()
-        self._thread = threading.Thread(target=self._run, name="openvino-decode", daemon=True)
-        self._thread.start()
+        self._start_loop()
         if self.device == "CPU" and not self.invariant_props:
             self.batch_invariant = False  # by request: no probe needed to know
         else:
@@ -182,12 +123,6 @@ class OpenVINOBackend(Backend):
             Path(self.model_path).name, self.device, self.load_seconds, self.load_source,
             self.calibrated_tokens_per_second, self.batch_invariant,
         )
-
-    def _kv_cache_gb(self) -> int:
-        # KV blocks for every slot's full context, with room left for cached prefixes. The
-        # pipeline preempts (never fails) when it runs short, so this is a performance knob.
-        need = self.slots * self.n_ctx
-        return max(1, min(8, (need + 32767) // 32768))
 
     def _props(self, compiled_cache: Path | None) -> dict[str, Any]:
         return properties(self.device, compiled_cache, self.invariant_props, self.threads)
@@ -199,15 +134,8 @@ class OpenVINOBackend(Backend):
         return pipe
 
     def close(self) -> None:
-        with self._cv:
-            self._closing = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            if self._thread.is_alive():
-                log.error("openvino: the decode thread did not stop")
-                return
-        self._pipe = None
+        if self._stop_loop():
+            self._pipe = None
 
     # ------------------------------------------------------------------ prompts
     def tokenize(self, text: str) -> list[int]:
@@ -262,19 +190,7 @@ class OpenVINOBackend(Backend):
 
     # ------------------------------------------------------------------ requests
     def validate(self, params: SamplingParams) -> None:
-        if params.presence_penalty or params.frequency_penalty:
-            raise bad_request(
-                "presence_penalty and frequency_penalty are not supported by the openvino "
-                "backend (its penalties differ from OpenAI's); use repeat_penalty or the "
-                "llama backend",
-                param="presence_penalty" if params.presence_penalty else "frequency_penalty",
-                code="unsupported_parameter",
-            )
-        if not params.greedy and params.min_p >= 1.0:
-            raise bad_request(
-                "min_p must be below 1.0 on the openvino backend", param="min_p",
-                code="unsupported_parameter",
-            )
+        openvino_config.validate(params)
 
     # Measured with OpenVINO GenAI 2026.4: TextEmbeddingPipeline loads no GGUF (it looks for
     # openvino_model.xml) and the IR this backend saves from a GGUF has no tokenizer IR and
@@ -296,217 +212,6 @@ class OpenVINOBackend(Backend):
                 "use the llama backend for more", param="top_logprobs",
                 code="unsupported_parameter")
         super().validate_choices(n, None, greedy)
-
-    def _config(self, seq: Sequence) -> Any:
-        p = seq.params
-        self.validate(p)
-        cfg = ovg.GenerationConfig()
-        cfg.max_new_tokens = max(1, int(seq.max_tokens))
-        if self._eos >= 0:
-            cfg.eos_token_id = self._eos
-        cfg.stop_token_ids = set(self._stop_ids)
-        cfg.repetition_penalty = float(p.repeat_penalty)
-        n = 1 + len(seq.forks)
-        if seq.logprobs is not None:
-            cfg.logprobs = 1  # the chosen token's, of the model's own distribution
-        if p.greedy and n > 1:
-            # n greedy choices: OpenVINO forks only when sampling; top-1 sampling is greedy.
-            cfg.do_sample = True
-            cfg.top_k = 1
-            cfg.num_return_sequences = n
-            cfg.rng_seed = 0
-        elif p.greedy:
-            cfg.do_sample = False
-        else:
-            cfg.num_return_sequences = n
-            cfg.do_sample = True
-            cfg.temperature = float(p.temperature)
-            cfg.top_p = float(p.top_p)
-            if p.top_k > 0:
-                cfg.top_k = int(p.top_k)
-            cfg.min_p = float(p.min_p)
-            seed = random.getrandbits(63) if p.seed is None else p.seed & _SEED_MASK
-            cfg.rng_seed = seed
-        if seq.constraint is not None:
-            cfg.structured_output_config = seq.constraint
-        cfg.validate()
-        return cfg
-
-    def submit(self, seq: Sequence) -> None:
-        with self._cv:
-            if self._closing or self._pipe is None:
-                closed = True
-            else:
-                closed = False
-                self._pending.append(seq)
-                self._cv.notify()
-        if closed:
-            seq.on_finish("error", "the model is not loaded")
-
-    def cancel(self, seq: Sequence) -> None:
-        seq.cancelled.set()
-        with self._cv:
-            self._cv.notify()
-
-    # ------------------------------------------------------------------ decode thread
-    def _run(self) -> None:
-        metrics_at = 0.0
-        try:
-            while True:
-                with self._cv:
-                    while not self._closing and not self._pending and not self._live:
-                        self._cv.wait()
-                    if self._closing:
-                        break
-                    fresh, self._pending = self._pending, []
-                for seq in fresh:
-                    self._start(seq)
-                self._reap_cancelled()
-                # Cancelled requests leave the pipeline (and free their KV blocks) in a step.
-                if not self._live and not self._pipe.has_non_finished_requests():
-                    continue
-                try:
-                    self._pipe.step()
-                except Exception as exc:  # a broken step fails everyone in it, loudly
-                    log.exception("openvino: step failed")
-                    for rid in list(self._live):
-                        self._end(rid, "error", f"generation failed: {exc}")
-                    continue
-                self._collect()
-                now = time.monotonic()
-                if not self._live or now - metrics_at > 0.25:  # fresh when idle
-                    self._metrics, metrics_at = self._pipe.get_metrics(), now
-        finally:
-            with self._cv:
-                leftovers, self._pending = self._pending, []
-            for seq in leftovers:
-                seq.on_finish("error", "the worker is shutting down")
-            for rid in list(self._live):
-                self._end(rid, "error", "the worker is shutting down")
-
-    def _start(self, seq: Sequence) -> None:
-        group = [seq, *seq.forks]
-        if all(s.cancelled.is_set() for s in group):
-            for s in group:
-                s.on_finish("stop", None)
-            return
-        try:
-            cfg = self._config(seq)
-            ids = ov.Tensor(np.asarray([seq.prompt], dtype=np.int64))
-            rid = self._next_id
-            self._next_id += 1
-            handle = self._pipe.add_request(rid, ids, cfg)
-        except Exception as exc:
-            for s in group:
-                s.on_finish("error", f"the openvino backend refused the request: {exc}")
-            return
-        self._live[rid] = _Request(handle, [_Live(s, handle) for s in group])
-
-    def _reap_cancelled(self) -> None:
-        for rid, req in list(self._live.items()):
-            for live in req.choices:
-                if live.seq.cancelled.is_set() and not live.ended:
-                    live.ended = True  # one choice cut (its stop string): the rest go on
-                    live.seq.on_finish("stop", None)
-            if all(live.ended for live in req.choices):
-                req.handle.cancel()
-                self._live.pop(rid)
-
-    def _collect(self) -> None:
-        """Reads every request's new tokens; one batched detokenizer call covers them all."""
-        work: list[_Live] = []
-        done: list[tuple[int, str, str | None]] = []
-        for rid, req in self._live.items():
-            h = req.handle
-            if h.can_read():
-                for key, out in h.read().items():
-                    live = req.choice(key)
-                    if live is None or live.ended:
-                        continue
-                    if live.seq.on_logprobs is not None:
-                        self._logprobs(live, out)
-                    live.tokens.extend(out.generated_ids)
-                    reason = _FINISH.get(out.finish_reason)
-                    if reason:
-                        live.finish = reason
-            status = h.get_status()
-            running = status == ovg.GenerationStatus.RUNNING or h.can_read()
-            for live in req.choices:
-                if live.ended:
-                    continue
-                fresh = len(live.tokens) > live.counted
-                if fresh:
-                    live.unsent += len(live.tokens) - live.counted
-                    live.counted = len(live.tokens)
-                live.last = not (running and live.finish is None)
-                if fresh or (live.last and live.unsent):
-                    work.append(live)
-            if status == ovg.GenerationStatus.IGNORED:
-                done.append((rid, "error", "the request did not fit in the KV cache"))
-            elif any(live.last and not live.ended for live in req.choices):
-                done.append((rid, "", None))  # a choice may end before its siblings
-        if work:
-            self._detokenize(work)
-        for rid, reason, error in done:
-            self._end(rid, reason, error)
-
-    def _logprobs(self, live: _Live, out: Any) -> None:
-        ids, lps = list(out.generated_ids), list(out.generated_log_probs)
-        fresh = [i for i in ids if i not in self._pieces]
-        if fresh:
-            texts = self._tok.decode([[i] for i in fresh])
-            self._pieces.update((i, t.encode("utf-8")) for i, t in zip(fresh, texts,
-                                                                           strict=True))
-        top = live.seq.logprobs or 0
-        entries = []
-        for tid, lp in zip(ids, lps, strict=False):
-            if tid in self._stop_ids:
-                continue  # OpenAI leaves the stop token out
-            piece = self._pieces[tid]
-            entries.append(TokenLogprob(piece, float(lp), ((piece, float(lp)),) if top else ()))
-        if entries:
-            live.seq.on_logprobs(entries)  # type: ignore[misc]
-
-    def _detokenize(self, work: list[_Live]) -> None:
-        """Sends each sequence's new text; holds back an incomplete UTF-8 character.
-
-        Each sequence decodes a short window of its tokens twice — up to what was sent, and
-        to the end — and sends the difference, so a token whose text depends on its
-        neighbours (a leading space, a multi-byte character) comes out right.
-        """
-        windows: list[list[int]] = []
-        for live in work:
-            if live.read > live.prefix:
-                windows.append(live.tokens[live.prefix:live.read])
-            windows.append(live.tokens[live.prefix:])
-        texts = iter(self._tok.decode(windows))
-        for live in work:
-            before = next(texts) if live.read > live.prefix else ""
-            text = next(texts)
-            if live.last:  # flush: whatever is left, minus a character that never completed
-                rest = text[len(before):] if text.startswith(before) else ""
-                live.seq.on_tokens(rest.replace("\ufffd", ""), live.unsent)
-                live.unsent = 0
-            elif len(text) > len(before) and not text.endswith("\ufffd") and \
-                    text.startswith(before):
-                live.seq.on_tokens(text[len(before):], live.unsent)
-                live.unsent = 0
-                live.prefix, live.read = live.read, len(live.tokens)
-
-    def _end(self, rid: int, reason: str, error: str | None) -> None:
-        """Finishes the request's choices that are done (all of them on an error, or when
-        the pipeline is done with the request); `reason` "" means each its own."""
-        req = self._live[rid]
-        whole = bool(error) or all(live.ended or live.last for live in req.choices)
-        for live in req.choices:
-            if live.ended or not (whole or live.last):
-                continue
-            live.ended = True
-            live.seq.on_finish(reason or live.finish or "stop", error)
-        if whole:
-            self._live.pop(rid)
-            if req.handle.get_status() == ovg.GenerationStatus.RUNNING:
-                req.handle.cancel()  # e.g. choices cut by their stop strings
 
     # ------------------------------------------------------------------ facts
     def _calibrate(self) -> float:

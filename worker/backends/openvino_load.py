@@ -1,6 +1,6 @@
 """Loading the OpenVINO pipeline: its CPU properties, the IR cache, the load-time calibration.
 
-Kept apart from the decode loop (openvino.py): all of it runs once, on the loading thread,
+Kept apart from the decode loop (openvino_loop.py): all of it runs once, on the loading thread,
 before the decode thread owns the pipeline.
 """
 

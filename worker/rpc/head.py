@@ -7,7 +7,7 @@ shard (HELLO with a timeout), registers them, loads the GGUF with layers offload
 and serves the ordinary worker API on a loopback port. The worker relays `/v1/*` to it
 (`worker.rpc.relay`) and supervises it with `worker.rpc.supervisor.HeadProcess`. Nothing in
 the worker imports this module: it imports the worker app (to serve), so the dependency
-points one way (head → app → control → supervisor).
+points one way (head → app → control_api → control → supervisor).
 
 Layers: the head keeps the first `round(n_layer x tensor_split[0])` layers on its own CPU;
 the rest and the output layer go to the shards, shared in proportion to the remaining
