@@ -1,14 +1,17 @@
 """The Corral llama worker against llama.cpp's own C++ `llama-server`, same GGUF, same threads.
 
     .venv/bin/python bench/llama_server.py [--write] [--levels 1,4,8] [--passes 2]
-        [--corral "label=extra worker args"]... [--prompt TEXT] [--max-tokens 64]
+        [--corral "label=extra worker args"]... [--prompt TEXT | --repeat | --varied]
+        [--max-tokens 64]
 
 `llama-server` is built (once, cached) from the llama.cpp that llama-cpp-python vendors
 (bench/llama_server_build.py). Both servers load the bundled SmolLM2-135M Q4_1 with
 `--threads` threads and 4 slots of 2048 tokens, are up at once and are measured in turn
 (alternating, `--passes` rounds, so the box's other load weighs on both alike). Load:
 `corral bench` closed loop at each concurrency c, `--rounds` x c streamed chat completions
-of `--max-tokens` greedy tokens, prompts distinct across the run. Every figure is
+of `--max-tokens` greedy tokens, prompts distinct across the run: `--prompt` numbered
+(alike requests), `--repeat` (an answer that quotes its prompt) or `--varied` (a new form
+and subject every request). Every figure is
 reported as a ratio to llama-server's in the same run; the absolute numbers are only for
 reading the ratios.
 Each `--corral` adds a worker setup, arguments and NAME=value environment variables (e.g.
@@ -49,6 +52,28 @@ REPEAT = ("Repeat the following text exactly, word for word:\n\nThe corral stood
           "river, and the old rancher counted them one by one as they passed the gate. In "
           "winter the snow covered the fences and the horses stayed in the barn, eating hay "
           "and waiting for spring.")
+#: `--varied`: requests unlike each other, none asked twice in a run (12 forms x 24
+#: subjects), so that drafts from earlier answers (llama_history.py) meet new text only.
+FORMS = ("Write a short story about", "Explain to a child all about", "Write a news report on",
+         "List five surprising facts about", "Write a poem about",
+         "Give step-by-step advice on", "Describe the history of", "Argue for and against",
+         "Write a letter to a friend about", "Summarise what experts say about",
+         "Write a product review of", "Write a dialogue between two people about")
+SUBJECTS = ("the moon landing", "growing tomatoes", "a lost dog", "the printing press",
+            "learning to swim", "volcanoes", "a busy train station", "chess openings",
+            "the water cycle", "a medieval castle", "electric cars", "sourdough bread",
+            "honey bees", "the Roman aqueducts", "a thunderstorm", "jazz music", "glaciers",
+            "a robot that paints", "the stock market", "coral reefs", "the first telephone",
+            "a mountain village", "recycling plastic", "the night sky")
+
+
+def varied(k: int) -> str:
+    """The k-th varied request: form and subject both change from one to the next, and
+    k = 0..287 are all different (13 is invertible mod 24)."""
+    b, a = k % len(FORMS), k // len(FORMS)
+    return f"{FORMS[b]} {SUBJECTS[(13 * a + b) % len(SUBJECTS)]}."
+
+
 CTX = 2048
 SLOTS = 4
 REF = "llama-server"
@@ -116,19 +141,20 @@ def _is_env(word: str) -> bool:
 
 
 def level(url: str, c: int, requests: int, max_tokens: int, prompt: str,
-          pid: int | None = None) -> dict:
+          pid: int | None = None, prompts: tuple[str, ...] = ()) -> dict:
     """One closed-loop load; with `pid`, also the CPU seconds that server's processes used."""
     meter = CpuMeter(pid) if pid else None
     with meter.measure() if meter else contextlib.nullcontext({}) as cpu:
-        r = _level(url, c, requests, max_tokens, prompt)
+        r = _level(url, c, requests, max_tokens, prompt, prompts)
     r["cpu_s"] = cpu.get("cpu_s")
     return r
 
 
-def _level(url: str, c: int, requests: int, max_tokens: int, prompt: str) -> dict:
+def _level(url: str, c: int, requests: int, max_tokens: int, prompt: str,
+           prompts: tuple[str, ...] = ()) -> dict:
     spec = LoadSpec(base_url=url, model=MODEL, requests=requests, concurrency=c,
                     max_tokens=max_tokens, stream=True, timeout=600, distinct_prompts=True,
-                    prompt=prompt, extra_body={"temperature": 0})
+                    prompt=prompt, prompts=prompts, extra_body={"temperature": 0})
     s, _ = bench(spec)
     return {"tokens": s["output_tokens"], "seconds": s["duration_s"], "errors": s["errors"],
             "errors_by_kind": s["errors_by_kind"], "error_examples": s["error_examples"],
@@ -215,7 +241,7 @@ threads, {SLOTS} slots of {CTX} tokens each: `llama-server --threads {a['threads
 {setups}. All up at once, measured in turn ({a['passes']} passes). Load: `corral bench`
 closed loop at concurrency c, {a['rounds']} x c streamed chat completions of
 {a['max_tokens']} greedy tokens per pass, prompts distinct across the whole run
-(`Request i. (pass p, c streams) {out['prompt']}`: llama-server's host-memory prompt cache,
+({_prompt_text(out)}: llama-server's host-memory prompt cache,
 `--cache-ram`, would answer a repeated prompt without reading it).
 tok/s = output tokens / wall time of each pass; TTFT is the median
 of the passes' p50s; CPU ms/token = CPU time (user + system) of the server's
@@ -231,6 +257,14 @@ only those carry over. Load average after the run: {out.get('load_after', '?')}.
 """
 
 
+def _prompt_text(out: dict) -> str:
+    if out.get("varied"):
+        return (f"`Request i. (pass p, c streams) <form> <subject>.`, a new pair for every "
+                f"request of the run from {len(FORMS)} forms x {len(SUBJECTS)} subjects, "
+                f"e.g. `{varied(0)}`, `{varied(1)}`")
+    return f"`Request i. (pass p, c streams) {out['prompt']}`"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--levels", default="1,4,8")
@@ -240,6 +274,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--repeat", action="store_true", help="the repeat-the-input prompt")
+    ap.add_argument("--varied", action="store_true",
+                    help="a different request every time (forms x subjects), not --prompt")
     ap.add_argument("--section", default="llama-server", help="BENCHMARKS.md section")
     ap.add_argument("--corral", action="append", default=[],
                     help="label=extra corral worker arguments (repeatable)")
@@ -263,6 +299,7 @@ def main() -> None:
         for url in targets.values():  # warm up
             level(url, 1, 1, 8, a.prompt)
         runs: dict[str, dict[int, list[dict]]] = {n: {c: [] for c in levels} for n in targets}
+        next_k = 0  # --varied: the next request's form and subject
         for p in range(a.passes):
             for c in levels:
                 order = list(targets.items())
@@ -272,8 +309,12 @@ def main() -> None:
                 # llama-server keeps prompts it has seen in host memory (`--cache-ram`, 8 GiB
                 # by default) and would answer repeats from there, which the worker cannot.
                 prompt = f"(pass {p}, {c} streams) {a.prompt}"
+                n = c * a.rounds
+                asks = (tuple(f"(pass {p}, {c} streams) {varied(next_k + i)}" for i in range(n))
+                        if a.varied else ())
+                next_k += n
                 for name, url in order:
-                    r = level(url, c, c * a.rounds, a.max_tokens, prompt, pids[name])
+                    r = level(url, c, n, a.max_tokens, prompt, pids[name], asks)
                     runs[name][c].append(r)
                     print(json.dumps({"pass": p, "setup": name, "concurrency": c, **r}),
                           file=sys.stderr, flush=True)
@@ -281,7 +322,7 @@ def main() -> None:
         for proc in reversed(procs):
             proc.stop()
     out = {"machine": where, "command": command_line(), "runs": runs, "setups": setups,
-           "version": installed_version(), "prompt": a.prompt,
+           "version": installed_version(), "prompt": a.prompt, "varied": a.varied,
            "load_after": f"{os.getloadavg()[0]:.1f}",
            "args": {"threads": a.threads, "passes": a.passes, "rounds": a.rounds,
                     "max_tokens": a.max_tokens}}

@@ -4,7 +4,8 @@ with and without it, on the real model, and drafts that were really kept.
 Two llama workers, drafting off (`CORRAL_LLAMA_LOOKUP=0`) and on, get the same requests in
 the same order, one at a time (so each worker's prompt cache goes through the same states):
 a prompt that makes the model repeat its input, where drafts are long and mostly right,
-and a free-form one, where they are short and mostly wrong.
+and a free-form one, where they are short and mostly wrong, until the same request comes
+again: then the earlier answer (llama_history.py) drafts it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 from conftest import client_for, require_backend, serve_worker, status
 from procs import Worker
 
+from worker.backends.llama_history import History
 from worker.backends.llama_lookup import Lookup
 
 TEXT = ("The corral stood at the edge of the valley. Every morning the horses came down from "
@@ -55,12 +57,20 @@ def test_greedy_text_is_the_same_with_and_without_drafts(pair):
     assert status(drafting)["hardware"]["lookup_draft_tokens"] == 8
     for i, prompt in enumerate(PROMPTS):
         for stream in (False, True):
+            before = status(drafting)["prompt_cache"]
             want = _answer(plain, prompt, stream)
             got = _answer(drafting, prompt, stream)
             assert got == want, (i, stream)
         if i == 0:  # the repeating answer: drafts were made and most were kept
             pc = status(drafting)["prompt_cache"]
             assert pc["lookup_accepted_tokens"] * 2 > pc["lookup_drafted_tokens"] > 0, pc
+    # The free-form request's second time (streamed): drafted from its first answer, which
+    # history holds, and mostly kept; its own text alone would have drafted little.
+    pc = status(drafting)["prompt_cache"]
+    assert pc.get("lookup_history_drafts", 0) > before.get("lookup_history_drafts", 0), pc
+    drafted = pc["lookup_drafted_tokens"] - before["lookup_drafted_tokens"]
+    kept = pc["lookup_accepted_tokens"] - before["lookup_accepted_tokens"]
+    assert kept * 4 > drafted * 3 and kept > 48, (before, pc)
     assert status(plain)["prompt_cache"]["lookup_drafted_tokens"] == 0
 
 
@@ -75,6 +85,28 @@ def test_lookup_drafts_what_followed_the_latest_ngram():
     assert lk.draft(room=8) == [] and lk.size == 1
     lk.extend([7] * 16)
     assert lk.draft(room=8) == [7]
+
+
+def test_history_drafts_what_followed_the_same_tokens_last_time():
+    h = History(budget=12)
+    h.add([1, 2, 3, 4, 5, 6, 7])
+    assert h.draft([9, 2, 3, 4, 5], 2) == [6, 7]  # 4-gram match
+    assert h.draft([8, 2, 3, 4], 8) == [5, 6, 7]  # 3-gram match
+    assert h.draft([9, 9, 9, 4], 8) == []  # a 2-gram is too little to go on
+    h.add([20, 21, 22, 23, 24, 25])  # over the budget: the first sequence goes
+    assert h.tokens == 6 and h.draft([2, 3, 4], 8) == []
+    assert h.draft([21, 22, 23], 8) == [24, 25]
+    assert h.drafts == 3
+
+
+def test_a_sequence_drafts_from_history_where_its_own_tokens_do_not_repeat():
+    h = History(budget=100)
+    h.add([5, 6, 7, 8, 9, 10])
+    lk = Lookup(limit=8, history=h)
+    lk.extend([1, 6, 7, 8])
+    assert lk.draft(room=8) == [9, 10]  # no 3-gram of its own: history's
+    lk.extend([1, 6, 7])
+    assert lk.draft(room=8) == [8, 1, 6, 7]  # its own 3-gram first
 
 
 def test_no_draft_without_a_repeated_ngram():

@@ -37,6 +37,9 @@ class LoadSpec:
     # Prefix each prompt with its request number, so no two requests share a prefix (a
     # gateway with prompt-cache affinity would otherwise pin identical prompts to one worker).
     distinct_prompts: bool = False
+    # Request i asks prompts[i % len] instead of `prompt`: requests unlike each other
+    # (an engine that drafts from earlier answers must not meet the same question again).
+    prompts: tuple[str, ...] = ()
     extra_body: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -84,7 +87,8 @@ def v1_url(base_url: str) -> str:
 
 
 def request_body(spec: LoadSpec, i: int = 0) -> bytes:
-    prompt = f"Request {i}. {spec.prompt}" if spec.distinct_prompts else spec.prompt
+    text = spec.prompts[i % len(spec.prompts)] if spec.prompts else spec.prompt
+    prompt = f"Request {i}. {text}" if spec.distinct_prompts else text
     body: dict[str, Any] = {
         "model": spec.model,
         "messages": [{"role": "user", "content": prompt}],
@@ -234,7 +238,8 @@ class Runner:
         self.transport = transport  # tests pass an httpx.MockTransport
         self.url = v1_url(spec.base_url) + "/chat/completions"
         self.bodies = ([request_body(spec, i) for i in range(spec.requests)]
-                       if spec.distinct_prompts else [request_body(spec)] * spec.requests)
+                       if spec.distinct_prompts or spec.prompts
+                       else [request_body(spec)] * spec.requests)
         self.results: list[Result | None] = [None] * spec.requests
         self.t_start = 0.0
         self.duration = 0.0

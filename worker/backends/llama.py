@@ -310,7 +310,8 @@ class LlamaBackend(Backend):
         loop = self._loop
         if loop is None:
             return {}
-        return {**loop.stats, **(loop.host.stats() if loop.host is not None else {})}
+        return {**loop.stats, **(loop.host.stats() if loop.host is not None else {}),
+                **(loop.history.stats() if loop.history is not None else {})}
 
     @property
     def current_threads(self) -> int:

@@ -32,6 +32,7 @@ import llama_cpp
 from worker.backends.base import Sequence
 from worker.backends.knobs import env_number
 from worker.backends.llama_cache import HostCache, cache_mib
+from worker.backends.llama_history import History, history_tokens
 from worker.backends.llama_slots import Run, Slot, SlotAdmission, _finish_once
 from worker.backends.llama_tokens import TokenOutput, token_bytes
 
@@ -68,6 +69,9 @@ class BatchLoop(SlotAdmission, TokenOutput):
         self.n_ctx_seq = n_ctx_seq
         self.slots = [Slot(i) for i in range(slots)]
         self.lookup = lookup  # longest prompt-lookup draft; 0: no speculation
+        # Earlier answers as drafts too (llama_history.py); from `forget` on, so the load-
+        # time calibration and invariance probe neither feed it nor draft from it.
+        self.history: History | None = None
         mib = cache_mib()  # KV of sequences that lost their slot (llama_cache.py)
         self.host: HostCache | None = HostCache(ctx, mib << 20) if mib else None
         self.chunk_max = shared_budget_max()
@@ -154,6 +158,8 @@ class BatchLoop(SlotAdmission, TokenOutput):
             s.tokens.clear()
         if self.host is not None:
             self.host.clear()
+        budget = history_tokens()
+        self.history = History(budget) if budget else None
         for k in self.stats:
             self.stats[k] = 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from worker.backends.knobs import env_number
+from worker.backends.llama_history import History
 
 #: Longest draft per step (tokens); CORRAL_LLAMA_LOOKUP overrides it (0 turns drafting off).
 #: On by default: the batch loop sizes each step's drafts by what they earn (their rows'
@@ -59,6 +60,9 @@ class Lookup:
     # cost of a draft row (llama_batch.BatchLoop._draft_rows). It starts where one draft
     # row pays for a sequence alone on a small CPU, not more: most free text repeats little.
     rate: float = START_RATE
+    # Earlier sequences' tokens (llama_history.py): drafts where this one's own tokens
+    # hold no 3-gram match, before a 2-gram of its own (which predicts worse).
+    history: History | None = None
 
     def __post_init__(self) -> None:
         self.size = min(self.limit, START)
@@ -86,6 +90,10 @@ class Lookup:
             at = self.index.get(tuple(toks[-n:]))
             if at is not None:
                 return toks[at : at + k]
+            if n == NGRAMS[0] and self.history is not None:
+                d = self.history.draft(toks, k)
+                if d:
+                    return d
         return []
 
     def result(self, proposed: int, accepted: int) -> None:

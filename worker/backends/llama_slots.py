@@ -23,6 +23,7 @@ import llama_cpp
 
 from worker.backends.base import Sequence
 from worker.backends.llama_cache import MIN_TOKENS, HostCache
+from worker.backends.llama_history import History
 from worker.backends.llama_lookup import Lookup
 from worker.backends.llama_sampling import Detokenizer, sampler_chain
 
@@ -83,6 +84,7 @@ class SlotAdmission:
     n_ctx_seq: int
     lookup: int
     host: HostCache | None
+    history: History | None
     slots: list[Slot]
     stats: dict[str, int]
     _waiting: deque[Sequence]
@@ -184,7 +186,7 @@ class SlotAdmission:
         slot.run = Run(seq, slot, sampler, grammar=seq.constraint,
                        argmax=_argmax_only(seq))
         if self.lookup and _plain_greedy(seq):
-            slot.run.lookup = Lookup(self.lookup)
+            slot.run.lookup = Lookup(self.lookup, history=self.history)
             slot.run.lookup.extend(seq.prompt)
         return slot.run
 
@@ -202,6 +204,8 @@ class SlotAdmission:
             n = run.detok.take()
             if n:
                 _emit(run.seq, run.detok.flush(), n)
+            if run.lookup is not None and self.history is not None:
+                self.history.add(run.lookup.tokens)  # drafts for the requests after it
         _finish_once(run.seq, reason, error)
         for f in run.forks:  # left before the prompt was evaluated: so do its forks
             if f.slot.run is f:

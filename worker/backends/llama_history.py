@@ -1,0 +1,95 @@
+"""Drafts from what the backend said before: an n-gram index over recent finished sequences.
+
+Prompt lookup (llama_lookup.py) drafts from one sequence's own prompt and text. Many
+requests to one model are alike, though: an app's fixed instructions answered again for the
+next user, an agent's tool calls in the same JSON shape, a summary in the house style, the
+same question reworded. At greedy decoding such answers share long runs of tokens with
+earlier ones, so the tokens that followed the same few tokens last time are a good draft.
+This is the idea of suffix decoding (Oliaro et al., 2024, for agentic workloads) on a plain
+n-gram table: each finished greedy sequence's tokens (prompt and answer) go in, bounded by
+a token budget, oldest out first.
+
+A draft is only a guess: the batch loop verifies it in the same `llama_decode` and keeps
+what greedy sampling agrees with, so the text is the one plain decoding gives, and the
+runs' acceptance rate keeps drafting off where history does not predict (varied requests).
+Used on the decode thread only.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from worker.backends.knobs import env_number
+
+#: Tokens of finished sequences kept for drafting (CORRAL_LLAMA_HISTORY_TOKENS; 0: off).
+#: Two index entries per token, ~25 MB of Python objects at the default.
+DEFAULT_TOKENS = 32768
+#: Context matched, longest first: a shorter one predicts worse across requests.
+NGRAMS = (4, 3)
+
+
+def history_tokens() -> int:
+    """CORRAL_LLAMA_HISTORY_TOKENS, or DEFAULT_TOKENS; 0 turns history drafts off."""
+    return int(env_number("CORRAL_LLAMA_HISTORY_TOKENS", DEFAULT_TOKENS))
+
+
+class History:
+    """The last `budget` tokens of finished sequences, indexed by n-gram."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.seqs: OrderedDict[int, list[int]] = OrderedDict()  # oldest first
+        # n-gram -> (sequence, index of the token that followed its latest occurrence)
+        self.index: dict[tuple[int, ...], tuple[int, int]] = {}
+        self.tokens = 0
+        self.drafts = 0  # drafts served from here
+        self._next = 0
+
+    def add(self, tokens: list[int]) -> None:
+        """Keeps a finished sequence's tokens; the oldest go when over the budget."""
+        if len(tokens) <= NGRAMS[-1] or self.budget <= 0:
+            return
+        toks = list(tokens[-self.budget:])
+        sid = self._next
+        self._next += 1
+        self.seqs[sid] = toks
+        self.tokens += len(toks)
+        index = self.index
+        for n in NGRAMS:
+            for j in range(n, len(toks)):
+                index[tuple(toks[j - n : j])] = (sid, j)
+        while self.tokens > self.budget:
+            _, old = self.seqs.popitem(last=False)
+            self.tokens -= len(old)
+        if len(index) > 2 * len(NGRAMS) * max(1, self.tokens):
+            self._reindex()  # entries of forgotten sequences outnumber the live ones
+
+    def draft(self, tail: list[int], k: int) -> list[int]:
+        """Up to `k` tokens that followed `tail`'s last n-gram the latest time it was seen."""
+        if k <= 0:
+            return []
+        for n in NGRAMS:
+            if len(tail) < n:
+                continue
+            hit = self.index.get(tuple(tail[-n:]))
+            if hit is None:
+                continue
+            seq = self.seqs.get(hit[0])
+            if seq is None:  # forgotten since
+                continue
+            self.drafts += 1
+            return seq[hit[1] : hit[1] + k]
+        return []
+
+    def stats(self) -> dict[str, int]:
+        return {"lookup_history_tokens": self.tokens, "lookup_history_drafts": self.drafts}
+
+    def _reindex(self) -> None:
+        self.index = {}
+        for sid, toks in self.seqs.items():
+            for n in NGRAMS:
+                for j in range(n, len(toks)):
+                    self.index[tuple(toks[j - n : j])] = (sid, j)
+
+
+__all__ = ["DEFAULT_TOKENS", "History", "history_tokens"]
