@@ -106,7 +106,24 @@ def test_a_sequence_drafts_from_history_where_its_own_tokens_do_not_repeat():
     lk.extend([1, 6, 7, 8])
     assert lk.draft(room=8) == [9, 10]  # no 3-gram of its own: history's
     lk.extend([1, 6, 7])
-    assert lk.draft(room=8) == [8, 1, 6, 7]  # its own 3-gram first
+    assert lk.draft(room=8) == [8, 1, 6, 7]  # its own 3-gram before history's
+    h.add([2, 8, 1, 6, 7, 60, 61])
+    assert lk.draft(room=8) == [60, 61] and lk.from_history  # history's 4-gram before it
+
+
+def test_a_new_sequence_starts_from_the_rate_history_drafts_earned():
+    h = History(budget=100)
+    h.add([5, 6, 7, 8, 9, 10, 11, 12])
+    first = Lookup(limit=8, history=h)
+    assert first.rate == 0.7  # nothing learned yet
+    first.extend([1, 6, 7, 8])
+    assert first.draft(room=8) == [9, 10, 11, 12] and first.from_history
+    first.result(4, 4)
+    assert h.rate == 1.0
+    assert Lookup(limit=8, history=h).rate == 1.0  # the next one drafts at once
+    h.observe(4, 0)
+    h.observe(4, 0)
+    assert Lookup(limit=8, history=h).rate == 0.7  # never below the usual start
 
 
 def test_no_draft_without_a_repeated_ngram():

@@ -22,10 +22,12 @@ from collections import OrderedDict
 from worker.backends.knobs import env_number
 
 #: Tokens of finished sequences kept for drafting (CORRAL_LLAMA_HISTORY_TOKENS; 0: off).
-#: Two index entries per token, ~25 MB of Python objects at the default.
+#: Three index entries per token, ~35 MB of Python objects at the default.
 DEFAULT_TOKENS = 32768
-#: Context matched, longest first: a shorter one predicts worse across requests.
-NGRAMS = (4, 3)
+#: Context matched, longest first: a shorter one predicts worse across requests. LONG are
+#: tried before a sequence's own 3-gram (six or four tokens seen before say more than three).
+NGRAMS = (6, 4, 3)
+LONG = (6, 4)
 
 
 def history_tokens() -> int:
@@ -43,6 +45,10 @@ class History:
         self.index: dict[tuple[int, ...], tuple[int, int]] = {}
         self.tokens = 0
         self.drafts = 0  # drafts served from here
+        # Share of history-drafted tokens kept, recently (EWMA; None before any): a new
+        # sequence starts drafting from what history earned for the ones before it, rather
+        # than learn it again in every request.
+        self.rate: float | None = None
         self._next = 0
 
     def add(self, tokens: list[int]) -> None:
@@ -64,11 +70,12 @@ class History:
         if len(index) > 2 * len(NGRAMS) * max(1, self.tokens):
             self._reindex()  # entries of forgotten sequences outnumber the live ones
 
-    def draft(self, tail: list[int], k: int) -> list[int]:
-        """Up to `k` tokens that followed `tail`'s last n-gram the latest time it was seen."""
+    def draft(self, tail: list[int], k: int, ngrams: tuple[int, ...] = NGRAMS) -> list[int]:
+        """Up to `k` tokens that followed `tail`'s last n-gram (the longest of `ngrams`
+        seen) the latest time it was seen."""
         if k <= 0:
             return []
-        for n in NGRAMS:
+        for n in ngrams:
             if len(tail) < n:
                 continue
             hit = self.index.get(tuple(tail[-n:]))
@@ -80,6 +87,12 @@ class History:
             self.drafts += 1
             return seq[hit[1] : hit[1] + k]
         return []
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        """A history draft's outcome."""
+        if proposed:
+            kept = accepted / proposed
+            self.rate = kept if self.rate is None else 0.8 * self.rate + 0.2 * kept
 
     def stats(self) -> dict[str, int]:
         return {"lookup_history_tokens": self.tokens, "lookup_history_drafts": self.drafts}

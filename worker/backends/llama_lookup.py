@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from worker.backends.knobs import env_number
-from worker.backends.llama_history import History
+from worker.backends.llama_history import LONG, History
 
 #: Longest draft per step (tokens); CORRAL_LLAMA_LOOKUP overrides it (0 turns drafting off).
 #: On by default: the batch loop sizes each step's drafts by what they earn (their rows'
@@ -60,12 +60,15 @@ class Lookup:
     # cost of a draft row (llama_batch.BatchLoop._draft_rows). It starts where one draft
     # row pays for a sequence alone on a small CPU, not more: most free text repeats little.
     rate: float = START_RATE
-    # Earlier sequences' tokens (llama_history.py): drafts where this one's own tokens
-    # hold no 3-gram match, before a 2-gram of its own (which predicts worse).
+    # Earlier sequences' tokens (llama_history.py): drafts where they match a longer
+    # context than this one's own tokens do.
     history: History | None = None
+    from_history: bool = False  # the last draft came from `history`
 
     def __post_init__(self) -> None:
         self.size = min(self.limit, START)
+        if self.history is not None and self.history.rate is not None:
+            self.rate = max(self.rate, self.history.rate)  # what drafts earned lately
 
     def extend(self, new: list[int]) -> None:
         toks = self.tokens
@@ -84,16 +87,22 @@ class Lookup:
         if k <= 0 or self.rest:
             return []
         toks = self.tokens
+        history = self.history
+        # The longest context seen wins: history's 6- and 4-grams, then this sequence's
+        # 3-gram, history's, and this sequence's 2-gram.
+        if history is not None and (d := history.draft(toks, k, LONG)):
+            self.from_history = True
+            return d
         for n in NGRAMS:
             if len(toks) <= n:
                 continue
             at = self.index.get(tuple(toks[-n:]))
             if at is not None:
+                self.from_history = False
                 return toks[at : at + k]
-            if n == NGRAMS[0] and self.history is not None:
-                d = self.history.draft(toks, k)
-                if d:
-                    return d
+            if n == NGRAMS[0] and history is not None and (d := history.draft(toks, k, (n,))):
+                self.from_history = True
+                return d
         return []
 
     def result(self, proposed: int, accepted: int) -> None:
@@ -101,6 +110,8 @@ class Lookup:
         row as per sequence, so a draft must mostly be kept to pay for itself."""
         self.proposed += proposed
         self.accepted += accepted
+        if self.from_history and self.history is not None:
+            self.history.observe(proposed, accepted)
         if proposed:
             self.rate = 0.5 * self.rate + 0.5 * accepted / proposed
         if accepted == proposed:
