@@ -229,7 +229,9 @@ def render(out: dict) -> str:
     errs = ("Errors: " + "; ".join(f"{k} (e.g. `{v[:160]}`)" for k, v in examples.items())
             + "." if examples else "No request failed.")
     setups = describe_setups(out["setups"], a["threads"])
-    return f"""## Against llama-server: the llama worker and llama.cpp's own server
+    kind = ("varied requests" if out.get("varied") else "text that repeats its input"
+            if out["prompt"] == REPEAT else "alike requests")
+    return f"""## Against llama-server ({kind}): the llama worker and llama.cpp's own server
 
 Command: `{out['command']}`{BR}
 Machine: {out['machine']}.
