@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import client_for, require_backend, serve_worker, status
-from procs import Worker
+from procs import Worker, metric
 
 from worker.backends.llama_history import History
 from worker.backends.llama_lookup import Lookup
@@ -71,6 +71,11 @@ def test_greedy_text_is_the_same_with_and_without_drafts(pair):
     drafted = pc["lookup_drafted_tokens"] - before["lookup_drafted_tokens"]
     kept = pc["lookup_accepted_tokens"] - before["lookup_accepted_tokens"]
     assert kept * 4 > drafted * 3 and kept > 48, (before, pc)
+    # The same counts in Prometheus.
+    assert metric(drafting.url, "corral_worker_history_drafts_total") == \
+        pc["lookup_history_drafts"]
+    assert metric(drafting.url, "corral_worker_draft_accepted_tokens_total") == \
+        pc["lookup_accepted_tokens"]
     assert status(plain)["prompt_cache"]["lookup_drafted_tokens"] == 0
 
 
@@ -95,8 +100,20 @@ def test_history_drafts_what_followed_the_same_tokens_last_time():
     assert h.draft([9, 9, 9, 4], 8) == []  # a 2-gram is too little to go on
     h.add([20, 21, 22, 23, 24, 25])  # over the budget: the first sequence goes
     assert h.tokens == 6 and h.draft([2, 3, 4], 8) == []
+    assert {sid for sid, _ in h.index.values()} == {1}  # nothing points at the one gone
     assert h.draft([21, 22, 23], 8) == [24, 25]
     assert h.drafts == 3
+
+
+def test_history_keeps_an_answer_and_the_end_of_its_prompt():
+    from worker.backends.llama_history import PROMPT_TAIL
+
+    h = History(budget=1000)
+    prompt = list(range(100, 100 + PROMPT_TAIL + 10))
+    h.add(prompt + [1, 2, 3], answer_at=len(prompt))
+    assert h.tokens == PROMPT_TAIL + 3
+    assert h.draft(prompt[-4:], 8) == [1, 2, 3]  # the prompt's end predicts the answer
+    assert h.draft(prompt[:4], 8) == []  # its body is not kept
 
 
 def test_a_sequence_drafts_from_history_where_its_own_tokens_do_not_repeat():

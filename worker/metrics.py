@@ -99,7 +99,7 @@ class EngineCollector:
 
 
 def _host_cache(stats: list[dict[str, int]]) -> Iterator[Metric]:
-    """The llama backend's host-memory prompt cache (0 where there is none)."""
+    """The llama backend's host-memory prompt cache and drafts (0 where there are none)."""
     def total(key: str) -> int:
         return sum(s.get(key, 0) for s in stats)
 
@@ -114,6 +114,17 @@ def _host_cache(stats: list[dict[str, int]]) -> Iterator[Metric]:
     yield GaugeMetricFamily("corral_worker_host_cache_bytes",
                             "Host memory held by the prompt cache's KV states.",
                             total("host_cache_bytes"))
+    # Speculative drafts (llama_lookup.py, llama_history.py): whether they pay is the
+    # share kept; the history's count says how often earlier answers drafted.
+    yield CounterMetricFamily(
+        "corral_worker_draft_tokens", "Draft tokens verified (prompt lookup and history).",
+        total("lookup_drafted_tokens"))
+    yield CounterMetricFamily(
+        "corral_worker_draft_accepted_tokens", "Draft tokens kept: steps saved.",
+        total("lookup_accepted_tokens"))
+    yield CounterMetricFamily(
+        "corral_worker_history_drafts", "Drafts taken from earlier requests' answers.",
+        total("lookup_history_drafts"))
 
 
 def registry_for(engines: Callable[[], list[Engine]] | Engine) -> CollectorRegistry:

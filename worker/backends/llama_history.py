@@ -6,8 +6,8 @@ next user, an agent's tool calls in the same JSON shape, a summary in the house 
 same question reworded. At greedy decoding such answers share long runs of tokens with
 earlier ones, so the tokens that followed the same few tokens last time are a good draft.
 This is the idea of suffix decoding (Oliaro et al., 2024, for agentic workloads) on a plain
-n-gram table: each finished greedy sequence's tokens (prompt and answer) go in, bounded by
-a token budget, oldest out first.
+n-gram table: each finished greedy sequence's answer goes in, with the end of its prompt,
+bounded by a token budget, oldest out first.
 
 A draft is only a guess: the batch loop verifies it in the same `llama_decode` and keeps
 what greedy sampling agrees with, so the text is the one plain decoding gives, and the
@@ -28,6 +28,8 @@ DEFAULT_TOKENS = 32768
 #: tried before a sequence's own 3-gram (six or four tokens seen before say more than three).
 NGRAMS = (6, 4, 3)
 LONG = (6, 4)
+#: Prompt tokens kept before an answer: the end of the instructions and the template.
+PROMPT_TAIL = 32
 
 
 def history_tokens() -> int:
@@ -51,11 +53,14 @@ class History:
         self.rate: float | None = None
         self._next = 0
 
-    def add(self, tokens: list[int]) -> None:
-        """Keeps a finished sequence's tokens; the oldest go when over the budget."""
-        if len(tokens) <= NGRAMS[-1] or self.budget <= 0:
+    def add(self, tokens: list[int], answer_at: int = 0) -> None:
+        """Keeps a finished sequence: its answer (`tokens[answer_at:]`) and the last
+        PROMPT_TAIL tokens of its prompt, which predict how an alike request's answer
+        begins (a long prompt's body is the sequence's own lookup's to quote, and would
+        cost the decode thread a few ms to index). The oldest go when over the budget."""
+        toks = list(tokens[max(0, answer_at - PROMPT_TAIL):][-self.budget:])
+        if len(toks) <= NGRAMS[-1] or self.budget <= 0:
             return
-        toks = list(tokens[-self.budget:])
         sid = self._next
         self._next += 1
         self.seqs[sid] = toks
@@ -65,10 +70,9 @@ class History:
             for j in range(n, len(toks)):
                 index[tuple(toks[j - n : j])] = (sid, j)
         while self.tokens > self.budget:
-            _, old = self.seqs.popitem(last=False)
+            old_id, old = self.seqs.popitem(last=False)
             self.tokens -= len(old)
-        if len(index) > 2 * len(NGRAMS) * max(1, self.tokens):
-            self._reindex()  # entries of forgotten sequences outnumber the live ones
+            self._forget(old_id, old)
 
     def draft(self, tail: list[int], k: int, ngrams: tuple[int, ...] = NGRAMS) -> list[int]:
         """Up to `k` tokens that followed `tail`'s last n-gram (the longest of `ngrams`
@@ -97,12 +101,15 @@ class History:
     def stats(self) -> dict[str, int]:
         return {"lookup_history_tokens": self.tokens, "lookup_history_drafts": self.drafts}
 
-    def _reindex(self) -> None:
-        self.index = {}
-        for sid, toks in self.seqs.items():
-            for n in NGRAMS:
-                for j in range(n, len(toks)):
-                    self.index[tuple(toks[j - n : j])] = (sid, j)
+    def _forget(self, sid: int, toks: list[int]) -> None:
+        """Drops the index entries still pointing into a sequence that left (a later
+        sequence's occurrence of the same n-gram has replaced the others)."""
+        index = self.index
+        for n in NGRAMS:
+            for j in range(n, len(toks)):
+                key = tuple(toks[j - n : j])
+                if index.get(key, (-1, 0))[0] == sid:
+                    del index[key]
 
 
 __all__ = ["DEFAULT_TOKENS", "History", "history_tokens"]

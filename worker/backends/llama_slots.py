@@ -205,7 +205,8 @@ class SlotAdmission:
             if n:
                 _emit(run.seq, run.detok.flush(), n)
             if run.lookup is not None and self.history is not None:
-                self.history.add(run.lookup.tokens)  # drafts for the requests after it
+                # drafts for the requests after it
+                self.history.add(run.lookup.tokens, len(run.seq.prompt))
         _finish_once(run.seq, reason, error)
         for f in run.forks:  # left before the prompt was evaluated: so do its forks
             if f.slot.run is f:
