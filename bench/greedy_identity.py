@@ -63,7 +63,8 @@ def main() -> None:
     print("\n".join(lines))
     if a.write:
         write_section("greedy-identity", "## Greedy identity: prompt-lookup drafts, prompt "
-                      "cache, batching\n\n" + "\n".join(lines) + "\n\n" + READING)
+                      "cache, batching\n\n" + "\n".join(lines) + "\n\n"
+                      + (READING if any(any(r[2:]) for r in rows) else READING_SAME))
 
 
 READING = (
@@ -74,6 +75,17 @@ READING = (
     "and its CPU kernels round differently by batch shape. llama-server documents the same "
     "for `cache_prompt`. Greedy answers are therefore reproducible per cache state, not "
     "across them; failover continuation keeps the text already sent either way.")
+READING_SAME = (
+    "Reading: no answer changed, with drafts or without, alone or 8 at once. Every kept "
+    "draft token is the one plain decoding picks (here most drafts came from earlier answers "
+    "to the same prompts, llama_history.py), and a prompt asked again finds its KV in a slot "
+    "or in the host-memory prompt cache (llama_cache.py) instead of being read again in "
+    "another batch shape. Where a prompt is read again in other chunks, llama.cpp's CPU "
+    "kernels round differently by batch shape and a near-tie token can tip (the run before "
+    "the host cache, 2026-12-01 16:09, moved 2 of 16 and 10-12 of 24 answers, drafts or "
+    "not; llama-server documents the same for `cache_prompt`): greedy answers are "
+    "reproducible per cache state, not across them; failover continuation keeps the text "
+    "already sent either way.")
 
 
 def ask(url: str, prompt: str, tokens: int, stream: bool = False) -> str:
