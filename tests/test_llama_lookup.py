@@ -102,7 +102,7 @@ def test_history_drafts_what_followed_the_same_tokens_last_time():
     assert h.tokens == 6 and h.draft([2, 3, 4], 8) == []
     assert {sid for sid, _ in h.index.values()} == {1}  # nothing points at the one gone
     assert h.draft([21, 22, 23], 8) == [24, 25]
-    assert h.drafts == 3
+    assert h.drafts == 0  # counted once verified (observe), not when looked up
 
 
 def test_history_keeps_an_answer_and_the_end_of_its_prompt():
@@ -141,6 +141,7 @@ def test_a_new_sequence_starts_from_the_rate_history_drafts_earned():
     h.observe(4, 0)
     h.observe(4, 0)
     assert Lookup(limit=8, history=h).rate == 0.7  # never below the usual start
+    assert h.drafts == 3
 
 
 def test_no_draft_without_a_repeated_ngram():

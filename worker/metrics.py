@@ -60,7 +60,7 @@ class EngineCollector:
                                 "prefilled.")):
             yield CounterMetricFamily(f"corral_worker_{name}", doc,
                                       sum(e.backend.stats().get(key, 0) for e in engines))
-        yield from _host_cache([e.backend.stats() for e in engines])
+        yield from _llama_stats([e.backend.stats() for e in engines])
 
     def _one(self, e: Engine) -> Iterator[Metric]:
         b = e.backend.stats()
@@ -95,10 +95,10 @@ class EngineCollector:
             "Prompt tokens served from the prompt cache instead of prefilled.",
             b.get("prompt_cache_reused_tokens", 0),
         )
-        yield from _host_cache([b])
+        yield from _llama_stats([b])
 
 
-def _host_cache(stats: list[dict[str, int]]) -> Iterator[Metric]:
+def _llama_stats(stats: list[dict[str, int]]) -> Iterator[Metric]:
     """The llama backend's host-memory prompt cache and drafts (0 where there are none)."""
     def total(key: str) -> int:
         return sum(s.get(key, 0) for s in stats)

@@ -158,7 +158,7 @@ class BatchLoop(SlotAdmission, TokenOutput):
             s.tokens.clear()
         if self.host is not None:
             self.host.clear()
-        budget = history_tokens()
+        budget = history_tokens() if self.lookup else 0  # only drafting runs use it
         self.history = History(budget) if budget else None
         for k in self.stats:
             self.stats[k] = 0
