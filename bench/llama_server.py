@@ -30,6 +30,7 @@ import shlex
 import statistics
 import sys
 
+import httpx
 from common import (
     HOST,
     MODEL,
@@ -141,13 +142,24 @@ def _is_env(word: str) -> bool:
 
 
 def level(url: str, c: int, requests: int, max_tokens: int, prompt: str,
-          pid: int | None = None, prompts: tuple[str, ...] = ()) -> dict:
-    """One closed-loop load; with `pid`, also the CPU seconds that server's processes used."""
+          pid: int | None = None, prompts: tuple[str, ...] = (), worker: bool = False) -> dict:
+    """One closed-loop load; with `pid`, also the CPU seconds that server's processes used;
+    for a corral `worker`, also the share of its decode loop's time spent between two
+    `llama_decode`s (its Python: /status `prompt_cache.step_gap_us` and `decode_us`)."""
     meter = CpuMeter(pid) if pid else None
+    before = _loop_times(url) if worker else None
     with meter.measure() if meter else contextlib.nullcontext({}) as cpu:
         r = _level(url, c, requests, max_tokens, prompt, prompts)
     r["cpu_s"] = cpu.get("cpu_s")
+    if before is not None:
+        gap, dec = (b - a for a, b in zip(before, _loop_times(url), strict=True))
+        r["gap_share"] = gap / (gap + dec) if gap + dec > 0 else None
     return r
+
+
+def _loop_times(url: str) -> tuple[int, int]:
+    pc = httpx.get(f"{url}/status", timeout=30).json().get("prompt_cache", {})
+    return pc.get("step_gap_us", 0), pc.get("decode_us", 0)
 
 
 def _level(url: str, c: int, requests: int, max_tokens: int, prompt: str,
@@ -205,8 +217,9 @@ def render(out: dict) -> str:
     runs = {n: {int(c): rs for c, rs in by.items()} for n, by in out["runs"].items()}
     agg = {n: {c: _agg(rs) for c, rs in by.items()} for n, by in runs.items()}
     lines = ["| setup | c | tok/s, per pass | tok/s ratio, median (range) | TTFT p50 ms "
-             "| TTFT ratio | CPU ms/token | CPU/token ratio | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| TTFT ratio | CPU ms/token | CPU/token ratio | Python's share of a step "
+             "| errors |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, by in agg.items():
         for c in levels:
             r = by[c]
@@ -217,9 +230,11 @@ def render(out: dict) -> str:
             cpu_s = sum(x.get("cpu_s") or 0 for x in runs[name][c])
             toks = sum(x["tokens"] for x in runs[name][c])
             per = f"{1000 * cpu_s / toks:.1f}" if cpu_s and toks else "-"
+            shares = [x["gap_share"] for x in runs[name][c] if x.get("gap_share") is not None]
+            gap = f"{statistics.median(shares):.1%}" if shares else "-"
             lines.append(
                 f"| {name} | {c} | {passes} | {_ratio_cell(tok, True)} | {r['ttft']:.0f} | "
-                f"{_ratio_cell(ttft)} | {per} | {_ratio_cell(cpu)} | {r['errors']} |")
+                f"{_ratio_cell(ttft)} | {per} | {_ratio_cell(cpu)} | {gap} | {r['errors']} |")
     examples = {}
     for name, by in out["runs"].items():
         for rs in by.values():
@@ -248,7 +263,9 @@ closed loop at concurrency c, {a['rounds']} x c streamed chat completions of
 tok/s = output tokens / wall time of each pass; TTFT is the median
 of the passes' p50s; CPU ms/token = CPU time (user + system) of the server's
 processes over its output tokens, the efficiency figure least moved by the box's other
-load (though llama.cpp's threads spin while they wait, so a starved pass costs CPU too).
+load (though llama.cpp's threads spin while they wait, so a starved pass costs CPU too);
+Python's share of a step = the worker's decode-loop time between two `llama_decode`s over
+its whole busy time (`/status` `prompt_cache.step_gap_us`, `decode_us`), median of passes.
 **Ratios are to llama-server in the same pass** (median
 over passes, range in brackets): the box is shared and its load swings within a run, so
 only those carry over. Load average after the run: {out.get('load_after', '?')}.
@@ -316,7 +333,8 @@ def main() -> None:
                         if a.varied else ())
                 next_k += n
                 for name, url in order:
-                    r = level(url, c, n, a.max_tokens, prompt, pids[name], asks)
+                    r = level(url, c, n, a.max_tokens, prompt, pids[name], asks,
+                              worker=name != REF)
                     runs[name][c].append(r)
                     print(json.dumps({"pass": p, "setup": name, "concurrency": c, **r}),
                           file=sys.stderr, flush=True)

@@ -54,6 +54,26 @@ def test_status_reports_the_llama_backend(worker):
     assert {"prompt_cache_hits", "prompt_cache_reused_tokens"} <= set(s["prompt_cache"])
 
 
+def test_a_step_is_split_into_llama_decode_and_python(worker):
+    """The decode loop counts its time in llama_decode and between two of them: the
+    engine's own overhead, in /status and /metrics."""
+    before = status(worker)["prompt_cache"]
+    r = client_for(worker.url, timeout=120).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count to twenty."}],
+        max_tokens=16, temperature=0.8, seed=1)  # sampled: no drafts, a step a token
+    after = status(worker)["prompt_cache"]
+    n = r.usage.completion_tokens
+    assert after["decode_steps"] - before["decode_steps"] >= n
+    decode = after["decode_us"] - before["decode_us"]
+    gap = after["step_gap_us"] - before["step_gap_us"]
+    assert 0 < gap < decode, (gap, decode)  # some Python between steps; less than the model
+    metrics = httpx.get(f"{worker.url}/metrics", timeout=10).text
+    scraped = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+               if line.startswith(("corral_worker_decode_", "corral_worker_step_gap_"))}
+    assert scraped["corral_worker_decode_seconds_total"] >= after["decode_us"] / 1e6
+    assert scraped["corral_worker_step_gap_seconds_total"] >= after["step_gap_us"] / 1e6
+
+
 def test_llama_reports_prefill_and_decode_rates(worker):
     """Both speeds measured at load (issue 21); the old field is the decode figure."""
     s = status(worker)

@@ -125,6 +125,15 @@ def _llama_stats(stats: list[dict[str, int]]) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "corral_worker_history_drafts", "Drafts taken from earlier requests' answers.",
         total("lookup_history_drafts"))
+    # The decode thread's time: in llama_decode, and in Python from one decode to the
+    # next while there is work (sampling, detokenizing, handing text over, waiting for the
+    # GIL). The second over their sum is the engine's own overhead.
+    yield CounterMetricFamily(
+        "corral_worker_decode_seconds", "Time in llama_decode.", total("decode_us") / 1e6)
+    yield CounterMetricFamily(
+        "corral_worker_step_gap_seconds",
+        "Time between two llama_decode calls while busy: the loop's Python.",
+        total("step_gap_us") / 1e6)
 
 
 def registry_for(engines: Callable[[], list[Engine]] | Engine) -> CollectorRegistry:

@@ -93,7 +93,9 @@ class BatchLoop(SlotAdmission, TokenOutput):
         self.threads = int(llama_cpp.llama_n_threads(ctx))  # what llama_decode uses now
         self.stats = {"prompt_cache_hits": 0, "prompt_cache_reused_tokens": 0,
                       "prompt_tokens_evaluated": 0, "decode_steps": 0,
-                      "lookup_drafted_tokens": 0, "lookup_accepted_tokens": 0}
+                      "lookup_drafted_tokens": 0, "lookup_accepted_tokens": 0,
+                      "decode_us": 0, "step_gap_us": 0}
+        self._decoded_at: float | None = None  # end of the last llama_decode, while busy
 
     # ------------------------------------------------------------------ other threads
     def start(self) -> None:
@@ -176,6 +178,7 @@ class BatchLoop(SlotAdmission, TokenOutput):
             while True:
                 with self._cv:
                     while not self._stop and not self._busy() and self._want_threads is None:
+                        self._decoded_at = None  # idle time is no step's overhead
                         self._cv.wait()
                     if self._stop:
                         break
@@ -223,8 +226,13 @@ class BatchLoop(SlotAdmission, TokenOutput):
         self.batch.n_tokens = n
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, self.batch)
+        t1 = time.perf_counter()
+        took = t1 - t0
         self.stats["decode_steps"] += 1
-        took = time.perf_counter() - t0
+        self.stats["decode_us"] += int(took * 1e6)
+        if self._decoded_at is not None:  # Python's share: from one decode to the next
+            self.stats["step_gap_us"] += int((t0 - self._decoded_at) * 1e6)
+        self._decoded_at = t1
         if rc == 0 and n >= 32:  # a prefill-heavy step: learn the cost of a batch token
             per_token = took / n
             self._token_cost = per_token if not self._token_cost else (

@@ -19,8 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import llama_cpp
-
+from worker.backends import llama_quick as quick
 from worker.backends.base import Sequence
 from worker.backends.llama_cache import MIN_TOKENS, HostCache
 from worker.backends.llama_history import History
@@ -165,10 +164,10 @@ class SlotAdmission:
             _finish_once(seq, "error", "the prompt does not fit this model's context")
             return None
         self._keep_in_host(slot, keep)
-        if keep < len(slot.tokens) and not llama_cpp.llama_memory_seq_rm(
+        if keep < len(slot.tokens) and not quick.memory_seq_rm(
             self.mem, slot.seq_id, keep, -1
         ):
-            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+            quick.memory_seq_rm(self.mem, slot.seq_id, -1, -1)
             keep = 0
         del slot.tokens[keep:]
         seq.cached_tokens = keep
@@ -195,7 +194,7 @@ class SlotAdmission:
         slot.run = None
         slot.last_used = time.monotonic()
         with contextlib.suppress(Exception):
-            llama_cpp.llama_sampler_free(run.sampler)
+            quick.sampler_free(run.sampler)
         if run.grammar is not None:
             run.grammar.free()
         if reason != "error":

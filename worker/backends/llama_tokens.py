@@ -11,9 +11,9 @@ import ctypes
 import logging
 from typing import Any
 
-import llama_cpp
 import numpy as np
 
+from worker.backends import llama_quick as quick
 from worker.backends.llama_logprobs import logprob_entry
 from worker.backends.llama_slots import Run, Slot, _emit
 
@@ -45,7 +45,7 @@ class TokenOutput:
         for f in forks:  # the prompt is in: each fork gets a copy of it and samples
             if f.slot.run is not f:
                 continue  # cancelled meanwhile
-            llama_cpp.llama_memory_seq_cp(self.mem, r.slot.seq_id, f.slot.seq_id, -1, -1)
+            quick.memory_seq_cp(self.mem, r.slot.seq_id, f.slot.seq_id, -1, -1)
             f.slot.tokens = list(r.slot.tokens)
             f.waiting = False
             self._sample(f, r.out)
@@ -69,14 +69,14 @@ class TokenOutput:
         if r.lookup is not None:
             r.lookup.result(len(draft), kept)
         # The rejected rows' KV goes (kept rows and everything before stay).
-        llama_cpp.llama_memory_seq_rm(self.mem, r.slot.seq_id, len(r.slot.tokens), -1)
+        quick.memory_seq_rm(self.mem, r.slot.seq_id, len(r.slot.tokens), -1)
 
     def _sample(self, r: Run, out: int) -> None:
         row = self._logits(out) if r.seq.logprobs is not None else None
         if r.argmax:
             token = self._top(out)
         elif r.grammar is None:
-            token = llama_cpp.llama_sampler_sample(r.sampler, self.ctx, out)
+            token = quick.sampler_sample(r.sampler, self.ctx, out)
         else:
             try:
                 p = r.seq.params
@@ -92,7 +92,7 @@ class TokenOutput:
     def _take(self, r: Run, token: int, row: Any) -> bool:
         """Emits a sampled token; False when it ended the sequence (which has left)."""
         r.generated += 1
-        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+        if quick.vocab_is_eog(self.vocab, token):
             r.detok.pending_tokens += 1  # no logprob entry: OpenAI leaves the stop out
             self._leave(r, "stop", None)
             return False
@@ -112,7 +112,7 @@ class TokenOutput:
         return True
 
     def _is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        return bool(quick.vocab_is_eog(self.vocab, token))
 
     def _top(self, out: int) -> int:
         """Greedy sampling without a sampler: llama.cpp's greedy sampler first copies the
@@ -121,7 +121,7 @@ class TokenOutput:
         return int(self._logits(out).argmax())
 
     def _logits(self, out: int) -> Any:
-        ptr = llama_cpp.llama_get_logits_ith(self.ctx, out)
+        ptr = quick.get_logits_ith(self.ctx, out)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def _piece(self, token: int) -> bytes:
@@ -137,7 +137,7 @@ def token_bytes(vocab: Any, token: int) -> bytes:
     size = 64
     while True:
         buf = (ctypes.c_char * size)()
-        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, False)
+        n = quick.token_to_piece(vocab, token, buf, size, 0, False)
         if n >= 0:
             return bytes(buf[:n])
         size = -n
