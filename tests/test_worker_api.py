@@ -184,7 +184,7 @@ def test_greedy_is_deterministic(api):
 def test_greedy_alone_equals_greedy_in_a_batch(api):
     """Holds on AVX2 and AVX-512 hosts alike: OpenVINO defaults to bf16 on CPUs with
     AVX512_BF16 (AMD EPYC here), which made this fail; the worker now asks for f32 compute,
-    no dynamic quantization and an f16 KV cache (worker/backends/openvino.py)."""
+    no dynamic quantization and an f16 KV cache (worker/backends/openvino_load.py)."""
     if not api.caps.batch_invariant:
         pytest.skip("CORRAL_OPENVINO_BATCH_INVARIANT=0: batched greedy may differ by design")
     assert status(api.worker)["hardware"]["batch_invariant"] is True  # what failover trusts
