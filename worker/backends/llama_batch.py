@@ -226,6 +226,9 @@ class BatchLoop(SlotAdmission, TokenOutput):
         self.batch.n_tokens = n
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, self.batch)
+        # Wait for the step here, letting go of the GIL: with an RPC split the compute is
+        # asynchronous, and the logits read next (llama_quick, holding the GIL) would wait.
+        llama_cpp.llama_synchronize(self.ctx)
         t1 = time.perf_counter()
         took = t1 - t0
         self.stats["decode_steps"] += 1
