@@ -67,14 +67,16 @@ def main() -> None:
                       + (READING if any(any(r[2:]) for r in rows) else READING_SAME))
 
 
+#: Both readings end the same way.
+ACROSS = ("reproducible per cache state, not across them; failover continuation keeps the "
+          "text already sent either way.")
 READING = (
     "Reading: with the prompt caches in the same states, drafts change no answer (row 1): "
     "every kept draft token is the one plain decoding picks. The other rows move without "
     "drafts just as much as with them: which cached prefix a prompt reuses, and which "
     "sequences share its steps, change the shape of the batches llama.cpp reads a prompt in, "
     "and its CPU kernels round differently by batch shape. llama-server documents the same "
-    "for `cache_prompt`. Greedy answers are therefore reproducible per cache state, not "
-    "across them; failover continuation keeps the text already sent either way.")
+    "for `cache_prompt`. Greedy answers are therefore " + ACROSS)
 READING_SAME = (
     "Reading: no answer changed, with drafts or without, alone or 8 at once. Every kept "
     "draft token is the one plain decoding picks (here most drafts came from earlier answers "
@@ -83,9 +85,7 @@ READING_SAME = (
     "another batch shape. Where a prompt is read again in other chunks, llama.cpp's CPU "
     "kernels round differently by batch shape and a near-tie token can tip (the run before "
     "the host cache, 2026-12-01 16:09, moved 2 of 16 and 10-12 of 24 answers, drafts or "
-    "not; llama-server documents the same for `cache_prompt`): greedy answers are "
-    "reproducible per cache state, not across them; failover continuation keeps the text "
-    "already sent either way.")
+    "not; llama-server documents the same for `cache_prompt`): greedy answers are " + ACROSS)
 
 
 def ask(url: str, prompt: str, tokens: int, stream: bool = False) -> str:

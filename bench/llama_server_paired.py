@@ -18,34 +18,22 @@ section of docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 
-import httpx
-from common import MODEL, command_line, machine, start_worker, write_section
+from common import command_line, machine, start_worker, write_section
 from llama_server import CTX, SLOTS, level, start_llama_server, varied
 from llama_server_build import build, installed_version
 
 
-def stream_once(url: str, text: str, max_tokens: int) -> tuple[float, float]:
-    """Client TTFT and mean time between content deltas after the first, in ms."""
-    body = {"model": MODEL, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "messages": [{"role": "user", "content": text}]}
-    t0 = time.perf_counter()
-    marks: list[float] = []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            choices = json.loads(line[6:]).get("choices") or [{}]
-            if choices[0].get("delta", {}).get("content"):
-                marks.append(time.perf_counter())
-    if len(marks) < 2:
-        raise RuntimeError(f"{url} streamed {len(marks)} content deltas")
-    return (marks[0] - t0) * 1e3, (marks[-1] - marks[0]) / (len(marks) - 1) * 1e3
+def one(url: str, text: str, max_tokens: int) -> tuple[float, float]:
+    """One streamed request (`corral bench`, as every level): its TTFT and its time per
+    output token after the first, in ms."""
+    r = level(url, 1, 1, max_tokens, "", prompts=(text,))
+    if r["errors"] or r["tpot_p50_ms"] is None:
+        raise RuntimeError(f"{url}: {r['error_examples'] or 'fewer than two tokens'}")
+    return r["ttft_p50_ms"], r["tpot_p50_ms"]
 
 
 def _cell(xs: list[float]) -> str:
@@ -70,12 +58,12 @@ def main() -> None:
                               "--ctx-size", str(CTX))
         urls = {"llama-server": server.url, "corral": worker.url}  # type: ignore[attr-defined]
         for url in urls.values():
-            stream_once(url, "Say hello.", 8)
+            one(url, "Say hello.", 8)
         ttft, speed = [], []
         for i in range(a.pairs):
             text = f"Request {i} at {time.time():.0f}. {varied(i)}"
             order = list(urls.items()) if i % 2 == 0 else list(urls.items())[::-1]
-            got = {name: stream_once(url, text, a.tokens) for name, url in order}
+            got = {name: one(url, text, a.tokens) for name, url in order}
             ttft.append(got["corral"][0] / got["llama-server"][0])
             speed.append(got["llama-server"][1] / got["corral"][1])
         rows = [f"| 1 | {a.pairs} requests | {_cell(speed)} | {_cell(ttft)} |"]

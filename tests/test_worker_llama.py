@@ -24,7 +24,7 @@ from conftest import (
     serve_worker,
     status,
 )
-from procs import Worker, wait_for
+from procs import Worker, metric, wait_for
 
 SMALL_CTX = 256
 
@@ -67,11 +67,9 @@ def test_a_step_is_split_into_llama_decode_and_python(worker):
     decode = after["decode_us"] - before["decode_us"]
     gap = after["step_gap_us"] - before["step_gap_us"]
     assert 0 < gap < decode, (gap, decode)  # some Python between steps; less than the model
-    metrics = httpx.get(f"{worker.url}/metrics", timeout=10).text
-    scraped = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
-               if line.startswith(("corral_worker_decode_", "corral_worker_step_gap_"))}
-    assert scraped["corral_worker_decode_seconds_total"] >= after["decode_us"] / 1e6
-    assert scraped["corral_worker_step_gap_seconds_total"] >= after["step_gap_us"] / 1e6
+    assert metric(worker.url, "corral_worker_decode_seconds_total") >= after["decode_us"] / 1e6
+    assert (metric(worker.url, "corral_worker_step_gap_seconds_total")
+            >= after["step_gap_us"] / 1e6)
 
 
 def test_llama_reports_prefill_and_decode_rates(worker):
