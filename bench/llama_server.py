@@ -2,14 +2,15 @@
 
     .venv/bin/python bench/llama_server.py [--write] [--levels 1,4,8] [--passes 2]
         [--corral "label=extra worker args"]... [--prompt TEXT | --repeat | --varied]
-        [--max-tokens 64]
+        [--max-tokens 64] [--temperature 0]
 
 `llama-server` is built (once, cached) from the llama.cpp that llama-cpp-python vendors
 (bench/llama_server_build.py). Both servers load the bundled SmolLM2-135M Q4_1 with
 `--threads` threads and 4 slots of 2048 tokens, are up at once and are measured in turn
 (alternating, `--passes` rounds, so the box's other load weighs on both alike). Load:
 `corral bench` closed loop at each concurrency c, `--rounds` x c streamed chat completions
-of `--max-tokens` greedy tokens, prompts distinct across the run: `--prompt` numbered
+of `--max-tokens` tokens (greedy, or sampled at `--temperature`), prompts distinct across
+the run: `--prompt` numbered
 (alike requests), `--repeat` (an answer that quotes its prompt) or `--varied` (a new form
 and subject every request). Every figure is
 reported as a ratio to llama-server's in the same run; the absolute numbers are only for
@@ -142,14 +143,15 @@ def _is_env(word: str) -> bool:
 
 
 def level(url: str, c: int, requests: int, max_tokens: int, prompt: str,
-          pid: int | None = None, prompts: tuple[str, ...] = (), worker: bool = False) -> dict:
+          pid: int | None = None, prompts: tuple[str, ...] = (), worker: bool = False,
+          temperature: float = 0.0) -> dict:
     """One closed-loop load; with `pid`, also the CPU seconds that server's processes used;
     for a corral `worker`, also the share of its decode loop's time spent between two
     `llama_decode`s (its Python: /status `prompt_cache.step_gap_us` and `decode_us`)."""
     meter = CpuMeter(pid) if pid else None
     before = _loop_times(url) if worker else None
     with meter.measure() if meter else contextlib.nullcontext({}) as cpu:
-        r = _level(url, c, requests, max_tokens, prompt, prompts)
+        r = _level(url, c, requests, max_tokens, prompt, prompts, temperature)
     r["cpu_s"] = cpu.get("cpu_s")
     if before is not None:
         gap, dec = (b - a for a, b in zip(before, _loop_times(url), strict=True))
@@ -163,10 +165,10 @@ def _loop_times(url: str) -> tuple[int, int]:
 
 
 def _level(url: str, c: int, requests: int, max_tokens: int, prompt: str,
-           prompts: tuple[str, ...] = ()) -> dict:
+           prompts: tuple[str, ...] = (), temperature: float = 0.0) -> dict:
     spec = LoadSpec(base_url=url, model=MODEL, requests=requests, concurrency=c,
                     max_tokens=max_tokens, stream=True, timeout=600, distinct_prompts=True,
-                    prompt=prompt, prompts=prompts, extra_body={"temperature": 0})
+                    prompt=prompt, prompts=prompts, extra_body={"temperature": temperature})
     s, _ = bench(spec)
     return {"tokens": s["output_tokens"], "seconds": s["duration_s"], "errors": s["errors"],
             "errors_by_kind": s["errors_by_kind"], "error_examples": s["error_examples"],
@@ -246,6 +248,11 @@ def render(out: dict) -> str:
     setups = describe_setups(out["setups"], a["threads"])
     kind = ("varied requests" if out.get("varied") else "text that repeats its input"
             if out["prompt"] == REPEAT else "alike requests")
+    temp = a.get("temperature", 0.0)
+    if temp:
+        kind += f", sampled at temperature {temp:g}"
+    tokens = (f"tokens sampled at temperature {temp:g} (truncation: both servers' default, "
+              "top-k 40, top-p 0.95, min-p 0.05; unseeded)" if temp else "greedy tokens")
     return f"""## Against llama-server ({kind}): the llama worker and llama.cpp's own server
 
 Command: `{out['command']}`{BR}
@@ -257,7 +264,7 @@ threads, {SLOTS} slots of {CTX} tokens each: `llama-server --threads {a['threads
 --threads-batch {a['threads']} --parallel {SLOTS} --ctx-size {CTX * SLOTS}` against
 {setups}. All up at once, measured in turn ({a['passes']} passes). Load: `corral bench`
 closed loop at concurrency c, {a['rounds']} x c streamed chat completions of
-{a['max_tokens']} greedy tokens per pass, prompts distinct across the whole run
+{a['max_tokens']} {tokens} per pass, prompts distinct across the whole run
 ({_prompt_text(out)}: llama-server's host-memory prompt cache,
 `--cache-ram`, would answer a repeated prompt without reading it).
 tok/s = output tokens / wall time of each pass; TTFT is the median
@@ -299,6 +306,9 @@ def main() -> None:
     ap.add_argument("--corral", action="append", default=[],
                     help="label=extra corral worker arguments (repeatable)")
     ap.add_argument("--server-args", default="", help="extra llama-server arguments")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sample at this temperature (0: greedy); truncation is both servers' "
+                         "default, top-k 40, top-p 0.95, min-p 0.05")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--render", default=None, help="re-render from this script's saved JSON")
     a = ap.parse_args()
@@ -334,7 +344,7 @@ def main() -> None:
                 next_k += n
                 for name, url in order:
                     r = level(url, c, n, a.max_tokens, prompt, pids[name], asks,
-                              worker=name != REF)
+                              worker=name != REF, temperature=a.temperature)
                     runs[name][c].append(r)
                     print(json.dumps({"pass": p, "setup": name, "concurrency": c, **r}),
                           file=sys.stderr, flush=True)
@@ -345,7 +355,7 @@ def main() -> None:
            "version": installed_version(), "prompt": a.prompt, "varied": a.varied,
            "load_after": f"{os.getloadavg()[0]:.1f}",
            "args": {"threads": a.threads, "passes": a.passes, "rounds": a.rounds,
-                    "max_tokens": a.max_tokens}}
+                    "max_tokens": a.max_tokens, "temperature": a.temperature}}
     with open(f"/tmp/corral-{a.section}.json", "w") as f:  # for --render
         json.dump(out, f)
     text = render(out)

@@ -1,11 +1,13 @@
-"""Prompt-lookup drafts for speculative decoding of greedy sequences (llama backend).
+"""Prompt-lookup drafts for speculative decoding (llama backend): greedy and sampled
+sequences alike, unconstrained and single-choice.
 
 A sequence that quotes its prompt (summarise, edit, translate code, answer from a document)
 repeats runs of tokens it has already seen. The decode loop asks `Lookup.draft` for the
 tokens that followed the last occurrence of the sequence's latest n-gram (prompt and text
 so far), decodes them in the same `llama_decode` as the sequence's next token, and keeps
-the longest prefix the greedy sampler agrees with (llama_batch.BatchLoop._verify): every
-kept token is the one plain greedy decoding would have produced, so the text is the same,
+the longest prefix the sequence's sampler agrees with (llama_tokens.TokenOutput._verify):
+every kept token is one plain decoding would have sampled from the same logits with the
+same chain state, so greedy text is the same and sampled text keeps its distribution,
 only fewer steps are spent on it. No model, no extra memory beyond an index of n-grams.
 
 Drafts that keep failing shrink (a free-form answer rarely repeats its prompt). A draft

@@ -54,7 +54,7 @@ class Run:
     # then gets a copy of the parent's KV sequence and samples from the same logits.
     waiting: bool = False
     forks: list[Run] = field(default_factory=list)
-    lookup: Lookup | None = None  # a plain greedy sequence: prompt-lookup drafts
+    lookup: Lookup | None = None  # unconstrained, single choice: prompt-lookup drafts
     argmax: bool = False  # greedy, unconstrained, no penalties: the top logit, read directly
     draft: list[int] = field(default_factory=list)  # decoded after next_token this step
 
@@ -184,7 +184,7 @@ class SlotAdmission:
             return None
         slot.run = Run(seq, slot, sampler, grammar=seq.constraint,
                        argmax=_argmax_only(seq))
-        if self.lookup and _plain_greedy(seq):
+        if self.lookup and _draftable(seq):
             slot.run.lookup = Lookup(self.lookup, history=self.history)
             slot.run.lookup.extend(seq.prompt)
         return slot.run
@@ -213,11 +213,13 @@ class SlotAdmission:
         run.forks = []
 
 
-def _plain_greedy(seq: Sequence) -> bool:
-    """Whether drafts can be verified by argmax alone: greedy, unconstrained, no
-    penalties (they would see rejected tokens), no logprobs, a single choice."""
-    return (_argmax_only(seq) and seq.logprobs is None and not seq.forks
-            and seq.index == 0)
+def _draftable(seq: Sequence) -> bool:
+    """Whether a sequence takes drafts: unconstrained, no logprobs, a single choice.
+    Greedy or sampled, penalties or not: a draft is verified by sampling each of its
+    positions in turn with the sequence's own chain, up to the first token that is not
+    the draft's (llama_tokens.TokenOutput._verify), so the chain sees exactly the tokens
+    it emits, in order, each from the logits plain decoding would give it."""
+    return seq.constraint is None and seq.logprobs is None and not seq.forks and seq.index == 0
 
 
 def _argmax_only(seq: Sequence) -> bool:

@@ -55,12 +55,19 @@ class TokenOutput:
             self._sample(r, r.out)
 
     def _verify(self, r: Run) -> None:
-        """Keeps the longest prefix of the draft that greedy sampling agrees with: the
-        token sampled after each kept one is the next, as one-at-a-time decoding gives."""
+        """Keeps the longest prefix of the draft that sampling agrees with. Position k's
+        logits are those of the prompt, the text so far and draft[:k]; while every token
+        sampled equals the draft's, the next position's context is what one-at-a-time
+        decoding would have had, so its logits are the ones it would have sampled from.
+        The first token that differs is emitted and ends the step. Each emitted token is
+        sampled once, in order, from its own logits by the sequence's own chain (its RNG
+        and penalties advance exactly as without drafts): greedy text stays the same and
+        sampled text keeps its distribution (and, seeded, its text)."""
         draft, r.draft = r.draft, []
         kept = 0
         for k in range(len(draft) + 1):
-            token = self._top(r.out + k)  # drafts are only made for plain greedy runs
+            token = (self._top(r.out + k) if r.argmax
+                     else quick.sampler_sample(r.sampler, self.ctx, r.out + k))
             if not self._take(r, token, None) or k == len(draft) or token != draft[k]:
                 break
             r.slot.tokens.append(token)  # decoded this step at its position: kept
