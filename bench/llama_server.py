@@ -10,9 +10,8 @@
 (alternating, `--passes` rounds, so the box's other load weighs on both alike). Load:
 `corral bench` closed loop at each concurrency c, `--rounds` x c streamed chat completions
 of `--max-tokens` tokens (greedy, or sampled at `--temperature`), prompts distinct across
-the run: `--prompt` numbered
-(alike requests), `--repeat` (an answer that quotes its prompt) or `--varied` (a new form
-and subject every request). Every figure is
+the run: `--prompt` numbered (alike requests), `--repeat` (an answer that quotes its
+prompt) or `--varied` (a new form and subject every request). Every figure is
 reported as a ratio to llama-server's in the same run; the absolute numbers are only for
 reading the ratios.
 Each `--corral` adds a worker setup, arguments and NAME=value environment variables (e.g.

@@ -7,8 +7,7 @@ same question reworded. At greedy decoding such answers share long runs of token
 earlier ones, so the tokens that followed the same few tokens last time are a good draft.
 This is the idea of suffix decoding (Oliaro et al., 2024, for agentic workloads) on a plain
 n-gram table: each finished drafted sequence's answer (greedy or sampled) goes in, with
-the end of its prompt,
-bounded by a token budget, oldest out first.
+the end of its prompt, bounded by a token budget, oldest out first.
 
 A draft is only a guess: the batch loop verifies it in the same `llama_decode` and keeps
 what greedy sampling agrees with, so the text is the one plain decoding gives, and the

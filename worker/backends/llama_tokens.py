@@ -66,8 +66,7 @@ class TokenOutput:
         draft, r.draft = r.draft, []
         kept = 0
         for k in range(len(draft) + 1):
-            token = (self._top(r.out + k) if r.argmax
-                     else quick.sampler_sample(r.sampler, self.ctx, r.out + k))
+            token = self._pick(r, r.out + k)
             if not self._take(r, token, None) or k == len(draft) or token != draft[k]:
                 break
             r.slot.tokens.append(token)  # decoded this step at its position: kept
@@ -80,10 +79,8 @@ class TokenOutput:
 
     def _sample(self, r: Run, out: int) -> None:
         row = self._logits(out) if r.seq.logprobs is not None else None
-        if r.argmax:
-            token = self._top(out)
-        elif r.grammar is None:
-            token = quick.sampler_sample(r.sampler, self.ctx, out)
+        if r.grammar is None:
+            token = self._pick(r, out)
         else:
             try:
                 p = r.seq.params
@@ -117,6 +114,10 @@ class TokenOutput:
         if r.lookup is not None:
             r.lookup.extend([token])
         return True
+
+    def _pick(self, r: Run, out: int) -> int:
+        """An unconstrained run's next token from logits row `out`."""
+        return self._top(out) if r.argmax else quick.sampler_sample(r.sampler, self.ctx, out)
 
     def _is_eog(self, token: int) -> bool:
         return bool(quick.vocab_is_eog(self.vocab, token))
