@@ -81,8 +81,11 @@ REF = "llama-server"
 
 
 def start_llama_server(exe: str, threads: int, extra: list[str]) -> Proc:
+    from worker.backends.llama_cpu import repack
     from worker.models import resolve
 
+    if not repack().on:  # the same kernels as the worker (AMX: both crash otherwise)
+        extra = ["--no-repack", *extra]
     port = free_port()
     proc = Proc([exe, "-m", str(resolve(MODEL)[1]), "--host", HOST, "--port", str(port),
                  "--threads", str(threads), "--threads-batch", str(threads),

@@ -41,14 +41,14 @@ class Model:
         import llama_cpp
 
         from worker.backends.llama import _quiet
+        from worker.backends.llama_cpu import model_params
         from worker.models import resolve
 
         _quiet()
         llama_cpp.llama_backend_init()
         self.ll = llama_cpp
         path = str(resolve("smollm2-135m")[1]).encode()
-        params = llama_cpp.llama_model_default_params()
-        self.model = llama_cpp.llama_model_load_from_file(path, params)
+        self.model = llama_cpp.llama_model_load_from_file(path, model_params())
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 8 * 1024, 512, 512, 8
         cp.n_threads = cp.n_threads_batch = threads

@@ -52,6 +52,26 @@ def test_status_reports_the_llama_backend(worker):
     assert s["backend"] == "llama"
     assert s["hardware"]["engine"].startswith("llama.cpp")
     assert {"prompt_cache_hits", "prompt_cache_reused_tokens"} <= set(s["prompt_cache"])
+    # llama.cpp's AMX kernels segfault on the first decode (worker/backends/llama_cpu.py):
+    # where the build has them, this worker got here only because it loaded without them.
+    hw = s["hardware"]
+    amx = "AMX_INT8" in hw["cpu_features"]
+    assert hw["weight_repack"] is not amx
+    assert ("20824" in (hw["weight_repack_off"] or "")) is amx
+
+
+def test_weight_repacking_is_off_only_where_llama_cpp_has_amx():
+    from worker.backends.llama_cpu import repack_choice, system_features
+
+    amx = system_features("CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 1 | REPACK = 1 | ")
+    plain = system_features("CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 0 | REPACK = 1 | ")
+    assert "AMX_INT8" in amx and "AMX_INT8" not in plain
+    assert not repack_choice(amx, None).on and "20824" in repack_choice(amx, None).why
+    assert repack_choice(plain, None).on and repack_choice(plain, "").on
+    assert repack_choice(amx, "1").on  # a llama.cpp with the fix
+    assert not repack_choice(plain, "off").on
+    with pytest.raises(ValueError, match="CORRAL_LLAMA_REPACK"):
+        repack_choice(plain, "maybe")
 
 
 def test_a_step_is_split_into_llama_decode_and_python(worker):

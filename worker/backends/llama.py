@@ -24,6 +24,7 @@ from worker.backends import invariance, llama_grammar
 from worker.backends.base import Backend, BackendError, SamplingParams, Sequence
 from worker.backends.llama_batch import BatchLoop, token_bytes
 from worker.backends.llama_chat import ChatTemplate
+from worker.backends.llama_cpu import model_params, repack, system_features
 from worker.backends.llama_embed import EMBED_WINDOW, Embedder, EmbedJob
 from worker.backends.llama_lookup import draft_limit
 
@@ -100,8 +101,7 @@ class LlamaBackend(Backend):
     def load(self) -> None:
         _quiet()
         llama_cpp.llama_backend_init()
-        mp = llama_cpp.llama_model_default_params()
-        mp.n_gpu_layers = self.n_gpu_layers
+        mp = model_params(n_gpu_layers=self.n_gpu_layers)
         split = None
         if self.tensor_split:
             split = (ctypes.c_float * llama_cpp.LLAMA_MAX_DEVICES)(*self.tensor_split)
@@ -329,10 +329,8 @@ class LlamaBackend(Backend):
         return self._describe
 
     def _facts(self) -> dict[str, Any]:
-        info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
-        features = sorted(
-            {part.split("=")[0].strip() for part in info.split("|") if part.strip().endswith("= 1")}
-        )
+        features = sorted(system_features())
+        choice = repack()
         desc = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(self._model, desc, len(desc))
         return {
@@ -342,6 +340,9 @@ class LlamaBackend(Backend):
             "cpu_features": [f for f in features if " " not in f and ":" not in f],
             "model_desc": desc.value.decode("utf-8", "replace"),
             "rpc": bool(llama_cpp.llama_supports_rpc()),
+            # Weights in llama.cpp's repacked/AMX buffers, or why not (llama_cpu.py).
+            "weight_repack": choice.on,
+            "weight_repack_off": choice.why,
         }
 
 
