@@ -48,7 +48,7 @@ class Auth:
         if self.open:
             return None
         raw = _bearer(request)
-        found = self._match(raw)
+        found = self.match(raw)
         if found is None:
             if not raw:
                 raise unauthorized("You didn't provide an API key. Provide it in the "
@@ -56,7 +56,8 @@ class Auth:
             raise unauthorized("Incorrect API key provided.")
         return found
 
-    def _match(self, raw: str) -> ApiKey | None:
+    def match(self, raw: str) -> ApiKey | None:
+        """The key whose secret is `raw` (configured or stored), compared in constant time."""
         given = raw.encode()
         found: ApiKey | None = None
         for secret, key in self.keys:
@@ -71,7 +72,7 @@ class Auth:
             return
         raw = _bearer(request)
         if raw and (hmac.compare_digest(raw.encode(), self.cluster_token)
-                    or self._match(raw) is not None):
+                    or self.match(raw) is not None):
             return
         raise APIError(401, "This view needs an API key or the cluster token (Authorization: "
                        "Bearer ...); public_dashboard = true in [gateway] opens it.",

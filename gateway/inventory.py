@@ -52,7 +52,7 @@ def serving(p: Placement, by_id: dict[str, Worker]) -> bool:
         return w is not None and held(w).get(p.model) == "ready"
     for wid in p.workers:
         r = reported(by_id[wid])
-        role = "replica" if p.mode == "replica" else ("head" if wid == p.head else "shard")
+        role = "head" if wid == p.head else "shard"
         if r.get("role") != role or r.get("model") != p.model or r.get("state") != "ready":
             return False
     return True

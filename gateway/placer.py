@@ -42,7 +42,7 @@ from gateway.catalog import Catalog, ModelFile
 from gateway.demand import Demand
 from gateway.memory_need import MemoryNeed, estimate
 from gateway.placement import Placement, Unplaceable, WorkerSpec, explain, hosted, plan
-from gateway.replicas import Reconciler, broken_loads, held, reported
+from gateway.replicas import Backoff, Reconciler, broken_loads, held, reported
 from wire.errors import APIError
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class Placer:
         self.changes = 0
         self.errors: dict[str, str] = {}  # worker id -> last push error
         self._down_since: dict[str, float] = {}
-        self._retries: dict[str, tuple[int, float]] = {}  # broken worker -> (count, next)
+        self._retries = Backoff()  # a broken split head's worker id
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -217,7 +217,7 @@ class Placer:
         by_id = {w.id: w for w in workers}
         for w in workers:  # a placement that serves again starts its retry count afresh
             if reported(w).get("state") == "ready":
-                self._retries.pop(w.id, None)
+                self._retries.clear(w.id)
         want = hosted(new)
         planned = {p.model for p in new}
         ready = {p.model for p in new if inventory.serving(p, by_id)}
@@ -313,9 +313,9 @@ class Placer:
         hr = reported(head)
         head_broken = hr.get("state") == "broken"
         if head_broken:
-            if not self._may_retry(head.id):
+            if not self._retries.may_retry(head.id):
                 return
-            self._retried(head.id)
+            self._retries.retried(head.id)
         peer = urllib.parse.urlsplit(head.url).hostname or "127.0.0.1"
         endpoints: list[str] = []
         for sid in p.workers[1:]:
@@ -339,14 +339,6 @@ class Placer:
         await self._push(head, {"role": "head", **self._file_fields(p.model),
                                 "shards": endpoints, "tensor_split": list(p.tensor_split),
                                 "restart": head_broken})
-
-    def _may_retry(self, wid: str) -> bool:
-        """A broken placement is retried at once, then after 1, 2, 4 … 60 s."""
-        return time.monotonic() >= self._retries.get(wid, (0, 0.0))[1]
-
-    def _retried(self, wid: str) -> None:
-        n, _ = self._retries.get(wid, (0, 0.0))
-        self._retries[wid] = (n + 1, time.monotonic() + min(60.0, 2.0 ** n))
 
     async def _push(self, w: Worker, body: dict[str, Any]) -> dict[str, Any] | None:
         return await self._call(w, "POST", "/control/placement", body)

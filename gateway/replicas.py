@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -64,18 +64,30 @@ def broken_loads(plan: list[Any], by_id: dict[str, Worker]) -> dict[str, str]:
     return {m: errs[0] for m, errs in why.items() if all(errs)}
 
 
+class Backoff:
+    """Retries of something that failed: at once, then after 1, 2, 4 ... 60 s; `clear` once
+    it works again starts the count afresh."""
+
+    def __init__(self, most: float = 60.0) -> None:
+        self.most = most
+        self._next: dict[Hashable, tuple[int, float]] = {}  # key -> (tries, not before)
+
+    def may_retry(self, key: Hashable) -> bool:
+        return time.monotonic() >= self._next.get(key, (0, 0.0))[1]
+
+    def retried(self, key: Hashable) -> None:
+        n, _ = self._next.get(key, (0, 0.0))
+        self._next[key] = (n + 1, time.monotonic() + min(self.most, 2.0 ** n))
+
+    def clear(self, key: Hashable) -> None:
+        self._next.pop(key, None)
+
+
 class Reconciler:
     def __init__(self, push: Push, file_fields: Callable[[str], dict[str, Any]]) -> None:
         self.push = push  # (worker, method, path, body) -> the worker's answer or None
         self.file_fields = file_fields
-        self._retries: dict[tuple[str, str], tuple[int, float]] = {}
-
-    def _may_retry(self, key: tuple[str, str]) -> bool:
-        return time.monotonic() >= self._retries.get(key, (0, 0.0))[1]
-
-    def _retried(self, key: tuple[str, str]) -> None:
-        n, _ = self._retries.get(key, (0, 0.0))
-        self._retries[key] = (n + 1, time.monotonic() + min(60.0, 2.0 ** n))
+        self._retries = Backoff()  # (worker id, model) of a failed load
 
     async def worker(self, w: Worker, want: list[str], ready_elsewhere: set[str],
                      planned: set[str]) -> None:
@@ -88,7 +100,7 @@ class Reconciler:
         have = held(w)
         for name, state in have.items():
             if state == "ready":
-                self._retries.pop((w.id, name), None)
+                self._retries.clear((w.id, name))
         unwanted = [m for m in have if m not in want and have[m] != "draining"]
         needs_room = any(m not in have for m in want)
         for name in unwanted:
@@ -104,9 +116,9 @@ class Reconciler:
                 continue
             key = (w.id, name)
             if state == "failed":
-                if not self._may_retry(key):
+                if not self._retries.may_retry(key):
                     continue
-                self._retried(key)
+                self._retries.retried(key)
             await self.push(w, "POST", "/control/models", self.file_fields(name))
 
     def keeping(self, w: Worker, want: list[str], ready_elsewhere: set[str],

@@ -7,17 +7,20 @@ nothing reaches the client as a bare 500 or a framework-shaped 422.
 from __future__ import annotations
 
 import logging
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from wire.errors import APIError, bad_request, error_body
 
 log = logging.getLogger("corral")
+
+M = TypeVar("M", bound=BaseModel)
 
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
           405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
@@ -51,6 +54,22 @@ async def read_json(request: Request) -> dict:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     return body
+
+
+def parse_model(model: type[M], raw: Any) -> M:
+    """`raw` validated as `model`, or a 400 naming the first field that is wrong."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+async def read_model(request: Request, model: type[M], *, empty: dict | None = None) -> M:
+    """The request body validated as `model`, or a 400; `empty`: what a blank body means
+    (by default a blank body is not JSON, so a 400 too)."""
+    if empty is not None and not (await request.body()).strip():
+        return parse_model(model, empty)
+    return parse_model(model, await read_json(request))
 
 
 def install(app: FastAPI) -> None:

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from wire import errors
 from wire import openai as oa
-from wire.http import error_response, json_response, read_json
+from wire.http import error_response, json_response, read_model
 from wire.sse import SSE_DONE, sse
 from wire.status import WORKER_HEADER
 from worker import choices
@@ -89,7 +89,7 @@ def _params(req: oa.SamplingFields) -> SamplingParams:
 
 
 async def _prepare_chat(request: Request) -> Job:
-    req = oa.ChatCompletionRequest.model_validate(await read_json(request))
+    req = await read_model(request, oa.ChatCompletionRequest)
     engine = engine_for(request, req.model)
     if tools_chat.needed(req):
         plan = tools_chat.plan(req, engine.backend)
@@ -107,7 +107,7 @@ async def _prepare_chat(request: Request) -> Job:
 
 
 async def _prepare_text(request: Request) -> Job:
-    req = oa.CompletionRequest.model_validate(await read_json(request))
+    req = await read_model(request, oa.CompletionRequest)
     engine = engine_for(request, req.model)
     tokens = engine.backend.tokenize(req.prompt_text)
     budget = engine.check_context(len(tokens), req.limit)

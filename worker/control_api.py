@@ -10,15 +10,14 @@ sends `/v1/*` and `/metrics` to the head child. `install` wires all of it into t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wire.errors import APIError
-from wire.http import json_response, read_json, validation_error
+from wire.http import M, json_response, read_model
 from wire.status import WorkerStatus
 from worker.auth import authorize
 from worker.control import Control
@@ -27,8 +26,6 @@ from worker.roles import PlacementRequest
 
 if TYPE_CHECKING:
     from worker.state import WorkerState
-
-M = TypeVar("M", bound=BaseModel)
 
 router = APIRouter()
 
@@ -40,10 +37,7 @@ def _control(request: Request) -> Control:
 async def _body(request: Request, model: type[M]) -> M:
     """The request's body as `model`, once the caller is known to hold the cluster token."""
     authorize(request)
-    try:
-        return model.model_validate(await read_json(request))
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+    return await read_model(request, model)
 
 
 @router.get("/control/placement")

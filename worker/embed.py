@@ -16,7 +16,7 @@ from fastapi.responses import Response
 
 from wire import embeddings as emb
 from wire import errors
-from wire.http import read_json
+from wire.http import read_model
 from wire.status import WORKER_HEADER
 from worker.api import engine_for
 from worker.backends.base import Backend, BackendError
@@ -56,7 +56,7 @@ async def _disconnected(request: Request) -> None:
 
 @router.post("/v1/embeddings")
 async def embeddings(request: Request) -> Response:
-    req = emb.EmbeddingRequest.model_validate(await read_json(request))
+    req = await read_model(request, emb.EmbeddingRequest)
     state = request.app.state
     engine = engine_for(request, req.model)
     backend: Backend = engine.backend

@@ -23,10 +23,9 @@ from typing import TYPE_CHECKING, Literal
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
-from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from wire.http import json_response, read_json, validation_error
+from wire.http import json_response, read_model
 from wire.status import DrainRequest, WorkerStatus
 from worker.auth import authorize
 
@@ -194,10 +193,7 @@ def _life(request: Request) -> Lifecycle:
 @router.post("/control/drain")
 async def drain(request: Request) -> Response:
     authorize(request)
-    try:
-        body = DrainRequest.model_validate(await read_json(request))
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+    body = await read_model(request, DrainRequest)
     return json_response(_life(request).drain(body.then, body.deadline))
 
 

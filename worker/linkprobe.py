@@ -15,10 +15,10 @@ import time
 import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from wire.errors import bad_request
-from wire.http import json_response, read_json, validation_error
+from wire.http import json_response, read_model
 from wire.links import connect_rtt, host_port
 from worker.auth import authorize
 
@@ -37,10 +37,7 @@ class ProbeRequest(BaseModel):
 @router.post("/control/probe")
 async def probe(request: Request) -> Response:
     authorize(request)
-    try:
-        body = ProbeRequest.model_validate(await read_json(request))
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+    body = await read_model(request, ProbeRequest)
     if not body.url.startswith(("http://", "https://")):
         raise bad_request("url must be an http:// or https:// URL", param="url")
     host, port = host_port(body.url)

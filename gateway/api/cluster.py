@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
 
 from gateway import capabilities
 from wire.errors import bad_request, not_found
-from wire.http import json_response, read_json, validation_error
+from wire.http import json_response, read_model
 from wire.status import JoinRequest
 
 if TYPE_CHECKING:
@@ -43,10 +42,7 @@ async def cluster(request: Request) -> Response:
 async def join(request: Request) -> Response:
     gw = _gw(request)
     gw.auth.cluster(request)
-    try:
-        body = JoinRequest.model_validate(await read_json(request))
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+    body = await read_model(request, JoinRequest)
     if not body.url.startswith(("http://", "https://")):
         raise bad_request("url must be an http:// or https:// URL", param="url")
     w, new = gw.registry.join(body.id, body.url)

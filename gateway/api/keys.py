@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from gateway.config import ApiKey
 from gateway.config_file import ApiKeyEntry, _Strict
 from gateway.keys import LIMIT_FIELDS, new_secret, public
 from wire.errors import APIError, bad_request
-from wire.http import json_response, read_json, validation_error
+from wire.http import json_response, parse_model, read_json, read_model
 
 if TYPE_CHECKING:
     from gateway.core import Gateway
@@ -79,12 +79,9 @@ async def list_keys(request: Request) -> Response:
 @router.post("/admin/keys")
 async def add_key(request: Request) -> Response:
     gw = _gw(request)
-    try:
-        body = NewKey.model_validate(await read_json(request))
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+    body = await read_model(request, NewKey)
     secret = body.key or new_secret()
-    if gw.auth._match(secret) is not None:
+    if gw.auth.match(secret) is not None:
         raise bad_request("That key exists already.", param="key", code="key_exists")
     template = body.model_copy(update={"key": secret}).to_key(0)
     was_open = gw.auth.open
@@ -100,11 +97,8 @@ async def add_key(request: Request) -> Response:
 async def set_limits(request: Request, key_id: str) -> Response:
     gw = _gw(request)
     key = _find(gw, key_id)
-    try:
-        raw = await read_json(request)
-        limits = Limits.model_validate(raw)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+    raw = await read_json(request)
+    limits = parse_model(Limits, raw)
     if key.frontend is None and any(raw.get(f) for f in LIMIT_FIELDS if f.startswith("user_")):
         raise bad_request("Per-end-user limits need a front-end key (frontend).",
                           param=next(f for f in LIMIT_FIELDS if f.startswith("user_")

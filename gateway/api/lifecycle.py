@@ -8,10 +8,9 @@ from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import ValidationError
 
 from wire.errors import not_found
-from wire.http import json_response, read_json, validation_error
+from wire.http import json_response, read_model
 from wire.status import DrainRequest
 
 if TYPE_CHECKING:
@@ -24,11 +23,7 @@ router = APIRouter()
 async def drain(request: Request, worker_id: str) -> Response:
     gw: Gateway = request.app.state.gateway
     gw.auth.cluster(request)
-    raw = await request.body()
-    try:
-        body = DrainRequest.model_validate(await read_json(request) if raw.strip() else {})
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+    body = await read_model(request, DrainRequest, empty={})
     w = gw.registry.workers.get(worker_id)
     if w is None:
         raise not_found(f"No worker {worker_id!r} in this cluster.", param="id")

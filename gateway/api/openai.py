@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
 from gateway import capabilities
@@ -27,7 +26,7 @@ from gateway.loading import LoadingStream
 from gateway.upstream import Call, _error
 from wire import errors
 from wire import openai as oa
-from wire.http import json_response, read_json, validation_error
+from wire.http import json_response, parse_model, read_json
 from wire.status import WORKER_HEADER
 
 if TYPE_CHECKING:
@@ -126,10 +125,7 @@ async def _proxy(request: Request, path: str, model_cls: type[oa.SamplingFields]
         body = await read_json(request)
         end = resolve(key, request.headers, body)  # a trusted front end's end user
         eid = end.id if end is not None else None
-        try:
-            req = model_cls.model_validate(body)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
+        req = parse_model(model_cls, body)
         aliased = gw.placer.resolve(req.model)  # an alias: the catalogued name
         renamed = aliased != req.model
         if renamed:

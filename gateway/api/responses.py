@@ -35,7 +35,7 @@ from gateway.responses.events import Builder, chunks, skeleton, sse_event
 from gateway.upstream import Call, ClientGone, _error, until_disconnect
 from wire import errors
 from wire import openai as oa
-from wire.http import json_response, read_json, validation_error
+from wire.http import json_response, parse_model, read_json, validation_error
 from wire.responses import ResponsesRequest
 from wire.status import WORKER_HEADER
 
@@ -181,10 +181,7 @@ async def create(request: Request) -> Response:
         end = resolve(key, request.headers, body)  # a trusted front end's end user
         eid = end.id if end is not None else None
         owner = _owner(key, end)
-        try:
-            req = ResponsesRequest.model_validate(body)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
+        req = parse_model(ResponsesRequest, body)
         model = req.model = gw.placer.resolve(req.model)  # an alias: the catalogued name
         gw.placer.touch(model)  # in use; loaded on demand when served nowhere
         refused = gw.placer.refusal(model)  # a model too big for every worker and split

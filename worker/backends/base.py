@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from wire.errors import bad_request
+
+
+def continued(messages: list[dict[str, Any]], render: Callable[[list[dict[str, Any]]], str]
+              ) -> str | None:
+    """The conversation rendered up to the final (assistant) message's text, left open for
+    the model to go on writing it (`continue_final_message`): `render` (a template without
+    the generation prompt) is given a marker in that text's place and cut there. None when
+    the template dropped the message."""
+    final = messages[-1]
+    marker = f"CORRALCONTINUE{uuid.uuid4().hex}"
+    text = render([*messages[:-1], {**final, "content": marker}])
+    cut = text.rfind(marker)
+    return None if cut < 0 else text[:cut] + (final.get("content") or "")
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,14 @@ marker, which works for any template without knowing its end-of-turn tokens.
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import datetime
 from typing import Any
 
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from worker.backends.base import continued
 
 # Used when a GGUF carries no template: ChatML, what most small instruct models speak.
 CHATML = (
@@ -59,13 +60,10 @@ class ChatTemplate:
                tools: list[dict[str, Any]] | None = None) -> str:
         if not continue_final:
             return self._render(messages, True, tools)
-        final = messages[-1]
-        marker = f"CORRALCONTINUE{uuid.uuid4().hex}"
-        text = self._render([*messages[:-1], {**final, "content": marker}], False, tools)
-        cut = text.find(marker)
-        if cut < 0:  # the template dropped the message: fall back to an open assistant turn
-            return self._render(messages[:-1], True, tools) + (final.get("content") or "")
-        return text[:cut] + (final.get("content") or "")
+        text = continued(messages, lambda m: self._render(m, False, tools))
+        if text is None:  # the template dropped the message: an open assistant turn instead
+            return self._render(messages[:-1], True, tools) + (messages[-1].get("content") or "")
+        return text
 
 
 def _tojson(value: Any, indent: int | None = None, separators: Any = None,

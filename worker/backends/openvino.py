@@ -21,7 +21,7 @@ import openvino_genai as ovg
 
 from wire.errors import bad_request
 from worker.backends import invariance, openvino_config, openvino_structured
-from worker.backends.base import Backend, BackendError, SamplingParams
+from worker.backends.base import Backend, BackendError, SamplingParams, continued
 from worker.backends.knobs import env_flag
 from worker.backends.openvino_load import (
     cache_root,
@@ -38,7 +38,6 @@ log = logging.getLogger("corral.worker.openvino")
 MAX_CTX = 8192
 _CALIBRATION_PROMPT = "Count from one to forty, in words, separated by commas."
 _CALIBRATION_TOKENS = 32
-_MARKER = "\x00corral-continue\x00"
 _CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
     "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
@@ -151,16 +150,7 @@ class OpenVINOBackend(DecodeLoop, Backend):
         history = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
         if not continue_final:
             return self._tok.apply_chat_template(history, add_generation_prompt=True)
-        if not history or history[-1]["role"] != "assistant":
-            raise bad_request("continue_final_message needs a final assistant message",
-                              param="messages")
-        final = history[-1]["content"]
-        history[-1] = {"role": "assistant", "content": _MARKER}
-        text = self._tok.apply_chat_template(history, add_generation_prompt=False)
-        cut = text.rfind(_MARKER)
-        if cut < 0:
-            raise BackendError("the chat template dropped the final assistant message")
-        return text[:cut] + final
+        return _kept(continued(history, lambda h: self._tok.apply_chat_template(h, False)))
 
     @property
     def chat_template(self) -> str | None:
@@ -171,19 +161,17 @@ class OpenVINOBackend(DecodeLoop, Backend):
         """`render_chat` with tool definitions and tool history (OpenVINO's own template
         engine takes `tools` and nested message fields as Hugging Face passes them)."""
         history = [{**m, "content": m.get("content") or ""} for m in messages]
-        try:
-            if not continue_final:
-                return self._tok.apply_chat_template(history, True, tools=tools)
-            final = history[-1]["content"]
-            history[-1] = {"role": "assistant", "content": _MARKER}
-            text = self._tok.apply_chat_template(history, False, tools=tools)
-        except Exception as exc:
-            raise bad_request(f"The model's chat template refused the messages: {exc}",
-                              param="messages") from None
-        cut = text.rfind(_MARKER)
-        if cut < 0:
-            raise BackendError("the chat template dropped the final assistant message")
-        return text[:cut] + final
+
+        def render(h: list[dict[str, Any]], open_turn: bool) -> str:
+            try:
+                return self._tok.apply_chat_template(h, open_turn, tools=tools)
+            except Exception as exc:
+                raise bad_request(f"The model's chat template refused the messages: {exc}",
+                                  param="messages") from None
+
+        if not continue_final:
+            return render(history, True)
+        return _kept(continued(history, lambda h: render(h, False)))
 
     def compile_constraint(self, constraint: Any) -> Any:
         return openvino_structured.compile_config(constraint)
@@ -259,3 +247,10 @@ class OpenVINOBackend(DecodeLoop, Backend):
     def current_threads(self) -> int:
         """The CPU threads it was compiled for (set at load only)."""
         return self.threads or os.cpu_count() or 1
+
+
+def _kept(text: str | None) -> str:
+    """`continued`'s prompt; a template that dropped the final message is the model's fault."""
+    if text is None:
+        raise BackendError("the chat template dropped the final assistant message")
+    return text
