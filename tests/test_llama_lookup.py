@@ -192,9 +192,9 @@ def test_the_prefill_chunk_beside_decoding_is_configurable(monkeypatch):
     assert shared_step_seconds() == 0.8
 
 
-def test_drafts_are_only_as_long_as_their_rows_pay():
-    """A draft row costs about a batch token and row j is kept with probability rate^j:
-    with a plain step of 4 runs at 25 ms and a row at 5 ms, rows pay while rate^j > 0.8."""
+def test_drafts_are_as_long_as_gives_the_most_tokens_per_second():
+    """k draft rows each earn 1 + rate + ... + rate^k tokens per run in a step of
+    runs x (1 + k) rows, timed as measured for that many rows, else linearly guessed."""
     pytest.importorskip("llama_cpp")
     from types import SimpleNamespace
 
@@ -203,11 +203,20 @@ def test_drafts_are_only_as_long_as_their_rows_pay():
     def runs(rate: float, n: int) -> list:
         return [SimpleNamespace(lookup=SimpleNamespace(rate=rate)) for _ in range(n)]
 
-    loop = SimpleNamespace(_plain_step={4: 0.025, 1: 0.010}, _token_cost=0.005, n_batch=512)
+    def loop(costs: dict[int, float]) -> SimpleNamespace:
+        return SimpleNamespace(_step_cost=costs, _token_cost=0.005, n_batch=512, lookup=8)
+
     rows = BatchLoop._draft_rows
-    assert [rows(loop, runs(r, 4)) for r in (0.7, 0.9, 0.95)] == [0, 2, 4]
-    assert [rows(loop, runs(r, 1)) for r in (0.4, 0.6, 0.9)] == [0, 1, 6]  # alone: bar 0.5
-    unmeasured = SimpleNamespace(_plain_step={}, _token_cost=0.005, n_batch=512)
+    linear = loop({4: 0.025, 1: 0.010})  # only plain steps measured: a row guessed at 5 ms
+    assert [rows(linear, runs(r, 4)) for r in (0.6, 0.9, 0.97)] == [0, 1, 3]
+    assert [rows(linear, runs(r, 1)) for r in (0.4, 0.6, 0.9)] == [0, 1, 3]
+    # A Xeon's measured steps: a second row costs as much as a plain step, more rows
+    # little, so a sequence alone drafts long drafts or none; the linear guess says 1.
+    xeon = loop({1: 0.0115, 2: 0.0245, 3: 0.0286, 5: 0.0297, 6: 0.034, 7: 0.036, 8: 0.04,
+                 9: 0.042})
+    assert [rows(xeon, runs(r, 1)) for r in (0.6, 0.8, 0.9)] == [0, 4, 8]
+    assert rows(xeon, runs(0.6, 2)) == 2  # 2 runs of 3 rows: 6 rows, 1.4x a plain step
+    unmeasured = loop({})
     assert rows(unmeasured, runs(0.1, 4)) == 512
 
 

@@ -20,7 +20,6 @@ step's logits (sampling, drafts, text) is `llama_tokens.py`.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -88,7 +87,7 @@ class BatchLoop(SlotAdmission, TokenOutput):
         self._thread: threading.Thread | None = None
         self._pieces: dict[int, bytes] = {}
         self._token_cost = 0.0  # seconds per batch token in prefill-heavy steps (EWMA)
-        self._plain_step: dict[int, float] = {}  # runs -> seconds of a one-token-each step
+        self._step_cost: dict[int, float] = {}  # rows -> seconds of a pure decode step (EWMA)
         self._want_threads: int | None = None  # set by set_threads, applied between steps
         self.threads = int(llama_cpp.llama_n_threads(ctx))  # what llama_decode uses now
         self.stats = {"prompt_cache_hits": 0, "prompt_cache_reused_tokens": 0,
@@ -236,13 +235,13 @@ class BatchLoop(SlotAdmission, TokenOutput):
         if self._decoded_at is not None:  # Python's share: from one decode to the next
             self.stats["step_gap_us"] += int((t0 - self._decoded_at) * 1e6)
         self._decoded_at = t1
-        if rc == 0 and n >= 32:  # a prefill-heavy step: learn the cost of a batch token
+        if rc == 0 and n >= 32:  # a big step: learn the cost of a batch token
             per_token = took / n
             self._token_cost = per_token if not self._token_cost else (
                 0.7 * self._token_cost + 0.3 * per_token)
-        elif rc == 0 and n == len(runs) and not any(r.prefilling for r in runs):
-            old = self._plain_step.get(n)  # a plain decode step: what drafts must beat
-            self._plain_step[n] = took if old is None else 0.7 * old + 0.3 * took
+        if rc == 0 and not any(r.prefilling for r in runs):
+            old = self._step_cost.get(n)  # a decode step of n rows, drafts included
+            self._step_cost[n] = took if old is None else 0.7 * old + 0.3 * took
         if rc != 0:
             self._decode_failed(runs, rc)
             return True
@@ -323,23 +322,27 @@ class BatchLoop(SlotAdmission, TokenOutput):
         return k * len(runs)
 
     def _draft_rows(self, runs: list[Run]) -> int:
-        """How long a draft is expected to earn its cost. A draft row costs about one
-        batch token (`_token_cost`; on a small CPU half a plain step of one sequence), and
-        row j is kept only if the j before it were, with probability rate^j (the runs'
-        recent acceptance rate), earning a plain step's time per run. So rows pay while
-        rate^j > runs x row cost / plain step time: none at a rate below that bar (0.5
-        alone, 0.8 at 4 runs on the 2-core box of docs/BENCHMARKS.md), longer drafts the
-        surer they are and the cheaper rows are. Unmeasured: as long as the runs allow."""
-        step, row = self._plain_step.get(len(runs)), self._token_cost
-        if not step or not row:
+        """The draft length per run that is expected to give the most tokens per second.
+        Row j of a draft is kept only if the j before it were, with probability rate^j
+        (the runs' recent acceptance rate), so k rows each earn 1 + rate + ... + rate^k
+        tokens per run in a step of runs x (1 + k) rows; that step takes what such a step
+        took lately (`_step_cost`), or, never run yet, the plain step plus a batch token
+        (`_token_cost`) per added row. 0 when no length beats a plain step. Measured, since
+        steps do not cost linearly in rows: on a Xeon (AVX-512) 2 rows took 2.1x one row,
+        5 rows 2.6x (docs/BENCHMARKS.md). Plain step unmeasured: as long as the runs allow."""
+        n = len(runs)
+        plain, row = self._step_cost.get(n), self._token_cost
+        if not plain or not row:
             return self.n_batch
-        bar = len(runs) * row / step
-        rate = sum(r.lookup.rate for r in runs if r.lookup is not None) / len(runs)
-        if bar >= 1 or rate <= bar:
-            return 0
-        if rate >= 1:
-            return self.n_batch
-        return int(math.log(bar) / math.log(rate))
+        rate = sum(r.lookup.rate for r in runs if r.lookup is not None) / n
+        best_k, best = 0, 1.0 / plain  # tokens per run per second
+        earned = 1.0
+        for k in range(1, max(0, min(self.lookup, (self.n_batch - n) // n)) + 1):
+            earned += rate ** k
+            took = self._step_cost.get(n * (1 + k)) or plain + n * k * row
+            if earned / took > best:
+                best_k, best = k, earned / took
+        return best_k
 
     def _shared_budget(self) -> int:
         top = min(self.chunk_max, self.n_batch)
