@@ -1,8 +1,10 @@
 """The load-time batch-invariance probe (worker/backends/invariance.py), in-process.
 
-The real backends run the probe at every load and report it in /status (test_worker_api.py
-checks it there against real batched output); here a stepping fake whose text may depend on
-its batch company shows the probe tells the two cases apart, deterministically.
+The real backends run the probe at load (the llama one once per configuration of a host,
+test_worker_llama.py) and report it in /status (test_worker_api.py checks it there against
+real batched output); here a stepping fake whose text may depend on its batch company shows
+the probe tells the two cases apart, deterministically, and that a kept verdict is read back
+for its own key only.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import threading
 
 from worker.backends.base import Sequence
-from worker.backends.invariance import STAGGER, measure
+from worker.backends.invariance import STAGGER, measure, probe
 
 
 class SteppingBackend:
@@ -92,3 +94,42 @@ def test_one_slot_is_invariant_by_construction() -> None:
                 on_last_finish=cleaned.set, timeout=30)
     assert v.invariant is True
     assert cleaned.is_set()  # the cleanup hook still runs on the backend's thread
+
+
+class _Backend:
+    """What `probe` reads of a backend, over the stepping fake."""
+
+    name = "fake"
+    slots = 4
+    batch_invariant = None
+
+    def __init__(self, company: bool) -> None:
+        self.fake = SteppingBackend(company)
+        self.submits = 0
+
+    def submit(self, seq: Sequence) -> None:
+        self.submits += 1
+        self.fake.submit(seq)
+
+    def tokenize(self, text: str) -> list[int]:
+        return _tokenize(text)
+
+    def render_chat(self, messages: list[dict]) -> str:
+        return messages[-1]["content"]
+
+
+def test_a_verdict_is_kept_per_key_and_read_back(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    key = {"backend": "fake", "threads": 2}
+    first = _Backend(company=True)
+    probe(first, first.submit, key=key)
+    assert first.batch_invariant is False and first.submits == 8  # 4 alone, 4 together
+    again = _Backend(company=False)  # would measure True: the kept verdict is read instead
+    cleaned = threading.Event()
+    probe(again, again.submit, on_last_finish=cleaned.set, key=key)
+    assert again.batch_invariant is False and again.submits == 1
+    assert cleaned.is_set()  # the probe's cleanup still ran on the backend's thread
+    other = _Backend(company=False)
+    probe(other, other.submit, key={**key, "threads": 1})  # another key: measured
+    assert other.batch_invariant is True and other.submits == 8
+    assert len(list((tmp_path / "corral" / "invariance").glob("*.json"))) == 2

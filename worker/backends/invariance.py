@@ -10,14 +10,26 @@ staggered starts (so that a newcomer's prefill shares steps with the others' dec
 the texts compared. A probe can only ever prove a difference; equal texts are evidence, and
 the prompts are chosen to diverge early where kernels differ (measured: the unfixed
 OpenVINO setup on an AMD EPYC with AVX-512 diverged within 6-15 tokens on 3 of 4 prompts).
+
+The probe takes ~3 s of a llama worker's ~5 s load, so a backend may pass a `key` (all that
+the verdict depends on: engine build and CPU features, model file, threads, slots, batch
+size, every CORRAL_* knob): a verdict measured once for that key is kept under
+~/.cache/corral/invariance and read back at the next load, as OpenVINO keeps its compiled
+models. A restarted worker, or a model loaded again on demand, is serving seconds sooner.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from worker.backends.base import Backend, SamplingParams, Sequence
 
@@ -56,20 +68,35 @@ class _Probe:
 
 
 def probe(backend: Backend, submit: Callable[[Sequence], None],
-          on_last_finish: Callable[[], None] | None = None) -> None:
-    """Sets `backend.batch_invariant` from `measure`, and logs why when it is not. Call at
-    the end of `load`, once the decode loop runs."""
+          on_last_finish: Callable[[], None] | None = None,
+          key: dict[str, Any] | None = None) -> bool:
+    """Sets `backend.batch_invariant` from `measure` (or from the verdict kept for `key`),
+    and logs why when it is not. Call at the end of `load`, once the decode loop runs.
+    Returns whether the verdict was a kept one."""
 
     def render(user: str) -> str:
         return backend.render_chat([{"role": "user", "content": user}])
 
-    verdict = measure(submit, backend.tokenize, render, backend.slots,
-                      on_last_finish=on_last_finish)
+    path = _verdict_path(key) if key is not None else None
+    verdict = _read(path) if path is not None else None
+    kept = verdict is not None
+    if verdict is not None:
+        log.info("%s: batch invariance as measured before on this host (%s)", backend.name,
+                 path)
+        if on_last_finish is not None:  # what the probe's last sequence would have run
+            _run_one(submit, backend.tokenize(render(PROMPTS[0])), 120.0, on_last_finish,
+                     tokens=1)
+    else:
+        verdict = measure(submit, backend.tokenize, render, backend.slots,
+                          on_last_finish=on_last_finish)
+        if path is not None and verdict.invariant is not None:
+            _write(path, verdict, key)
     backend.batch_invariant = verdict.invariant
     if verdict.invariant is not True:
         log.warning("%s: greedy output is not batch-invariant on this host (%s); mid-stream "
                     "failover still continues from the exact text sent, but the rest may "
                     "differ from an uninterrupted answer", backend.name, verdict.detail)
+    return kept
 
 
 def measure(
@@ -110,10 +137,48 @@ def measure(
                          "batched")
 
 
-def _run_one(submit: Callable[[Sequence], None], prompt: list[int], timeout: float,
-             on_last_finish: Callable[[], None]) -> None:
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "corral" / "invariance"
+
+
+def knobs() -> dict[str, str]:
+    """Every CORRAL_* setting of this process but secrets: any may change the kernels or
+    the batches a probe sees."""
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith("CORRAL_") and "TOKEN" not in k and "KEY" not in k}
+
+
+def _verdict_path(key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return cache_dir() / f"{digest[:32]}.json"
+
+
+def _read(path: Path) -> Verdict | None:
     try:
-        _run(submit, [prompt], timeout, on_last_finish)
+        raw = json.loads(path.read_text())
+        if isinstance(raw.get("invariant"), bool) and isinstance(raw.get("detail"), str):
+            return Verdict(raw["invariant"], raw["detail"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def _write(path: Path, verdict: Verdict, key: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"invariant": verdict.invariant, "detail": verdict.detail,
+                                   "measured_at": time.time(), "key": key}, default=str))
+        tmp.replace(path)  # whole or not at all: workers starting together may race
+    except OSError as exc:
+        log.warning("could not keep the batch-invariance verdict at %s: %s", path, exc)
+
+
+def _run_one(submit: Callable[[Sequence], None], prompt: list[int], timeout: float,
+             on_last_finish: Callable[[], None], tokens: int = TOKENS) -> None:
+    try:
+        _run(submit, [prompt], timeout, on_last_finish, tokens)
     except TimeoutError:
         log.warning("batch-invariance probe: timed out")
 
@@ -123,6 +188,7 @@ def _run(
     prompts: list[list[int]],
     timeout: float,
     on_last_finish: Callable[[], None] | None = None,
+    tokens: int = TOKENS,
 ) -> list[_Probe]:
     """Greedy-decodes `prompts`, the later ones starting as the first one produces."""
     lock = threading.Lock()
@@ -147,7 +213,7 @@ def _run(
             started.set()
             probe.done.set()
 
-        seq = Sequence(f"invariance-{i}", prompt, TOKENS, SamplingParams(temperature=0.0),
+        seq = Sequence(f"invariance-{i}", prompt, tokens, SamplingParams(temperature=0.0),
                        on_tokens, on_finish)
         probe = _Probe(seq)
         return probe

@@ -14,6 +14,7 @@ import os
 import statistics
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -27,6 +28,7 @@ from worker.backends.llama_chat import ChatTemplate
 from worker.backends.llama_cpu import model_params, repack, system_features
 from worker.backends.llama_embed import EMBED_WINDOW, Embedder, EmbedJob
 from worker.backends.llama_lookup import draft_limit
+from worker.hardware import cpu_model
 
 log = logging.getLogger("corral.llama")
 
@@ -156,7 +158,9 @@ class LlamaBackend(Backend):
         # the invariance probe then checks what is served, drafts included.
         loop.lookup = self.lookup
         # The probe ends by emptying the KV cache, so it leaves no prefix behind.
-        invariance.probe(self, loop.submit, on_last_finish=loop.forget)
+        kept = invariance.probe(self, loop.submit, on_last_finish=loop.forget,
+                                key=self._invariance_key())
+        self._describe["batch_invariant_kept"] = kept  # read back, not measured this load
         self._loop = loop
         self.vocab_size = n_vocab
         self._embedder = Embedder(model, loop, self.threads, min(EMBED_WINDOW, self.n_ctx))
@@ -327,6 +331,21 @@ class LlamaBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return self._describe
+
+    def _invariance_key(self) -> dict[str, Any] | None:
+        """All a batch-invariance verdict depends on (invariance.py keeps it by this); None
+        for a split head, whose kernels run on other boxes too."""
+        if self.n_gpu_layers or self.tensor_split:
+            return None
+        lib = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in
+                     Path(llama_cpp.__file__).parent.glob("lib/*"))
+        st = os.stat(self.model_path)
+        return {"backend": "llama", "engine": llama_cpp.__version__, "lib": lib,
+                "system": llama_cpp.llama_print_system_info().decode("utf-8", "replace"),
+                "cpu": cpu_model(), "model": [os.path.realpath(self.model_path), st.st_size,
+                                              st.st_mtime_ns],
+                "threads": self.threads, "slots": self.slots, "n_ctx": self.n_ctx,
+                "n_batch": self.n_batch, "lookup": self.lookup, "knobs": invariance.knobs()}
 
     def _facts(self) -> dict[str, Any]:
         features = sorted(system_features())
