@@ -13,7 +13,7 @@ OpenVINO setup on an AMD EPYC with AVX-512 diverged within 6-15 tokens on 3 of 4
 
 The probe takes ~3 s of a llama worker's ~5 s load, so a backend may pass a `key` (all that
 the verdict depends on: engine build and CPU features, model file, threads, slots, batch
-size, every CORRAL_* knob): a verdict measured once for that key is kept under
+size, the backend's CORRAL_* knobs): a verdict measured once for that key is kept under
 ~/.cache/corral/invariance and read back at the next load, as OpenVINO keeps its compiled
 models. A restarted worker, or a model loaded again on demand, is serving seconds sooner.
 """
@@ -143,10 +143,21 @@ def cache_dir() -> Path:
 
 
 def knobs() -> dict[str, str]:
-    """Every CORRAL_* setting of this process but secrets: any may change the kernels or
-    the batches a probe sees."""
+    """The backends' tuning knobs set in this process (worker/backends/knobs.py): any may
+    change the kernels or the batches a probe sees."""
     return {k: v for k, v in sorted(os.environ.items())
-            if k.startswith("CORRAL_") and "TOKEN" not in k and "KEY" not in k}
+            if k.startswith(("CORRAL_LLAMA_", "CORRAL_OPENVINO_"))}
+
+
+def file_identity(path: str) -> list[Any]:
+    """A model file by its size and the hashes of its first and last MiB: the same GGUF
+    fetched to another directory is the same model (its path and mtime differ)."""
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - (1 << 20)))
+        tail = hashlib.sha256(f.read()).hexdigest()
+    return [size, head, tail]
 
 
 def _verdict_path(key: dict[str, Any]) -> Path:

@@ -339,11 +339,9 @@ class LlamaBackend(Backend):
             return None
         lib = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in
                      Path(llama_cpp.__file__).parent.glob("lib/*"))
-        st = os.stat(self.model_path)
         return {"backend": "llama", "engine": llama_cpp.__version__, "lib": lib,
                 "system": llama_cpp.llama_print_system_info().decode("utf-8", "replace"),
-                "cpu": cpu_model(), "model": [os.path.realpath(self.model_path), st.st_size,
-                                              st.st_mtime_ns],
+                "cpu": cpu_model(), "model": invariance.file_identity(self.model_path),
                 "threads": self.threads, "slots": self.slots, "n_ctx": self.n_ctx,
                 "n_batch": self.n_batch, "lookup": self.lookup, "knobs": invariance.knobs()}
 
