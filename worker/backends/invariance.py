@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.backends.base import Backend, SamplingParams, Sequence
+from worker.backends.knobs import cache_home
 
 log = logging.getLogger("corral.worker")
 
@@ -80,7 +81,7 @@ def probe(backend: Backend, submit: Callable[[Sequence], None],
     path = _verdict_path(key) if key is not None else None
     verdict = _read(path) if path is not None else None
     kept = verdict is not None
-    if verdict is not None:
+    if kept:
         log.info("%s: batch invariance as measured before on this host (%s)", backend.name,
                  path)
         if on_last_finish is not None:  # what the probe's last sequence would have run
@@ -138,8 +139,7 @@ def measure(
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "corral" / "invariance"
+    return cache_home() / "invariance"
 
 
 def knobs() -> dict[str, str]:

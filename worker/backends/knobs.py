@@ -4,6 +4,14 @@ one place that parses them and says which one is malformed."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+
+def cache_home() -> Path:
+    """Where the backends keep what they measured or compiled: $XDG_CACHE_HOME/corral, by
+    default ~/.cache/corral."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "corral"
 
 
 def env_flag(name: str, default: bool) -> bool:

@@ -337,7 +337,7 @@ class BatchLoop(SlotAdmission, TokenOutput):
         rate = sum(r.lookup.rate for r in runs if r.lookup is not None) / n
         best_k, best = 0, 1.0 / plain  # tokens per run per second
         earned = 1.0
-        for k in range(1, max(0, min(self.lookup, (self.n_batch - n) // n)) + 1):
+        for k in range(1, min(self.lookup, (self.n_batch - n) // n) + 1):
             earned += rate ** k
             took = self._step_cost.get(n * (1 + k)) or plain + n * k * row
             if earned / took > best:

@@ -19,12 +19,13 @@ import numpy as np
 import openvino as ov
 import openvino_genai as ovg
 
+from worker.backends.knobs import cache_home
+
 log = logging.getLogger("corral.worker.openvino")
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "corral" / "openvino"
+    return cache_home() / "openvino"
 
 
 def properties(device: str, compiled_cache: Path | None, batch_invariant: bool,
