@@ -16,7 +16,7 @@ import pytest
 from conftest import client_for, require_backend, serve_worker, status
 from procs import Worker, metric
 
-from worker.backends.llama_history import History
+from worker.backends.llama_history import START_RATE, History, learned
 from worker.backends.llama_lookup import Lookup
 
 TEXT = ("The corral stood at the edge of the valley. Every morning the horses came down from "
@@ -105,14 +105,12 @@ def test_sampled_text_takes_drafts_and_stays_the_seeded_text(pair):
 def test_lookup_drafts_what_followed_the_latest_ngram():
     lk = Lookup(limit=8)
     lk.extend([1, 2, 3, 4, 5, 6, 9, 1, 2, 3])
-    assert lk.draft(room=8) == [4, 5, 6, 9][: lk.size]  # starts at 4 tokens
+    assert lk.draft(room=8) == [4, 5, 6, 9, 1, 2, 3]
     assert lk.draft(room=2) == [4, 5]
-    lk.result(4, 4)  # all kept: longer drafts
-    assert lk.size == 8
-    lk.result(8, 0)  # mostly rejected overall: a pause, then one token at a time
-    assert lk.draft(room=8) == [] and lk.size == 1
-    lk.extend([7] * 16)
-    assert lk.draft(room=8) == [7]
+    lk.extend([4, 7])  # a 2-gram when the 3-gram is new
+    assert lk.draft(room=8) == []
+    lk.extend([5, 6])
+    assert lk.draft(room=3) == [9, 1, 2]
 
 
 def test_history_drafts_what_followed_the_same_tokens_last_time():
@@ -155,16 +153,38 @@ def test_a_new_sequence_starts_from_the_rate_history_drafts_earned():
     h = History(budget=100)
     h.add([5, 6, 7, 8, 9, 10, 11, 12])
     first = Lookup(limit=8, history=h)
-    assert first.rate == 0.7  # nothing learned yet
+    assert first.rate == START_RATE  # nothing learned yet
     first.extend([1, 6, 7, 8])
     assert first.draft(room=8) == [9, 10, 11, 12] and first.from_history
     first.result(4, 4)
-    assert h.rate == 1.0
-    assert Lookup(limit=8, history=h).rate == 1.0  # the next one drafts at once
-    h.observe(4, 0)
-    h.observe(4, 0)
-    assert Lookup(limit=8, history=h).rate == 0.7  # never below the usual start
-    assert h.drafts == 3
+    assert h.rate == first.rate == learned(START_RATE, 4, 0) > START_RATE
+    assert Lookup(limit=8, history=h).rate == h.rate  # the next one starts from it
+    for _ in range(3):
+        h.observe(0, 1)
+    assert Lookup(limit=8, history=h).rate == h.rate < START_RATE  # and below the start
+    assert h.drafts == 1  # decoded drafts; the tested positions only teach the rate
+
+
+def test_watched_drafts_teach_the_rate_without_decoding():
+    """The draft a step does not decode is checked against the tokens decoded plainly:
+    each position that matches raises the rate, the first that does not lowers it and
+    ends the watch; a decoded draft's outcome counts the same way."""
+    lk = Lookup(limit=8)
+    lk.extend([1, 2, 3, 4, 5, 6, 1, 2, 3])
+    lk.watch(8)
+    assert lk.shadow == [4, 5, 6, 1, 2, 3]
+    lk.extend([4, 5])
+    assert lk.rate == learned(START_RATE, 2, 0) and lk.shadow == [6, 1, 2, 3]
+    lk.watch(8)  # still watching the same draft: no new one
+    assert lk.shadow == [6, 1, 2, 3]
+    lk.extend([9])
+    assert lk.rate == learned(START_RATE, 2, 1) and lk.shadow == []
+    before = lk.rate
+    lk.watch(8)  # [5, 9]'s continuation: nothing seen after 5, 9 yet
+    lk.extend([7])
+    assert lk.rate == before and lk.proposed == 0
+    lk.result(4, 2)
+    assert lk.rate == learned(before, 2, 1) and (lk.proposed, lk.accepted) == (4, 2)
 
 
 def test_no_draft_without_a_repeated_ngram():
@@ -203,8 +223,10 @@ def test_drafts_are_as_long_as_gives_the_most_tokens_per_second():
     def runs(rate: float, n: int) -> list:
         return [SimpleNamespace(lookup=SimpleNamespace(rate=rate)) for _ in range(n)]
 
-    def loop(costs: dict[int, float]) -> SimpleNamespace:
-        return SimpleNamespace(_step_cost=costs, _token_cost=0.005, n_batch=512, lookup=8)
+    def loop(costs: dict[int, float]) -> BatchLoop:
+        lp = object.__new__(BatchLoop)  # the sizing reads only these
+        lp._step_cost, lp._token_cost, lp.n_batch, lp.lookup = costs, 0.005, 512, 8
+        return lp
 
     rows = BatchLoop._draft_rows
     linear = loop({4: 0.025, 1: 0.010})  # only plain steps measured: a row guessed at 5 ms
@@ -220,12 +242,32 @@ def test_drafts_are_as_long_as_gives_the_most_tokens_per_second():
     assert rows(unmeasured, runs(0.1, 4)) == 512
 
 
-def test_a_failing_draft_lowers_the_rate_and_plain_tokens_restore_it():
-    lk = Lookup(limit=8)
-    assert lk.rate == 0.7
-    lk.result(4, 0)
-    assert lk.rate == 0.35
-    lk.result(4, 4)
-    assert lk.rate == 0.675
-    lk.extend([5] * 16)  # decoded without drafts
-    assert lk.rate == 0.925
+def test_a_draft_shorter_than_planned_is_decoded_only_if_it_pays():
+    """The loop plans k rows from the rate; a lookup may find fewer. On the EPYC's
+    measured steps a second row costs more than a plain step, so one draft row never
+    pays: such a draft is not decoded (and is watched instead)."""
+    pytest.importorskip("llama_cpp")
+    from types import SimpleNamespace
+
+    from worker.backends.llama_batch import BatchLoop
+
+    lp = object.__new__(BatchLoop)
+    lp._step_cost = {1: 0.0076, 2: 0.0164, 3: 0.0205, 4: 0.0222, 5: 0.0297, 8: 0.0365,
+                     9: 0.04}
+    lp._token_cost, lp.n_batch, lp.lookup, lp.n_ctx_seq = 0.005, 512, 8, 2048
+    lp.stats = {"lookup_drafted_tokens": 0}
+
+    def run(tokens: list[int]) -> SimpleNamespace:
+        lk = Lookup(limit=8, rate=0.97)
+        lk.extend(tokens)
+        return SimpleNamespace(lookup=lk, slot=SimpleNamespace(tokens=tokens), generated=0,
+                               seq=SimpleNamespace(max_tokens=64), draft=[])
+
+    assert lp._draft_rows([run([1])]) == 8
+    long = run([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3])
+    assert lp._drafts([long]) == 8 and long.draft == [4, 5, 6, 7, 8, 9, 10, 1]
+    short = run([1, 2, 3, 4, 1, 2, 3])  # only [4, 1, 2, 3] follows
+    assert lp._drafts([short]) == 4 and short.draft == [4, 1, 2, 3]
+    one = run([1, 4, 4, 4])  # the 2-gram [4, 4]: one token follows it
+    assert lp._drafts([one]) == 0 and one.draft == []
+    assert lp.stats["lookup_drafted_tokens"] == 12

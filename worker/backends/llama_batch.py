@@ -271,6 +271,9 @@ class BatchLoop(SlotAdmission, TokenOutput):
             r.draft = []
         if not prefill and self.lookup:
             n_decode += self._drafts(runs)
+        for r in runs:  # the drafts not decoded are still tested, against the plain tokens
+            if r.lookup is not None and not r.draft and not r.prefilling:
+                r.lookup.watch(self.lookup)
         budget = (self._shared_budget() if n_decode else self.n_batch) - n_decode
         budget = max(budget, min(len(prefill), self.n_batch - n_decode))
         # A fair share each; what one needs less of goes to the ones after it.
@@ -316,33 +319,44 @@ class BatchLoop(SlotAdmission, TokenOutput):
                 return 0
             drafts.append(d)
         k = min(len(d) for d in drafts)
+        if k < room and self._value(len(runs), k, self._rate(runs)) <= self._value(
+                len(runs), 0, 0.0):
+            return 0  # shorter than planned, and too short to pay for its rows
         for r, d in zip(runs, drafts, strict=True):
             r.draft = d[:k]
         self.stats["lookup_drafted_tokens"] += k * len(runs)
         return k * len(runs)
 
     def _draft_rows(self, runs: list[Run]) -> int:
-        """The draft length per run that is expected to give the most tokens per second.
-        Row j of a draft is kept only if the j before it were, with probability rate^j
-        (the runs' recent acceptance rate), so k rows each earn 1 + rate + ... + rate^k
-        tokens per run in a step of runs x (1 + k) rows; that step takes what such a step
-        took lately (`_step_cost`), or, never run yet, the plain step plus a batch token
-        (`_token_cost`) per added row. 0 when no length beats a plain step. Measured, since
-        steps do not cost linearly in rows: on a Xeon (AVX-512) 2 rows took 2.1x one row,
-        5 rows 2.6x (docs/BENCHMARKS.md). Plain step unmeasured: as long as the runs allow."""
+        """The draft length per run expected to give the most tokens per second (`_value`),
+        0 when none beats a plain step. With the plain step or a batch token's cost not
+        measured yet: as long as the runs allow."""
         n = len(runs)
-        plain, row = self._step_cost.get(n), self._token_cost
-        if not plain or not row:
+        if not self._step_cost.get(n) or not self._token_cost:
             return self.n_batch
-        rate = sum(r.lookup.rate for r in runs if r.lookup is not None) / n
-        best_k, best = 0, 1.0 / plain  # tokens per run per second
-        earned = 1.0
+        rate = self._rate(runs)
+        best_k, best = 0, self._value(n, 0, rate)
         for k in range(1, min(self.lookup, (self.n_batch - n) // n) + 1):
-            earned += rate ** k
-            took = self._step_cost.get(n * (1 + k)) or plain + n * k * row
-            if earned / took > best:
-                best_k, best = k, earned / took
+            if (v := self._value(n, k, rate)) > best:
+                best_k, best = k, v
         return best_k
+
+    @staticmethod
+    def _rate(runs: list[Run]) -> float:
+        return sum(r.lookup.rate for r in runs if r.lookup is not None) / len(runs)
+
+    def _value(self, n: int, k: int, rate: float) -> float:
+        """Expected tokens per second per run of a step where `n` runs decode k draft rows
+        each. Row j is kept only if the j before it were, with probability rate^j (the
+        runs' continuation rate), so a run earns 1 + rate + ... + rate^k tokens in a step
+        of n x (1 + k) rows; that step takes what such a step took lately (`_step_cost`),
+        or, never run yet, the plain step plus a batch token (`_token_cost`) per added
+        row. Measured, since steps do not cost linearly in rows: on an EPYC 2 rows took
+        2.2x one row, 5 rows 3.9x; on a Xeon (AVX-512) 2.1x and 2.6x (docs/BENCHMARKS.md)."""
+        plain = self._step_cost.get(n) or 0.0
+        took = self._step_cost.get(n * (1 + k)) or plain + n * k * self._token_cost
+        earned = sum(rate ** j for j in range(k + 1))
+        return earned / took if took > 0 else 0.0
 
     def _shared_budget(self) -> int:
         top = min(self.chunk_max, self.n_batch)

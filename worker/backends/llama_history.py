@@ -38,6 +38,21 @@ def history_tokens() -> int:
     return int(env_number("CORRAL_LLAMA_HISTORY_TOKENS", DEFAULT_TOKENS))
 
 
+#: A run's first estimate of P(the next draft token is kept | the one before it was) while
+#: no draft from history has been tested: below what a draft needs to pay on a small CPU
+#: (most free text repeats little), so a run drafts once its own tokens show it would pay.
+START_RATE = 0.5
+#: Weight of one observed draft position in the rate (EWMA): ~10 positions learn it.
+LEARN = 0.12
+
+
+def learned(rate: float, kept: int, missed: int) -> float:
+    """`rate` after `kept` draft positions that matched and `missed` (0 or 1) that did not:
+    the chance a draft's next position is kept, given the one before it was."""
+    rate = 1.0 - (1.0 - rate) * (1.0 - LEARN) ** kept
+    return rate * (1.0 - LEARN) ** missed
+
+
 class History:
     """The last `budget` tokens of finished sequences, indexed by n-gram."""
 
@@ -47,10 +62,10 @@ class History:
         # n-gram -> (sequence, index of the token that followed its latest occurrence)
         self.index: dict[tuple[int, ...], tuple[int, int]] = {}
         self.tokens = 0
-        self.drafts = 0  # drafts from here that were verified
-        # Share of history-drafted tokens kept, recently (EWMA; None before any): a new
-        # sequence starts drafting from what history earned for the ones before it, rather
-        # than learn it again in every request.
+        self.drafts = 0  # drafts from here that were decoded
+        # P(a history draft's next position is kept), recent (None before any was tested,
+        # decoded or watched): a new sequence starts from what history earned for the ones
+        # before it, rather than learn it again in every request.
         self.rate: float | None = None
         self._next = 0
 
@@ -92,12 +107,10 @@ class History:
             return seq[hit[1] : hit[1] + k]
         return []
 
-    def observe(self, proposed: int, accepted: int) -> None:
-        """A history draft's outcome, once verified."""
-        self.drafts += 1
-        if proposed:
-            kept = accepted / proposed
-            self.rate = kept if self.rate is None else 0.8 * self.rate + 0.2 * kept
+    def observe(self, kept: int, missed: int) -> None:
+        """Positions of a history draft tested (decoded or watched): `kept` matched,
+        `missed` (0 or 1) did not."""
+        self.rate = learned(START_RATE if self.rate is None else self.rate, kept, missed)
 
     def stats(self) -> dict[str, int]:
         return {"lookup_history_tokens": self.tokens, "lookup_history_drafts": self.drafts}
@@ -113,4 +126,4 @@ class History:
                     del index[key]
 
 
-__all__ = ["DEFAULT_TOKENS", "History", "history_tokens"]
+__all__ = ["DEFAULT_TOKENS", "START_RATE", "History", "history_tokens", "learned"]

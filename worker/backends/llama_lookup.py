@@ -10,9 +10,9 @@ every kept token is one plain decoding would have sampled from the same logits w
 same chain state, so greedy text is the same and sampled text keeps its distribution,
 only fewer steps are spent on it. No model, no extra memory beyond an index of n-grams.
 
-Drafts that keep failing shrink (a free-form answer rarely repeats its prompt). A draft
-row costs about a prompt token, on a small CPU half a plain step, so the batch loop drafts
-only as many rows as the sequences' recent acceptance rate pays for.
+A draft row costs nearly a plain step on a small CPU (a 135M model is compute bound on 2
+cores: 2 rows took 2.2x one row on an EPYC), so the batch loop decodes a draft only as long
+as the sequence's measured continuation rate pays for, and none where it does not.
 """
 
 from __future__ import annotations
@@ -20,23 +20,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from worker.backends.knobs import env_number
-from worker.backends.llama_history import LONG, History
+from worker.backends.llama_history import LONG, START_RATE, History, learned
 
 #: Longest draft per step (tokens); CORRAL_LLAMA_LOOKUP overrides it (0 turns drafting off).
-#: On by default: the batch loop sizes each step's drafts by what they earn (their rows'
-#: cost against the runs' acceptance rate, llama_batch.BatchLoop._draft_rows), so free
-#: text gets almost none and is level with plain decoding, while text that repeats its
-#: input ran 1.35x / 1.13x llama-server's tok/s at 1 / 4 streams (docs/BENCHMARKS.md); no
-#: greedy answer changes where the prompt caches pass through the same states
-#: (bench/greedy_identity.py).
+#: On by default: the batch loop decodes a draft only where its expected tokens per second
+#: beat a plain step (its rows' measured cost against the run's continuation rate,
+#: llama_batch.BatchLoop._draft_rows), and the rate is measured on every step, drafted or
+#: not (`watch`), so free text drafts almost nothing and text that repeats its input
+#: drafts long runs (docs/BENCHMARKS.md); no greedy answer changes where the prompt caches
+#: pass through the same states (bench/greedy_identity.py).
 DEFAULT_DRAFT = 8
 NGRAMS = (3, 2)  # tried longest first: a 3-gram match predicts better than a 2-gram one
-START = 4  # first draft length; doubled while drafts are kept whole
-REST = 16  # tokens decoded plainly after a mostly rejected draft
-#: How fast a low acceptance rate is forgotten, per token decoded without drafts: from a
-#: failed draft (rate ~0) back to trying at 4 runs (0.83) takes ~50 tokens.
-RECOVER = 1 / 64
-START_RATE = 0.7
 
 
 def draft_limit(value: int | None = None) -> int:
@@ -48,45 +42,61 @@ def draft_limit(value: int | None = None) -> int:
 
 @dataclass
 class Lookup:
-    """The n-gram index of one sequence's tokens and how long its drafts may be now."""
+    """The n-gram index of one sequence's tokens and how well its drafts predict it.
+
+    Drafting costs whole rows of a step, so the loop decodes drafts only where they are
+    expected to pay; on the other steps it still asks for the draft it would have made
+    (`watch`) and checks it against the tokens decoded plainly (`extend`), at no decode
+    cost. So `rate` is measured on every step: a sequence that starts quoting its prompt
+    drafts within a few tokens, and free text never pays for the drafts it would miss."""
 
     limit: int
     tokens: list[int] = field(default_factory=list)
     # n-gram -> index of the token that followed its latest occurrence
     index: dict[tuple[int, ...], int] = field(default_factory=dict)
-    size: int = 0  # the current longest draft, adapted to what gets accepted
-    rest: int = 0  # tokens to decode without drafting after drafts kept failing
     proposed: int = 0
     accepted: int = 0
-    # Recent share of drafted tokens kept (EWMA): what the batch loop weighs against the
-    # cost of a draft row (llama_batch.BatchLoop._draft_rows). It starts where one draft
-    # row pays for a sequence alone on a small CPU, not more: most free text repeats little.
+    # P(a draft position is kept | the one before it was), recent (learned): what the
+    # batch loop weighs against the cost of a draft row (llama_batch.BatchLoop._draft_rows).
     rate: float = START_RATE
     # Earlier sequences' tokens (llama_history.py): drafts where they match a longer
     # context than this one's own tokens do.
     history: History | None = None
-    from_history: bool = False  # the last draft came from `history`
+    from_history: bool = False  # the last draft (or watched one) came from `history`
+    shadow: list[int] = field(default_factory=list)  # a watched draft's untested rest
 
     def __post_init__(self) -> None:
-        self.size = min(self.limit, START)
         if self.history is not None and self.history.rate is not None:
-            self.rate = max(self.rate, self.history.rate)  # what drafts earned lately
+            self.rate = self.history.rate  # what drafts from history earned lately
 
     def extend(self, new: list[int]) -> None:
         toks = self.tokens
         for t in new:
+            if self.shadow:
+                self._watched(t)
             j = len(toks)
             toks.append(t)
             for n in NGRAMS:
                 if j >= n:
                     self.index[tuple(toks[j - n : j])] = j
-        self.rest = max(0, self.rest - len(new))
-        self.rate = min(1.0, self.rate + RECOVER * len(new))
 
     def draft(self, room: int) -> list[int]:
-        """Up to min(size, room) tokens predicted to follow the tokens so far."""
-        k = min(self.size, room)
-        if k <= 0 or self.rest:
+        """Up to `room` tokens predicted to follow the tokens so far, to be decoded."""
+        self.shadow = []
+        return self._predict(room)
+
+    def watch(self, room: int) -> None:
+        """The draft not decoded this step: checked against the tokens that come plainly."""
+        if not self.shadow:
+            self.shadow = self._predict(room)
+
+    def _watched(self, token: int) -> None:
+        hit = token == self.shadow[0]
+        self._learn(int(hit), int(not hit))
+        self.shadow = self.shadow[1:] if hit else []
+
+    def _predict(self, k: int) -> list[int]:
+        if k <= 0:
             return []
         toks = self.tokens
         history = self.history
@@ -108,21 +118,17 @@ class Lookup:
         return []
 
     def result(self, proposed: int, accepted: int) -> None:
-        """Adapts the draft length to what was kept: a CPU step costs nearly as much per
-        row as per sequence, so a draft must mostly be kept to pay for itself."""
+        """A decoded draft's outcome: its first `accepted` tokens were kept."""
         self.proposed += proposed
         self.accepted += accepted
         if self.from_history and self.history is not None:
-            self.history.observe(proposed, accepted)
-        if proposed:
-            self.rate = 0.5 * self.rate + 0.5 * accepted / proposed
-        if accepted == proposed:
-            self.size = min(self.limit, self.size * 2)
-        else:
-            self.size = max(1, accepted)
-        if accepted * 2 < proposed and self.accepted * 2 < self.proposed:
-            self.rest = REST  # mostly wrong lately and overall: pause, then try small
-            self.size = 1
+            self.history.drafts += 1
+        self._learn(accepted, int(accepted < proposed))
+
+    def _learn(self, kept: int, missed: int) -> None:
+        self.rate = learned(self.rate, kept, missed)
+        if self.from_history and self.history is not None:
+            self.history.observe(kept, missed)
 
 
 __all__ = ["DEFAULT_DRAFT", "Lookup", "draft_limit"]
