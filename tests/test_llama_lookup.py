@@ -103,7 +103,7 @@ def test_sampled_text_takes_drafts_and_stays_the_seeded_text(pair):
 
 
 def test_lookup_drafts_what_followed_the_latest_ngram():
-    lk = Lookup(limit=8)
+    lk = Lookup()
     lk.extend([1, 2, 3, 4, 5, 6, 9, 1, 2, 3])
     assert lk.draft(room=8) == [4, 5, 6, 9, 1, 2, 3]
     assert lk.draft(room=2) == [4, 5]
@@ -140,7 +140,7 @@ def test_history_keeps_an_answer_and_the_end_of_its_prompt():
 def test_a_sequence_drafts_from_history_where_its_own_tokens_do_not_repeat():
     h = History(budget=100)
     h.add([5, 6, 7, 8, 9, 10])
-    lk = Lookup(limit=8, history=h)
+    lk = Lookup(history=h)
     lk.extend([1, 6, 7, 8])
     assert lk.draft(room=8) == [9, 10]  # no 3-gram of its own: history's
     lk.extend([1, 6, 7])
@@ -152,16 +152,16 @@ def test_a_sequence_drafts_from_history_where_its_own_tokens_do_not_repeat():
 def test_a_new_sequence_starts_from_the_rate_history_drafts_earned():
     h = History(budget=100)
     h.add([5, 6, 7, 8, 9, 10, 11, 12])
-    first = Lookup(limit=8, history=h)
+    first = Lookup(history=h)
     assert first.rate == START_RATE  # nothing learned yet
     first.extend([1, 6, 7, 8])
     assert first.draft(room=8) == [9, 10, 11, 12] and first.from_history
     first.result(4, 4)
     assert h.rate == first.rate == learned(START_RATE, 4, 0) > START_RATE
-    assert Lookup(limit=8, history=h).rate == h.rate  # the next one starts from it
+    assert Lookup(history=h).rate == h.rate  # the next one starts from it
     for _ in range(3):
         h.observe(0, 1)
-    assert Lookup(limit=8, history=h).rate == h.rate < START_RATE  # and below the start
+    assert Lookup(history=h).rate == h.rate < START_RATE  # and below the start
     assert h.drafts == 1  # decoded drafts; the tested positions only teach the rate
 
 
@@ -169,7 +169,7 @@ def test_watched_drafts_teach_the_rate_without_decoding():
     """The draft a step does not decode is checked against the tokens decoded plainly:
     each position that matches raises the rate, the first that does not lowers it and
     ends the watch; a decoded draft's outcome counts the same way."""
-    lk = Lookup(limit=8)
+    lk = Lookup()
     lk.extend([1, 2, 3, 4, 5, 6, 1, 2, 3])
     lk.watch(8)
     assert lk.shadow == [4, 5, 6, 1, 2, 3]
@@ -188,7 +188,7 @@ def test_watched_drafts_teach_the_rate_without_decoding():
 
 
 def test_no_draft_without_a_repeated_ngram():
-    lk = Lookup(limit=8)
+    lk = Lookup()
     lk.extend([1, 2, 3, 4])
     assert lk.draft(room=8) == []
 
@@ -258,7 +258,7 @@ def test_a_draft_shorter_than_planned_is_decoded_only_if_it_pays():
     lp.stats = {"lookup_drafted_tokens": 0}
 
     def run(tokens: list[int]) -> SimpleNamespace:
-        lk = Lookup(limit=8, rate=0.97)
+        lk = Lookup(rate=0.97)
         lk.extend(tokens)
         return SimpleNamespace(lookup=lk, slot=SimpleNamespace(tokens=tokens), generated=0,
                                seq=SimpleNamespace(max_tokens=64), draft=[])

@@ -107,9 +107,10 @@ class History:
             return seq[hit[1] : hit[1] + k]
         return []
 
-    def observe(self, kept: int, missed: int) -> None:
-        """Positions of a history draft tested (decoded or watched): `kept` matched,
+    def observe(self, kept: int, missed: int, decoded: bool = False) -> None:
+        """Positions of a history draft tested (`decoded`, or watched): `kept` matched,
         `missed` (0 or 1) did not."""
+        self.drafts += decoded
         self.rate = learned(START_RATE if self.rate is None else self.rate, kept, missed)
 
     def stats(self) -> dict[str, int]:

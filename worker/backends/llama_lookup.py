@@ -50,7 +50,6 @@ class Lookup:
     cost. So `rate` is measured on every step: a sequence that starts quoting its prompt
     drafts within a few tokens, and free text never pays for the drafts it would miss."""
 
-    limit: int
     tokens: list[int] = field(default_factory=list)
     # n-gram -> index of the token that followed its latest occurrence
     index: dict[tuple[int, ...], int] = field(default_factory=dict)
@@ -121,14 +120,12 @@ class Lookup:
         """A decoded draft's outcome: its first `accepted` tokens were kept."""
         self.proposed += proposed
         self.accepted += accepted
-        if self.from_history and self.history is not None:
-            self.history.drafts += 1
-        self._learn(accepted, int(accepted < proposed))
+        self._learn(accepted, int(accepted < proposed), decoded=True)
 
-    def _learn(self, kept: int, missed: int) -> None:
+    def _learn(self, kept: int, missed: int, decoded: bool = False) -> None:
         self.rate = learned(self.rate, kept, missed)
         if self.from_history and self.history is not None:
-            self.history.observe(kept, missed)
+            self.history.observe(kept, missed, decoded)
 
 
 __all__ = ["DEFAULT_DRAFT", "Lookup", "draft_limit"]

@@ -185,7 +185,7 @@ class SlotAdmission:
         slot.run = Run(seq, slot, sampler, grammar=seq.constraint,
                        argmax=_argmax_only(seq))
         if self.lookup and _draftable(seq):
-            slot.run.lookup = Lookup(self.lookup, history=self.history)
+            slot.run.lookup = Lookup(history=self.history)
             slot.run.lookup.extend(seq.prompt)
         return slot.run
 
