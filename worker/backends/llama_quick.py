@@ -18,6 +18,7 @@ import ctypes
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 _LIB = ctypes.PyDLL(llama_cpp.llama_cpp._lib._name)
 
@@ -37,3 +38,34 @@ memory_seq_cp = _bind("llama_memory_seq_cp")
 sampler_sample = _bind("llama_sampler_sample")
 sampler_free = _bind("llama_sampler_free")
 token_to_piece = _bind("llama_token_to_piece")
+
+
+_logits_at = _LIB.llama_get_logits_ith  # the same call, the row's address as an int
+_logits_at.argtypes, _logits_at.restype = llama_cpp.llama_get_logits_ith.argtypes, ctypes.c_void_p
+
+
+class LogitsRows:
+    """numpy views of a context's logits rows, made once per row address.
+
+    `np.ctypeslib.as_array` on the pointer `get_logits_ith` returns costs ~50 us a call in
+    the decode loop (a new ctypes array type and a buffer-protocol parse each time): a
+    sixth of a greedy step's Python. A row's address repeats from step to step while
+    llama.cpp keeps its output buffer, so its view is made once. Only an address just
+    returned is ever looked up, and that address holds `n_vocab` floats now, so a view
+    kept from a buffer since freed is never read unless the new buffer reuses its place."""
+
+    def __init__(self, n_vocab: int) -> None:
+        self._row = ctypes.c_float * n_vocab
+        self._views: dict[int, np.ndarray] = {}
+
+    def get(self, ctx: Any, i: int) -> np.ndarray:
+        addr = _logits_at(ctx, i)
+        if not addr:
+            raise RuntimeError(f"llama.cpp has no logits for batch row {i}")
+        view = self._views.get(addr)
+        if view is None:
+            if len(self._views) >= 4096:  # output buffers come and go: never grow unbounded
+                self._views.clear()
+            view = self._views[addr] = np.frombuffer(self._row.from_address(addr),
+                                                     dtype=np.float32)
+        return view

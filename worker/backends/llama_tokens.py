@@ -11,8 +11,6 @@ import ctypes
 import logging
 from typing import Any
 
-import numpy as np
-
 from worker.backends import llama_quick as quick
 from worker.backends.llama_logprobs import logprob_entry
 from worker.backends.llama_slots import Run, Slot, _emit
@@ -31,6 +29,7 @@ class TokenOutput:
     slots: list[Slot]
     stats: dict[str, int]
     _pieces: dict[int, bytes]
+    rows: quick.LogitsRows
 
     def _after_decode(self, r: Run) -> None:
         if r.chunk:
@@ -129,8 +128,7 @@ class TokenOutput:
         return int(self._logits(out).argmax())
 
     def _logits(self, out: int) -> Any:
-        ptr = quick.get_logits_ith(self.ctx, out)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return self.rows.get(self.ctx, out)
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)
