@@ -69,6 +69,9 @@ class BatchLoop(SlotAdmission, TokenOutput):
         self.n_ctx_seq = n_ctx_seq
         self.slots = [Slot(i) for i in range(slots)]
         self.lookup = lookup  # longest prompt-lookup draft; 0: no speculation
+        # Layers on other devices (an RPC split's peers, a GPU): llama_decode may return
+        # before their compute ends (see `step`). On the CPU alone it has ended.
+        self.offloaded = False
         # Earlier answers as drafts too (llama_history.py); from `forget` on, so the load-
         # time calibration and invariance probe neither feed it nor draft from it.
         self.history: History | None = None
@@ -227,9 +230,12 @@ class BatchLoop(SlotAdmission, TokenOutput):
         self.batch.n_tokens = n
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, self.batch)
-        # Wait for the step here, letting go of the GIL: with an RPC split the compute is
-        # asynchronous, and the logits read next (llama_quick, holding the GIL) would wait.
-        llama_cpp.llama_synchronize(self.ctx)
+        if self.offloaded:
+            # Wait for the step here, letting go of the GIL: with an RPC split the compute
+            # is asynchronous, and the logits read next (llama_quick, holding the GIL)
+            # would wait. On the CPU alone the step is done: a let-go here would only
+            # offer the GIL to the event loop while this thread has a step to finish.
+            llama_cpp.llama_synchronize(self.ctx)
         t1 = time.perf_counter()
         took = t1 - t0
         self.stats["decode_steps"] += 1

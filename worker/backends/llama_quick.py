@@ -7,9 +7,10 @@ let-go can hand the GIL to the event loop, and the step then waits until the eve
 gives it back. Bound through `ctypes.PyDLL`, these calls keep it, so the gap between two
 steps is one stretch of Python. `llama_decode` and the other long calls (KV copies to the
 host cache, the grammar sampler) still release it, and the event loop runs beside them.
-The loop calls `llama_synchronize` (letting go) after each decode, so no call here waits
-for a step still computing (an RPC split's is asynchronous: reading its logits would
-otherwise hold the GIL for the whole step, or forever on a frozen peer).
+With layers on other devices (an RPC split) the loop calls `llama_synchronize` (letting
+go) after each decode, so no call here waits for a step still computing (an RPC split's is
+asynchronous: reading its logits would otherwise hold the GIL for the whole step, or
+forever on a frozen peer); on the CPU alone a decode has ended when it returns.
 """
 
 from __future__ import annotations
