@@ -7,7 +7,8 @@
 `llama-server` is built (once, cached) from the llama.cpp that llama-cpp-python vendors
 (bench/llama_server_build.py). Both servers load the bundled SmolLM2-135M Q4_1 with
 `--threads` threads and 4 slots of 2048 tokens, are up at once and are measured in turn
-(alternating, `--passes` rounds, so the box's other load weighs on both alike). Load:
+(who goes first rotates, `--passes` rounds, so the box's other load weighs on all alike;
+make the passes a multiple of the setups so each takes each place equally often). Load:
 `corral bench` closed loop at each concurrency c, `--rounds` x c streamed chat completions
 of `--max-tokens` tokens (greedy, or sampled at `--temperature`), prompts distinct across
 the run: `--prompt` numbered (alike requests), `--repeat` (an answer that quotes its
@@ -264,9 +265,9 @@ Same GGUF (SmolLM2-135M-Instruct Q4_1), same llama.cpp (llama-server built from 
 llama-cpp-python {out['version']} vendors, bench/llama_server_build.py), {a['threads']}
 threads, {SLOTS} slots of {CTX} tokens each: `llama-server --threads {a['threads']}
 --threads-batch {a['threads']} --parallel {SLOTS} --ctx-size {CTX * SLOTS}` against
-{setups}. All up at once, measured in turn ({a['passes']} passes). Load: `corral bench`
-closed loop at concurrency c, {a['rounds']} x c streamed chat completions of
-{a['max_tokens']} {tokens} per pass, prompts distinct across the whole run
+{setups}. All up at once, measured in turn, who goes first rotating ({a['passes']}
+passes). Load: `corral bench` closed loop at concurrency c, {a['rounds']} x c streamed
+chat completions of {a['max_tokens']} {tokens} per pass, prompts distinct across the whole run
 ({_prompt_text(out)}: llama-server's host-memory prompt cache,
 `--cache-ram`, would answer a repeated prompt without reading it).
 tok/s = output tokens / wall time of each pass; TTFT is the median
@@ -333,9 +334,11 @@ def main() -> None:
         next_k = 0  # --varied: the next request's form and subject
         for p in range(a.passes):
             for c in levels:
+                # Each setup takes each place in turn (a rotation per pass): with three
+                # setups, reversing every other pass left the middle one always second,
+                # always right after another server's burst.
                 order = list(targets.items())
-                if p % 2:
-                    order.reverse()  # alternate who goes first
+                order = order[p % len(order):] + order[:p % len(order)]
                 # New text every pass and level (the same for every setup within one):
                 # llama-server keeps prompts it has seen in host memory (`--cache-ram`, 8 GiB
                 # by default) and would answer repeats from there, which the worker cannot.

@@ -155,8 +155,7 @@ def main() -> None:
         runs: dict[str, list[dict]] = {n: [] for n in targets}
         for p in range(a.passes):
             order = list(targets.items())
-            if p % 2:
-                order.reverse()
+            order = order[p % len(order):] + order[:p % len(order)]  # each place in turn
             for name, url in order:
                 r = one_pass(url, f"pass {p}", a.conversations, a.turns, a.max_tokens)
                 runs[name].append(r)
