@@ -142,8 +142,8 @@ class LlamaBackend(Backend):
         self._describe = self._facts()
 
         n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-        loop = BatchLoop(ctx, vocab, n_vocab, self.slots, self.n_batch, self.n_ctx)
-        loop.offloaded = bool(self.n_gpu_layers or self.tensor_split)
+        loop = BatchLoop(ctx, vocab, n_vocab, self.slots, self.n_batch, self.n_ctx,
+                         offloaded=bool(self.n_gpu_layers or self.tensor_split))
         if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
             self.lookup = 0  # drafts need the KV of rejected tokens removable
             loop.host = None  # a restored state could not be cut back to a shared prefix

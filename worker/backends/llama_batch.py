@@ -60,7 +60,7 @@ def shared_budget_max() -> int:
 
 class BatchLoop(SlotAdmission, TokenOutput):
     def __init__(self, ctx: Any, vocab: Any, n_vocab: int, slots: int, n_batch: int,
-                 n_ctx_seq: int, lookup: int = 0) -> None:
+                 n_ctx_seq: int, lookup: int = 0, offloaded: bool = False) -> None:
         self.ctx = ctx
         self.mem = llama_cpp.llama_get_memory(ctx)
         self.vocab = vocab
@@ -71,7 +71,7 @@ class BatchLoop(SlotAdmission, TokenOutput):
         self.lookup = lookup  # longest prompt-lookup draft; 0: no speculation
         # Layers on other devices (an RPC split's peers, a GPU): llama_decode may return
         # before their compute ends (see `step`). On the CPU alone it has ended.
-        self.offloaded = False
+        self.offloaded = offloaded
         # Earlier answers as drafts too (llama_history.py); from `forget` on, so the load-
         # time calibration and invariance probe neither feed it nor draft from it.
         self.history: History | None = None

@@ -32,7 +32,6 @@ def _bind(name: str) -> Any:
     return fast
 
 
-get_logits_ith = _bind("llama_get_logits_ith")
 vocab_is_eog = _bind("llama_vocab_is_eog")
 memory_seq_rm = _bind("llama_memory_seq_rm")
 memory_seq_cp = _bind("llama_memory_seq_cp")
@@ -41,14 +40,14 @@ sampler_free = _bind("llama_sampler_free")
 token_to_piece = _bind("llama_token_to_piece")
 
 
-_logits_at = _LIB.llama_get_logits_ith  # the same call, the row's address as an int
-_logits_at.argtypes, _logits_at.restype = llama_cpp.llama_get_logits_ith.argtypes, ctypes.c_void_p
+_logits_at = _bind("llama_get_logits_ith")
+_logits_at.restype = ctypes.c_void_p  # the row's address as an int, for LogitsRows
 
 
 class LogitsRows:
     """numpy views of a context's logits rows, made once per row address.
 
-    `np.ctypeslib.as_array` on the pointer `get_logits_ith` returns costs ~50 us a call in
+    `np.ctypeslib.as_array` on the pointer `llama_get_logits_ith` returns costs ~50 us a call in
     the decode loop (a new ctypes array type and a buffer-protocol parse each time): a
     sixth of a greedy step's Python. A row's address repeats from step to step while
     llama.cpp keeps its output buffer, so its view is made once. Only an address just
