@@ -87,7 +87,7 @@ def test_sampled_text_takes_drafts_and_stays_the_seeded_text(pair):
     kept_in_all = 0
     for seed in (7, 11):
         before = status(drafting)["prompt_cache"]
-        kw = {"model": "smollm2-135m", "max_tokens": 96, "temperature": 0.7, "seed": seed,
+        kw = {"model": "smollm2-135m", "max_tokens": 96, "temperature": 0.3, "seed": seed,
               "top_p": 0.95, "messages": [{"role": "user", "content": PROMPTS[0]}]}
         want = client_for(plain.url, timeout=300).chat.completions.create(**kw)
         got = client_for(drafting.url, timeout=300).chat.completions.create(**kw)
@@ -95,8 +95,10 @@ def test_sampled_text_takes_drafts_and_stays_the_seeded_text(pair):
         pc = status(drafting)["prompt_cache"]
         drafted = pc["lookup_drafted_tokens"] - before["lookup_drafted_tokens"]
         kept = pc["lookup_accepted_tokens"] - before["lookup_accepted_tokens"]
-        # Measured at temperature 0.7: 15 of 24 and 35 of 59 drafted tokens kept (AMD
-        # EPYC), 9 of 18 for seed 7 (Xeon, AVX-512): the sampled text differs by CPU.
+        # At temperature 0.7 the sampled answer strays from the text it repeats often
+        # enough that whether drafts pay followed the box's measured step costs: 35 of 59
+        # kept once, none at all another time (EPYC, same seeds). At 0.3 it quotes the text
+        # and 34-49 of 34-60 drafted tokens were kept per seed over six runs (EPYC).
         assert kept * 4 > drafted > 0, (seed, before, pc)
         kept_in_all += kept
     assert kept_in_all >= 10
