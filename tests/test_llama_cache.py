@@ -63,6 +63,26 @@ def test_a_longer_state_replaces_the_ones_it_covers(held):
     assert cache.saves == 2
 
 
+def test_a_full_cache_copies_into_the_buffer_it_just_freed(held):
+    """Fresh memory is the slow part of a copy (page faults, while every sequence waits):
+    once full, the cache makes room first and copies into the evicted entry's buffer."""
+    cache = HostCache(None, budget=2 * 40 * PER_TOKEN)
+    for i in range(2):
+        held[i] = toks(1000 * i, 40)
+        assert cache.save(i, held[i], common_prefix)
+    oldest = cache.entries[0].data
+    held[2] = toks(2000, 36)  # a little smaller: fits the freed buffer
+    assert cache.save(2, held[2], common_prefix)
+    assert [e.tokens[0] for e in cache.entries] == [1000, 2000]
+    assert cache.entries[-1].data is oldest and cache.entries[-1].size == 36 * PER_TOKEN
+    assert cache.bytes == 2 * 40 * PER_TOKEN <= cache.budget  # the buffers, as they are
+    assert cache.stats()["host_cache_reused_buffers"] == 1
+    held[3] = toks(3000, llama_cache.MIN_TOKENS + 1)  # under half the next spare: new
+    assert cache.save(3, held[3], common_prefix)
+    assert len(cache.entries[-1].data) == (llama_cache.MIN_TOKENS + 1) * PER_TOKEN
+    assert cache.reused == 1 and cache.bytes <= cache.budget
+
+
 def test_short_or_oversized_states_are_not_kept(held):
     cache = HostCache(None, budget=50 * PER_TOKEN)
     held[0] = toks(0, llama_cache.MIN_TOKENS - 1)

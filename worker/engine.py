@@ -18,6 +18,7 @@ from typing import Any
 
 from wire.errors import APIError, bad_request, overloaded
 from wire.openai import new_id
+from worker.backends import wakes
 from worker.backends.base import Backend, SamplingParams, Sequence
 
 
@@ -75,7 +76,8 @@ def _ewma(old: float, rate: float, a: float = 0.2) -> float:
 class _Handoff:
     """The backend thread's callbacks, run on the event loop in order, one wake-up for
     however many arrive before it runs (a decode step of 4 sequences hands over 4 token
-    deltas: one self-pipe write and one loop iteration instead of four)."""
+    deltas: one self-pipe write and one loop iteration instead of four). A decode thread
+    holds the wake-up back until its next `llama_decode` (backends/wakes.py)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -89,6 +91,9 @@ class _Handoff:
             if self._scheduled:
                 return
             self._scheduled = True
+        wakes.wake(self._wake)
+
+    def _wake(self) -> None:
         self.loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:

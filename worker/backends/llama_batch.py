@@ -29,6 +29,7 @@ from typing import Any
 import llama_cpp
 
 from worker.backends import llama_quick as quick
+from worker.backends import wakes
 from worker.backends.base import Sequence
 from worker.backends.knobs import env_number
 from worker.backends.llama_cache import HostCache, cache_mib
@@ -178,11 +179,13 @@ class BatchLoop(SlotAdmission, TokenOutput):
                     or any(s.run for s in self.slots))
 
     def _run(self) -> None:
+        wakes.hold()  # the event loop is woken when this thread lets go of the GIL
         try:
             while True:
                 with self._cv:
                     while not self._stop and not self._busy() and self._want_threads is None:
                         self._decoded_at = None  # idle time is no step's overhead
+                        wakes.flush()
                         self._cv.wait()
                     if self._stop:
                         break
@@ -195,6 +198,8 @@ class BatchLoop(SlotAdmission, TokenOutput):
             log.exception("the llama.cpp decode loop failed")
             self._fail_all("the model's decode loop failed")
             raise
+        finally:
+            wakes.release()
         self._fail_all("the worker is shutting down")
 
     def _fail_all(self, message: str) -> None:
@@ -218,16 +223,20 @@ class BatchLoop(SlotAdmission, TokenOutput):
             self._incoming.clear()
             task = self._tasks.popleft() if self._tasks else None
         if task is not None:
+            wakes.flush()  # a task may be long (an embedding batch)
             _run_task(task, None)
         self._reap_cancelled()
         self._admit()
         runs = [s.run for s in self.slots if s.run is not None and not s.run.waiting]
         if not runs:
+            wakes.flush()
             return any(s.run for s in self.slots)
         n = self._fill(runs)
         if n == 0:
+            wakes.flush()
             return True
         self.batch.n_tokens = n
+        wakes.flush()  # the event loop writes the last step's tokens while this one computes
         t0 = time.perf_counter()
         rc = llama_cpp.llama_decode(self.ctx, self.batch)
         if self.offloaded:

@@ -12,6 +12,12 @@ the answer is the one the slot would have given.
 Bounded by bytes (CORRAL_LLAMA_CACHE_MIB, 0: off), least recently used first out. An entry
 whose tokens are a prefix of a newer one's is dropped: the newer one serves it too. Used
 on the decode thread only.
+
+A copy is made on the decode thread while every running sequence waits for it, and fresh
+memory is what makes it slow: a few MB newly allocated cost 2-20 ms of page faults on a
+VM (the copy into memory already touched, ~0.5 ms). So room is made before the copy, and
+the buffer of the entry dropped last is kept (one, outside the budget) for the next copy
+it fits: once the cache is full, saves reuse memory instead of faulting in new.
 """
 
 from __future__ import annotations
@@ -39,15 +45,12 @@ def cache_mib() -> int:
     return int(env_number("CORRAL_LLAMA_CACHE_MIB", DEFAULT_MIB, int, 0, "MiB"))
 
 
-@dataclass
+@dataclass(eq=False)  # an entry is itself: `in` and `remove` by identity
 class Entry:
     tokens: list[int]
-    data: Any  # a ctypes uint8 array holding one sequence's state
+    data: Any  # a ctypes uint8 array whose first `size` bytes hold one sequence's state
+    size: int
     used: float = field(default_factory=time.monotonic)
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
 
 
 class HostCache:
@@ -57,8 +60,10 @@ class HostCache:
         self.ctx = ctx
         self.budget = budget
         self.entries: list[Entry] = []
-        self.bytes = 0
+        self.bytes = 0  # of the entries' buffers
+        self._spare: Any = None  # the last dropped entry's buffer, for the next save
         self.saves = self.restores = self.restored_tokens = self.failures = 0
+        self.reused = 0  # saves into a spare buffer
 
     def best(self, prompt: list[int], prefix: Any) -> tuple[Entry | None, int]:
         """The entry sharing the longest prefix with `prompt`, and that length."""
@@ -81,21 +86,32 @@ class HostCache:
         size = llama_cpp.llama_state_seq_get_size(self.ctx, seq_id)
         if not size or size > self.budget:
             return False
-        data = (ctypes.c_uint8 * size)()
-        if llama_cpp.llama_state_seq_get_data(self.ctx, data, size, seq_id) != size:
-            self.failures += 1
-            log.warning("could not copy a KV sequence to the host cache")
-            return False
         covered = [e for e in self.entries
                    if len(e.tokens) <= len(tokens) and prefix(e.tokens, tokens) == len(e.tokens)]
+        freed = sum(len(e.data) for e in covered)
+        while self.bytes - freed + size > self.budget:  # room first: its buffer is reused
+            self._drop(min((e for e in self.entries if e not in covered),
+                           key=lambda e: e.used))
+        data = self._buffer(size)
+        if llama_cpp.llama_state_seq_get_data(self.ctx, data, size, seq_id) != size:
+            self.failures += 1
+            self._spare = data
+            log.warning("could not copy a KV sequence to the host cache")
+            return False
         for e in covered:
             self._drop(e)
-        self.entries.append(Entry(list(tokens), data))
-        self.bytes += size
+        self.entries.append(Entry(list(tokens), data, size))
+        self.bytes += len(data)
         self.saves += 1
-        while self.bytes > self.budget and len(self.entries) > 1:
-            self._drop(min(self.entries, key=lambda e: e.used))
         return True
+
+    def _buffer(self, size: int) -> Any:
+        """The spare buffer if `size` fits it without wasting over half of it, else new."""
+        spare, self._spare = self._spare, None
+        if spare is not None and size <= len(spare) <= 2 * size:
+            self.reused += 1
+            return spare
+        return (ctypes.c_uint8 * size)()
 
     def restore(self, entry: Entry, seq_id: int) -> bool:
         """Replaces sequence `seq_id`'s KV with the entry's. False: the sequence is empty."""
@@ -116,14 +132,17 @@ class HostCache:
         """Forgets every entry and the counters (after the load-time calibration)."""
         self.entries.clear()
         self.bytes = 0
-        self.saves = self.restores = self.restored_tokens = self.failures = 0
+        self._spare = None
+        self.saves = self.restores = self.restored_tokens = self.failures = self.reused = 0
 
     def stats(self) -> dict[str, int]:
         return {"host_cache_entries": len(self.entries), "host_cache_bytes": self.bytes,
                 "host_cache_saves": self.saves, "host_cache_restores": self.restores,
                 "host_cache_restored_tokens": self.restored_tokens,
-                "host_cache_failures": self.failures}
+                "host_cache_failures": self.failures, "host_cache_reused_buffers": self.reused}
 
     def _drop(self, e: Entry) -> None:
         self.entries.remove(e)
-        self.bytes -= e.size
+        self.bytes -= len(e.data)
+        if self._spare is None or len(e.data) > len(self._spare):
+            self._spare = e.data
