@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from wire.errors import APIError
 from worker.backends import wakes
-from worker.backends.base import SamplingParams
+from worker.backends.base import SamplingParams, Sequence
 from worker.backends.sim import SimBackend
 from worker.engine import Engine
 
@@ -77,5 +78,64 @@ def test_a_decode_thread_wakes_the_event_loop_when_it_flushes_not_per_token() ->
         await asyncio.to_thread(other.join, 10)
         assert woken == ["decode", "other"]
         await asyncio.wait_for(drained.wait(), 10)
+
+    asyncio.run(scenario())
+
+
+class _Held(SimBackend):
+    """Takes sequences and finishes them only when the test says (as a backend thread
+    would, from its own thread); `backlog` of them may wait beyond the slots."""
+
+    def __init__(self, slots: int, backlog: int) -> None:
+        super().__init__(tokens_per_second=400, ttft=0.0, slots=slots)
+        self.backlog = backlog
+        self.seqs: list[Sequence] = []
+        self.submitted = threading.Semaphore(0)
+
+    def submit(self, seq: Sequence) -> None:
+        self.seqs.append(seq)
+        self.submitted.release()
+
+    def finish(self, i: int) -> None:
+        t = threading.Thread(target=self.seqs[i].on_finish, args=("stop", None))
+        t.start()
+        t.join(10)
+
+
+def test_a_backlog_reaches_the_backend_before_a_slot_frees_and_counts_as_queue() -> None:
+    """The llama backend starts a waiting sequence the step its slot frees; through the
+    engine's own queue it would come a step later (the finish reaches the event loop while
+    the next step runs). What waits in the backend still counts as queue, and the queue's
+    bound holds."""
+
+    async def scenario() -> None:
+        backend = _Held(slots=2, backlog=2)
+        engine = Engine(backend, max_queue=3)
+
+        async def one() -> str | None:
+            async for d in engine.generate([1, 2, 3], 8, SamplingParams(temperature=0)):
+                if d.finish:
+                    return d.finish
+            return None
+
+        tasks = [asyncio.create_task(one()) for _ in range(5)]
+        for _ in range(4):  # two running, two in the backend's backlog
+            assert await asyncio.to_thread(backend.submitted.acquire, True, 10)
+        assert len(backend.seqs) == 4
+        assert (engine.slots_busy, engine.queue_depth) == (2, 3)  # the fifth waits here
+        with_full_queue = asyncio.create_task(one())
+        try:
+            await with_full_queue
+            raise AssertionError("a request past max_queue was queued")
+        except APIError as e:
+            assert e.status == 429
+        backend.finish(0)
+        assert await asyncio.to_thread(backend.submitted.acquire, True, 10)
+        assert len(backend.seqs) == 5 and engine.queue_depth == 2
+        for i in range(1, 5):
+            backend.finish(i)
+        assert await asyncio.gather(*tasks[1:]) == ["stop"] * 4
+        assert (engine.slots_busy, engine.queue_depth) == (0, 0)
+        assert await tasks[0] == "stop"
 
     asyncio.run(scenario())

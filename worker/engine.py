@@ -138,12 +138,14 @@ class _StopMatcher:
 
 
 class Engine:
-    """Admits requests into `backend.slots` slots, queueing at most `max_queue` more."""
+    """Admits requests into `backend.slots` slots, queueing at most `max_queue` more: the
+    first `backend.backlog` of those in the backend itself, which starts one the step a
+    slot frees, the rest here."""
 
     def __init__(self, backend: Backend, max_queue: int = 64) -> None:
         self.backend = backend
         self.max_queue = max_queue
-        self.slots_busy = 0
+        self._held = 0  # slots' worth handed to the backend: up to slots + backlog
         self.admitted = 0  # sequences given a slot so far: tells whether one ran alone
         self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
         self.stats = EngineStats()
@@ -173,8 +175,18 @@ class Engine:
 
     # ------------------------------------------------------------------ load
     @property
+    def slots_busy(self) -> int:
+        return min(self._held, self.backend.slots)
+
+    @property
     def queue_depth(self) -> int:
-        return len(self._waiters)
+        """Requests waiting for a slot, here or in the backend's backlog."""
+        return len(self._waiters) + max(0, self._held - self.backend.slots)
+
+    @property
+    def _capacity(self) -> int:
+        """Slots' worth the backend holds at most (its backlog counts as queue)."""
+        return self.backend.slots + min(self.backend.backlog, self.max_queue)
 
     def check_context(self, prompt_len: int, max_tokens: int | None) -> int:
         """Validates the prompt against the context window; returns the token budget."""
@@ -202,11 +214,11 @@ class Engine:
     async def _acquire(self, k: int = 1) -> None:
         """Takes `k` slots at once (n choices); waits in the bounded queue when they are
         not free. All or nothing, so two n > 1 requests can never deadlock on halves."""
-        if self.slots_busy + k <= self.backend.slots and not self._waiters:
-            self.slots_busy += k
+        if self._held + k <= self._capacity and not self._waiters:
+            self._held += k
             self.admitted += 1
             return
-        if len(self._waiters) >= self.max_queue:
+        if self.queue_depth >= self.max_queue:
             raise overloaded("The worker's queue is full; retry shortly.", retry_after=1)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((fut, k))
@@ -221,7 +233,7 @@ class Engine:
             raise
 
     def _release(self, k: int = 1) -> None:
-        self.slots_busy -= k
+        self._held -= k
         # Hand freed slots to the waiters in order; the first one that does not fit yet
         # keeps its place (nobody overtakes it).
         while self._waiters:
@@ -229,10 +241,10 @@ class Engine:
             if fut.done():
                 self._waiters.popleft()
                 continue
-            if self.slots_busy + need > self.backend.slots:
+            if self._held + need > self._capacity:
                 return
             self._waiters.popleft()
-            self.slots_busy += need
+            self._held += need
             fut.set_result(None)
 
     # ------------------------------------------------------------------ generate
@@ -254,7 +266,7 @@ class Engine:
         # The slot is given back when the backend reports the sequence finished, not when
         # this generator exits: a cancelled sequence may still occupy the backend for a step.
         await self._acquire()
-        alone_since = self.admitted if self.slots_busy == 1 else -1  # nobody else running
+        alone_since = self.admitted if self._held == 1 else -1  # nobody else running
         submitted_at = time.perf_counter()
         released = False
         finished = False

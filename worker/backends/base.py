@@ -99,6 +99,9 @@ class Backend(ABC):
     n_ctx: int = 2048
     #: Sequences decoded at once.
     slots: int = 1
+    #: Sequences it takes beyond `slots` and starts itself the step a slot frees (a round
+    #: trip through the engine's queue would leave that slot idle for a step).
+    backlog: int = 0
     #: Where the loaded model came from (a path), for placement and status.
     model_path: str | None = None
     #: Completion budget when a request names none (None: the rest of the context).
@@ -171,7 +174,8 @@ class Backend(ABC):
 
     @abstractmethod
     def submit(self, seq: Sequence) -> None:
-        """Start generating `seq`. Must not block; the engine never exceeds `slots`."""
+        """Start generating `seq`. Must not block; the engine never exceeds `slots` +
+        `backlog`."""
 
     def cancel(self, seq: Sequence) -> None:
         """Stop work on `seq` soon; it still gets its `on_finish`."""

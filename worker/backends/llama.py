@@ -79,6 +79,9 @@ class LlamaBackend(Backend):
         self.n_gpu_layers = n_gpu_layers
         self.tensor_split = tensor_split
         self.slots = max(1, int(parallel))
+        # As many waiting as could start at once: the decode thread admits them the step
+        # their slot frees, as llama-server does, choosing the slot by cached prefix.
+        self.backlog = self.slots
         self.ctx_size = max(16, int(ctx_size))
         self.n_ctx = self.ctx_size
         # Decode and prefill on every core unless told (the worker passes its share of the
