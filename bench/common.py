@@ -164,6 +164,13 @@ def plot(file: str, alt: str, figsize: tuple[float, float], draw: Callable[[Any]
     return f"\n![{alt}](img/{file})\n"
 
 
+def in_turn(items: list[Any], p: int) -> list[Any]:
+    """`items` rotated by pass `p`: over len(items) passes each takes each place once
+    (reversing every other pass would leave a middle one always in the middle)."""
+    k = p % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
 def command_line() -> str:
     """The command that produced a result, as a reader would type it from the repo root."""
     script = Path(sys.argv[0]).resolve()

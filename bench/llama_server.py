@@ -41,6 +41,7 @@ from common import (
     bench,
     command_line,
     free_port,
+    in_turn,
     machine,
     start_worker,
     write_section,
@@ -337,8 +338,7 @@ def main() -> None:
                 # Each setup takes each place in turn (a rotation per pass): with three
                 # setups, reversing every other pass left the middle one always second,
                 # always right after another server's burst.
-                order = list(targets.items())
-                order = order[p % len(order):] + order[:p % len(order)]
+                order = in_turn(list(targets.items()), p)
                 # New text every pass and level (the same for every setup within one):
                 # llama-server keeps prompts it has seen in host memory (`--cache-ram`, 8 GiB
                 # by default) and would answer repeats from there, which the worker cannot.

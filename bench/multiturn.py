@@ -28,7 +28,7 @@ import sys
 import time
 
 import httpx
-from common import MODEL, Proc, command_line, machine, write_section
+from common import MODEL, Proc, command_line, in_turn, machine, write_section
 from engine import BR
 from llama_server import CTX, REF, SLOTS, describe_setups, parse_setups, start_all
 from llama_server_build import build, installed_version
@@ -154,8 +154,7 @@ def main() -> None:
         targets, _ = start_all(setups, exe, a.threads, [], procs)
         runs: dict[str, list[dict]] = {n: [] for n in targets}
         for p in range(a.passes):
-            order = list(targets.items())
-            order = order[p % len(order):] + order[:p % len(order)]  # each place in turn
+            order = in_turn(list(targets.items()), p)  # each place in turn
             for name, url in order:
                 r = one_pass(url, f"pass {p}", a.conversations, a.turns, a.max_tokens)
                 runs[name].append(r)
