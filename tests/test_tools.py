@@ -144,6 +144,16 @@ def test_response_formats_validate(api: ApiTarget) -> None:
     assert finish == "stop"
     jsonschema.validate(json.loads(text), PERSON)
 
+    # With a penalty the chain remembers what it accepted, so the llama backend samples
+    # the whole row itself and never lets a refused pick reach it (the stateful path).
+    r = api.client.chat.completions.create(
+        model=MODEL, messages=msgs, temperature=0, max_tokens=120,
+        extra_body={"repeat_penalty": 1.3},
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": PERSON, "strict": True}})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+
     r = api.client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Invent a person."}],
         temperature=0, max_tokens=120, response_format={"type": "json_object"})

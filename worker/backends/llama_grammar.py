@@ -172,23 +172,23 @@ class GrammarSampler:
         arr = self._all_arr
         arr.size, arr.selected, arr.sorted = self.n_vocab, -1, False
 
-    def sample(self, chain: Any, ctx: Any, idx: int, is_eog: Callable[[int], bool],
-               stateful: bool = False) -> int:
+    def sample(self, chain: Any, ctx: Any, idx: int, row: Callable[[int], np.ndarray],
+               is_eog: Callable[[int], bool], stateful: bool = False) -> int:
         """The next token under the grammar; accepted into the chain and the grammar.
 
+        `row(idx)` is the step's logits row `idx` as numpy (the batch loop's
+        `LogitsRows`, a view made once per row address rather than per call).
         `stateful`: the chain remembers accepted tokens (penalties), so a refused pick must
         not reach it; otherwise llama.cpp's own sample-and-accept picks first."""
-        ptr = llama_cpp.llama_get_logits_ith(ctx, idx)
         if stateful:
-            logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-            self._fill(logits)
+            self._fill(row(idx))
             llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._all_arr))
             token = int(self._all[self._all_arr.selected]["id"])
         else:
             token = llama_cpp.llama_sampler_sample(chain, ctx, idx)
         if not self.allows(token):
             self.resampled += 1
-            token = self._resample(chain, np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
+            token = self._resample(chain, row(idx))
         if stateful:
             llama_cpp.llama_sampler_accept(chain, token)
         if not is_eog(token):

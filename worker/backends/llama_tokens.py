@@ -83,7 +83,7 @@ class TokenOutput:
         else:
             try:
                 p = r.seq.params
-                token = r.grammar.sample(r.sampler, self.ctx, out, self._is_eog,
+                token = r.grammar.sample(r.sampler, self.ctx, out, self._logits, self._is_eog,
                                          stateful=p.repeat_penalty != 1.0
                                          or bool(p.presence_penalty or p.frequency_penalty))
             except Exception as exc:  # a grammar failure ends this sequence, not the loop
