@@ -12,7 +12,7 @@ import psutil
 from wire.status import Hardware, Memory
 from worker.hostcores import usable_cpus
 
-__all__ = ["cpu_model", "hardware", "memory", "usable_cpus"]
+__all__ = ["cpu_flags", "cpu_model", "hardware", "memory", "usable_cpus"]
 
 
 @functools.cache
@@ -25,6 +25,21 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+@functools.cache
+def cpu_flags() -> tuple[str, ...]:
+    """The CPU's instruction-set flags as the kernel lists them (/proc/cpuinfo): what a
+    runtime that picks its kernels at run time (OpenVINO) dispatches on. A VM may hide
+    some of a model's flags, so the model name alone does not say which kernels run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return tuple(sorted(set(line.split(":", 1)[1].split())))
+    except OSError:
+        pass
+    return ()
 
 
 def hardware(extra: dict | None = None, threads: int | None = None,

@@ -31,6 +31,7 @@ from worker.backends.openvino_load import (
     properties,
 )
 from worker.backends.openvino_loop import DecodeLoop
+from worker.hardware import cpu_flags, cpu_model
 
 log = logging.getLogger("corral.worker.openvino")
 
@@ -113,10 +114,12 @@ class OpenVINOBackend(DecodeLoop, Backend):
         self.calibrated_tokens_per_second = self._calibrate()
         self.calibrated_prefill_tokens_per_second = self._calibrate_prefill()
         self._start_loop()
+        kept = False
         if self.device == "CPU" and not self.invariant_props:
             self.batch_invariant = False  # by request: no probe needed to know
         else:
-            invariance.probe(self, self.submit)
+            kept = invariance.probe(self, self.submit, key=self._invariance_key())
+        self._describe["batch_invariant_kept"] = kept  # read back, not measured this load
         log.warning(
             "openvino: %s on %s in %.1fs (%s), calibrated %.0f tok/s, batch-invariant: %s",
             Path(self.model_path).name, self.device, self.load_seconds, self.load_source,
@@ -215,6 +218,22 @@ class OpenVINOBackend(DecodeLoop, Backend):
         rate = calibrate_prefill(self._pipe, self.tokenize(text)[: min(256, self.n_ctx - 8)])
         self._metrics = self._pipe.get_metrics()
         return rate
+
+    def _invariance_key(self) -> dict[str, Any] | None:
+        """All a batch-invariance verdict depends on (invariance.py keeps it by this): the
+        runtime, the CPU's instruction sets (its kernels are picked at run time), the
+        model, the batch shape and the properties compiled in. None off the CPU: a GPU's
+        or NPU's driver is not keyed, so those measure at every load."""
+        if self.device != "CPU":
+            return None
+        src = Path(self.model_path)
+        files = sorted(src.glob("*")) if src.is_dir() else [src]
+        props = {k: str(v) for k, v in self._props(None).items()}
+        return {"backend": "openvino", "engine": ovg.get_version(),
+                "runtime": ov.get_version(), "cpu": cpu_model(), "flags": list(cpu_flags()),
+                "model": [invariance.file_identity(str(f)) for f in files if f.is_file()],
+                "threads": self.current_threads, "slots": self.slots, "n_ctx": self.n_ctx,
+                "props": props, "knobs": invariance.knobs()}
 
     def _facts(self) -> dict[str, Any]:
         try:
