@@ -176,26 +176,6 @@ def status(w: Worker) -> dict:
     return httpx.get(f"{w.url}/status", timeout=5).json()
 
 
-def assert_verdict_kept_on_restart(cache: Path, *args: str, backend: str = "llama",
-                                   env: dict[str, str] | None = None) -> None:
-    """Starts the same worker twice with $XDG_CACHE_HOME at `cache`: the first load
-    measures batch invariance and keeps the verdict (one file), the second reads it back,
-    and both report the same verdict."""
-    env = {**(env or {}), "XDG_CACHE_HOME": str(cache)}
-    verdicts = []
-    for run in range(2):
-        w = start_worker(*args, backend=backend, env=env, wait=False)
-        try:
-            w.wait_ready()
-            hw = status(w)["hardware"]
-        finally:
-            w.proc.stop()
-        verdicts.append(hw["batch_invariant"])
-        assert hw["batch_invariant_kept"] is (run == 1)
-        assert len(list((cache / "corral" / "invariance").glob("*.json"))) == 1
-    assert verdicts[0] is verdicts[1] and isinstance(verdicts[0], bool)
-
-
 def _tokenizer(name: str) -> Callable[[str], list[int]]:
     """The model's own tokenizer, in this process, to check the worker's counts."""
     from worker.models import resolve

@@ -18,14 +18,13 @@ import pytest
 from conftest import (
     COUNTING,
     MODEL,
-    assert_verdict_kept_on_restart,
     caps_for,
     client_for,
     require_backend,
     serve_worker,
     status,
 )
-from procs import Worker, metric, wait_for
+from procs import Worker, metric, start_worker, wait_for
 
 SMALL_CTX = 256
 
@@ -65,8 +64,20 @@ def test_a_restarted_worker_reads_back_its_batch_invariance_verdict(tmp_path):
     """The probe (~3 s of a ~5 s load) runs once per configuration of a host: the same
     worker started again reads the verdict kept under the cache directory."""
     require_backend("llama")
-    assert_verdict_kept_on_restart(tmp_path, "--parallel", "2", "--threads", "1",
-                                   "--ctx-size", str(SMALL_CTX))
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    args = ("--parallel", "2", "--threads", "1", "--ctx-size", str(SMALL_CTX))
+    verdicts = []
+    for run in range(2):
+        w = start_worker(*args, env=env, wait=False)
+        try:
+            w.wait_ready()
+            hw = status(w)["hardware"]
+        finally:
+            w.proc.stop()
+        verdicts.append(hw["batch_invariant"])
+        assert hw["batch_invariant_kept"] is (run == 1)
+        assert len(list((tmp_path / "corral" / "invariance").glob("*.json"))) == 1
+    assert verdicts[0] is verdicts[1] and isinstance(verdicts[0], bool)
 
 
 def test_weight_repacking_is_off_only_where_llama_cpp_has_amx():

@@ -12,15 +12,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conftest import (
-    MODEL,
-    assert_verdict_kept_on_restart,
-    caps_for,
-    chat,
-    client_for,
-    require_backend,
-    status,
-)
+from conftest import API_SLOTS, MODEL, caps_for, chat, client_for, require_backend, status
 from procs import Worker, free_port, start_worker, wait_for
 
 
@@ -84,17 +76,20 @@ def test_placed_replica_uses_the_workers_backend():
         w.proc.stop()
 
 
-def test_a_restarted_worker_reads_back_its_batch_invariance_verdict(tmp_path):
+def test_a_restarted_worker_reads_back_its_batch_invariance_verdict(worker):
     """The probe (~5 s of an OpenVINO load on a 2-core EPYC) runs once per configuration
-    of a host, as the llama backend's: the same worker started again reads the kept
-    verdict. The compiled IR stays where it is (linked in), so only the verdicts start
-    empty."""
-    require_backend("openvino")
-    from worker.backends.openvino_load import cache_root
+    of a host, as the llama backend's: a worker started like the shared one (which has
+    measured, or read what an earlier one measured) reads the kept verdict back."""
+    from worker.backends.invariance import cache_dir
 
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "corral").mkdir()
-    (tmp_path / "corral" / "openvino").symlink_to(root, target_is_directory=True)
-    assert_verdict_kept_on_restart(tmp_path, "--parallel", "2", "--threads", "1",
-                                   "--ctx-size", "512", backend="openvino")
+    first = status(worker)["hardware"]
+    again = start_worker("--parallel", str(API_SLOTS), "--max-queue", "8", "--device", "CPU",
+                         backend="openvino")
+    try:
+        hw = status(again)["hardware"]
+    finally:
+        again.proc.stop()
+    assert hw["batch_invariant_kept"] is True
+    assert hw["batch_invariant"] is first["batch_invariant"]
+    assert isinstance(hw["batch_invariant"], bool)
+    assert any(cache_dir().glob("*.json"))
