@@ -15,16 +15,21 @@ from worker.hostcores import usable_cpus
 __all__ = ["cpu_flags", "cpu_model", "hardware", "memory", "usable_cpus"]
 
 
-@functools.cache
-def cpu_model() -> str:
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line starting with one of `keys`."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(keys):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+@functools.cache
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 @functools.cache
@@ -32,14 +37,7 @@ def cpu_flags() -> tuple[str, ...]:
     """The CPU's instruction-set flags as the kernel lists them (/proc/cpuinfo): what a
     runtime that picks its kernels at run time (OpenVINO) dispatches on. A VM may hide
     some of a model's flags, so the model name alone does not say which kernels run."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return tuple(sorted(set(line.split(":", 1)[1].split())))
-    except OSError:
-        pass
-    return ()
+    return tuple(sorted(set((_cpuinfo("flags", "Features") or "").split())))
 
 
 def hardware(extra: dict | None = None, threads: int | None = None,
